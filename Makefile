@@ -1,0 +1,20 @@
+# The two commands a newcomer needs (see README.md):
+#   make pipeline   run every stage (dvc repro) on the embedded default data
+#   make test       run the test suite
+# Both create and install .venv first when it is missing or stale.
+SHELL := /bin/bash
+VENV ?= .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+ENV := source scripts/env.sh &&
+
+.PHONY: setup pipeline test
+
+setup:
+	@bash scripts/setup.sh
+
+pipeline: setup
+	@$(ENV) dvc repro
+
+test: setup
+	@$(ENV) python -m pytest $(PYTEST_ARGS)
+

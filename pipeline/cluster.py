@@ -1,0 +1,58 @@
+"""Connecting to Ray: join the cluster named by params or ``$RAY_ADDRESS``, else start a local one.
+
+A local cluster binds to 127.0.0.1, starts no dashboard and sends no usage statistics, so the
+embedded run makes no network traffic beyond loopback. On a cluster the same code joins the
+existing head node (``ray job submit`` sets ``RAY_ADDRESS``) and inherits its resources.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pipeline.config import RayParams
+
+for _name, _value in {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0"),
+}.items():
+    os.environ.setdefault(_name, _value)
+
+import ray  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# Variables that must reach every Ray worker process, wherever it runs.
+WORKER_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+}
+
+
+def connect(params: RayParams) -> dict:
+    """Initialise Ray once per process and return the cluster's resources."""
+    if not ray.is_initialized():
+        address = params.address or os.environ.get("RAY_ADDRESS")
+        env = {"env_vars": {**WORKER_ENV, **_forwarded_env()}}
+        if address:
+            log.info("joining Ray cluster at %s", address)
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        else:
+            ray.init(
+                num_cpus=params.num_cpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                runtime_env=env,
+                log_to_driver=True,
+                configure_logging=False,
+            )
+    return ray.cluster_resources()
+
+
+def _forwarded_env() -> dict[str, str]:
+    """Tracking settings the driver uses, so workers log to the same MLflow store."""
+    return {k: v for k in ("MLFLOW_TRACKING_URI",) if (v := os.environ.get(k))}

@@ -1,0 +1,178 @@
+"""Typed, validated pipeline parameters, loaded from ``params.yaml``.
+
+Every stage reads its configuration through :func:`load_params` and nothing else, so a typo in
+``params.yaml`` fails before any work starts, with a message naming the key, the value and what
+was expected. The same file drives the embedded CPU run and a multi-node GPU run: only values
+change, never code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Stages run from the project root (DVC runs every command there), so relative paths in
+# params.yaml, and the params file itself, resolve against the working directory.
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message lists every problem found."""
+
+
+class Section(BaseModel):
+    """Base of every params section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- project-wide
+
+
+class ProjectParams(Section):
+    experiment: str = Field("sparseclip", min_length=1, description="MLflow experiment: one per pipeline")
+    seed: int = Field(0, ge=0)
+
+
+class RayParams(Section):
+    address: str | None = Field(
+        None, description="Ray cluster to join; None: $RAY_ADDRESS if set, else a local cluster"
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (None: all)")
+    task_cpus: float = Field(
+        0.5, gt=0, description="CPUs per Ray Data task/actor; fractional so 2-core machines never deadlock"
+    )
+    storage_path: str = Field(
+        "ray_results", description="Ray Train storage that all nodes share: local path, NFS mount or s3://"
+    )
+
+
+# --------------------------------------------------------------------------- sample stage
+
+
+class GeneratorParams(Section):
+    """The embedded concept dataset (:mod:`pipeline.data.generator`)."""
+
+    num_records: int = Field(4000, ge=1)
+    image_size: int = Field(64, ge=32, le=1024)
+    max_objects: int = Field(3, ge=1, le=6)
+    word_probability: float = Field(0.35, ge=0.0, le=1.0)
+    seed: int = Field(0, ge=0)
+
+
+class SourceParams(Section):
+    kind: Literal["generated", "csv", "webdataset", "parquet"] = "generated"
+    path: str | None = Field(None, description="csv file, or a glob of .tar / .parquet files")
+    image_key: str = Field("image", description="csv/parquet column, or tar member extension ('jpg')")
+    caption_key: str = Field("caption", description="csv/parquet column, or tar member extension ('txt')")
+    image_root: str | None = Field(None, description="csv: folder that image paths are relative to")
+    csv_separator: str = ","
+    require_sidecar: bool = Field(True, description="webdataset: a sample without its .json is skipped")
+    generator: GeneratorParams = GeneratorParams()
+
+    @model_validator(mode="after")
+    def _path_for_external_sources(self) -> SourceParams:
+        if self.kind != "generated" and not self.path:
+            raise ValueError(f"source.kind={self.kind!r} needs source.path (a file or glob)")
+        return self
+
+
+class SplitParams(Section):
+    train: float = Field(0.8, ge=0.0, le=1.0)
+    val: float = Field(0.1, ge=0.0, le=1.0)
+    test: float = Field(0.1, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitParams:
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"split fractions must sum to 1, got {total:g}")
+        return self
+
+    def as_dict(self) -> dict[str, float]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+
+class SampleParams(Section):
+    source: SourceParams = SourceParams()
+    n: int | None = Field(None, ge=1, description="pairs to sample (None: the whole source)")
+    seed: int = Field(0, ge=0)
+    splits: SplitParams = SplitParams()
+    shard_size: int = Field(1000, ge=1, description="records per webdataset tar shard")
+    min_image_side: int = Field(16, ge=1, description="smaller images are skipped as 'image_too_small'")
+    max_aspect_ratio: float = Field(4.0, ge=1.0, description="longer/shorter side above this is skipped")
+    out_dir: str = "data/sample"
+
+
+# --------------------------------------------------------------------------- the whole file
+
+
+class Params(Section):
+    project: ProjectParams = ProjectParams()
+    ray: RayParams = RayParams()
+    sample: SampleParams = SampleParams()
+
+    def section_hash(self, name: str) -> str:
+        """Short content hash of one section, the 'DVC params hash' tagged on MLflow runs."""
+        payload = json.dumps(getattr(self, name).model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate a params file; ``overrides`` maps dotted keys to values (for tests, CLIs).
+
+    Raises :class:`ParamsError` naming the file, each bad key, its value and what was expected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        problems = "\n".join(f"  - {_describe(e)}" for e in err.errors())
+        raise ParamsError(f"{path}: invalid params:\n{problems}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def _describe(error: dict) -> str:
+    """One readable line per pydantic error: key, value, expectation."""
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc) or "<top level>"
+    if error["type"] == "extra_forbidden":
+        allowed = ", ".join(_fields_at(error["loc"][:-1])) or "none"
+        return f"{key} = {error['input']!r}: unknown key; expected one of: {allowed}"
+    value = error.get("input")
+    value_text = "" if isinstance(value, dict) else f" = {value!r}"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}{value_text}: {message}"
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The field names a section accepts, found by walking the model classes along ``loc``."""
+    model: Any = Params
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return sorted(getattr(model, "model_fields", {}))

@@ -1,0 +1,1 @@
+"""Synthetic concept dataset: vocabulary and deterministic rendering."""

@@ -1,0 +1,106 @@
+"""Labelled evaluation sets derived from the sampled val/test splits.
+
+- ``eval/zeroshot.json``: zero-shot tasks (class names + prompt templates, and where each
+  record's label lives in its sidecar), as in CLIP's ImageNet protocol;
+- ``eval/retrieval-<split>.parquet``: image-caption retrieval pairs, one row per image with all
+  of its captions (Flickr has five; the generator one);
+- ``eval/crops/<split>.tar``: object crops labelled by shape, for box classification (the
+  paper's Tab 2), from the generator's ground-truth boxes.
+
+Sources without ground truth (a CSV of photos) get retrieval pairs only; labelled folders in the
+ImageNet layout are read directly by the metrics stage.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.data.concepts import COLOURS, SHAPES
+from pipeline.data.generator import GeneratedRecord, object_crops
+from pipeline.data.records import Record
+from pipeline.data.shards import read_split, write_shard
+from pipeline.io import write_json
+
+EVAL_SPLITS = ("val", "test")
+
+# Prompt templates in the spirit of CLIP's ImageNet ensemble, worded for rendered scenes.
+ZERO_SHOT_TASKS: dict[str, dict[str, Any]] = {
+    "shape": {
+        "classes": list(SHAPES),
+        "templates": ["a {}.", "a picture of a {}.", "an image showing a {}.", "a drawing of a {}.",
+                      "a scene with a {} in it."],
+        "label": "truth.objects[main].shape",
+    },
+    "colour": {
+        "classes": list(COLOURS),
+        "templates": ["something {}.", "a {} object.", "a picture of a {} shape.", "an image of something {}."],
+        "label": "truth.objects[main].colour",
+    },
+}
+
+
+def main_object(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The ground-truth main object of a generated record, or None for sources without truth."""
+    truth = meta.get("truth")
+    return truth["objects"][truth["main"]] if truth else None
+
+
+def zero_shot_label(meta: dict[str, Any], task: str) -> str | None:
+    obj = main_object(meta)
+    return None if obj is None else obj[task]
+
+
+def build_eval_sets(out_dir: str | Path) -> dict[str, Any]:
+    """Write every eval set the sampled data supports; return a summary of their sizes."""
+    out_dir = Path(out_dir)
+    eval_dir = out_dir / "eval"
+    summary: dict[str, Any] = {"zeroshot_tasks": [], "retrieval": {}, "crops": {}}
+    has_truth = False
+    for split in EVAL_SPLITS:
+        records = list(read_split(out_dir, split))
+        has_truth = has_truth or any(main_object(r.meta) for r in records)
+        summary["retrieval"][split] = _write_retrieval(records, eval_dir / f"retrieval-{split}.parquet")
+        summary["crops"][split] = _write_crops(records, eval_dir / "crops" / f"{split}.tar")
+    tasks = ZERO_SHOT_TASKS if has_truth else {}
+    write_json(eval_dir / "zeroshot.json", {"tasks": tasks})
+    summary["zeroshot_tasks"] = sorted(tasks)
+    return summary
+
+
+def _write_retrieval(records: list[Record], path: Path) -> int:
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        groups[str(record.meta.get("group", record.key))].append(record)
+    rows = [
+        {"image_key": members[0].key, "group": group,
+         "caption_keys": [m.key for m in members], "captions": [m.caption for m in members]}
+        for group, members in groups.items()
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema([("image_key", pa.string()), ("group", pa.string()),
+                        ("caption_keys", pa.list_(pa.string())), ("captions", pa.list_(pa.string()))])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return len(rows)
+
+
+def _write_crops(records: list[Record], path: Path) -> int:
+    crops = []
+    for record in records:
+        truth = record.meta.get("truth")
+        if not truth:
+            continue
+        generated = GeneratedRecord(record.key, record.jpeg, record.caption, truth)
+        for j, (obj, jpeg) in enumerate(object_crops(generated)):
+            meta = {"label": obj["shape"], "object": obj, "source_key": record.key, "group": record.key}
+            crops.append(Record(f"{record.key}_obj{j}", jpeg, f"a {obj['colour']} {obj['shape']}", meta))
+    return write_shard(crops, path) if crops else 0
+
+
+def load_zero_shot_tasks(out_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(out_dir) / "eval" / "zeroshot.json").read_text())["tasks"]

@@ -1,0 +1,88 @@
+"""Webdataset tar shards, as img2dataset writes them: ``key.jpg``, ``key.txt``, ``key.json`` per
+record, plus a parquet index per shard (key, caption, size) for tools that want a table.
+
+Writing is deterministic (fixed member order, zero mtimes and owners) so the same records give
+the same bytes, and atomic (a temporary file renamed into place) so an interrupted run never
+leaves a half shard that looks whole.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.data.records import Record
+
+SPLITS = ("train", "val", "test")
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def write_shard(records: Iterable[Record], tar_path: str | Path) -> int:
+    """Write records to ``tar_path`` and its ``.parquet`` index; return how many were written."""
+    tar_path = Path(tar_path)
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    tmp = tar_path.with_suffix(".tar.tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for record in records:
+            key = record.key.replace("/", "_")
+            meta = json.dumps(record.meta, sort_keys=True).encode()
+            for ext, payload in (("jpg", record.jpeg), ("txt", record.caption.encode()), ("json", meta)):
+                _add_member(tar, f"{key}.{ext}", payload)
+            rows.append({"key": key, "caption": record.caption, "group": str(record.meta.get("group", key)),
+                         "width": record.meta.get("width"), "height": record.meta.get("height")})
+    os.replace(tmp, tar_path)
+    schema = pa.schema([("key", pa.string()), ("caption", pa.string()), ("group", pa.string()),
+                        ("width", pa.int32()), ("height", pa.int32())])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tar_path.with_suffix(".parquet"))
+    return len(rows)
+
+
+def read_shard(tar_path: str | Path) -> Iterator[Record]:
+    """Records of one shard, in order; samples lacking a part raise, since shards are ours."""
+    parts: dict[str, dict[str, bytes]] = {}
+    order: list[str] = []
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            key, _, ext = member.name.rpartition(".")
+            if key not in parts:
+                parts[key] = {}
+                order.append(key)
+            parts[key][ext] = tar.extractfile(member).read()
+    for key in order:
+        sample = parts[key]
+        try:
+            yield Record(key, sample["jpg"], sample["txt"].decode(), json.loads(sample["json"]))
+        except KeyError as err:
+            raise ValueError(f"{tar_path}: sample {key!r} lacks its .{err.args[0]} member") from None
+
+
+def split_shards(out_dir: str | Path, split: str) -> list[Path]:
+    """The tar shards of one split, sorted; a missing split folder is an error naming it."""
+    folder = Path(out_dir) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no '{split}' split under {out_dir} (run the sample stage first)")
+    return sorted(folder.glob("shard-*.tar"))
+
+
+def read_split(out_dir: str | Path, split: str) -> Iterator[Record]:
+    for shard in split_shards(out_dir, split):
+        yield from read_shard(shard)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(payload))

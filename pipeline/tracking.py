@@ -1,0 +1,217 @@
+"""MLflow tracking: one experiment per pipeline, one run per stage execution.
+
+Each run is tagged with its stage, variant, git commit and the hash of the params section it
+read, and linked to the runs that produced its inputs through ``lineage.json`` files that every
+stage writes beside its outputs. Everything goes through an explicit :class:`MlflowClient` and a
+run id, never MLflow's global "active run", so a Ray worker on another node can log into the
+same run by id.
+
+The embedded default store is ``sqlite:///mlflow.db`` with artifacts in ``mlartifacts/`` (MLflow's
+file store is in maintenance mode); ``MLFLOW_TRACKING_URI`` points it at a server instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from pipeline.config import Params  # noqa: E402
+from pipeline.io import file_sha256, write_json  # noqa: E402
+
+LINEAGE_FILE = "lineage.json"
+SMALL_ARTIFACT_BYTES = 2 * 1024 * 1024  # larger outputs are logged as path + sha256, not copied
+_MLFLOW_PARAM_CHARS = 6000
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else the embedded SQLite store in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """Get or create the pipeline's experiment; embedded stores keep artifacts in ``mlartifacts/``."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = Path("mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def git_commit() -> str:
+    """The commit the code ran at, with '-dirty' when the work tree differs; 'unknown' outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> {'a.b.c': value}: MLflow params and metrics are flat."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def read_lineage(out_dir: str | Path) -> dict[str, Any] | None:
+    """The lineage record an upstream stage left in its output folder, or None if it has none."""
+    path = Path(out_dir) / LINEAGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@dataclass
+class StageRun:
+    """A live MLflow run of one stage; thin, explicit wrappers over :class:`MlflowClient`."""
+
+    client: MlflowClient
+    run_id: str
+    stage: str
+    variant: str | None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        entries = [Param(k, _param_text(v)) for k, v in flatten(params).items()]
+        for start in range(0, len(entries), 100):
+            self.client.log_batch(self.run_id, params=entries[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log numbers (NaN and non-numbers are skipped); ``step`` makes them a curve."""
+        now = int(time.time() * 1000)
+        entries = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in flatten(metrics).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+        ]
+        for start in range(0, len(entries), 500):
+            self.client.log_batch(self.run_id, metrics=entries[start : start + 500])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_file(self, path: str | Path, artifact_dir: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_dir)
+
+    def log_dict(self, payload: Any, name: str) -> None:
+        self.client.log_dict(self.run_id, payload, name)
+
+    def log_outputs(self, paths: Iterable[str | Path], artifact_dir: str = "outputs") -> list[dict]:
+        """Log stage outputs: small files as artifacts, large ones as path + size + sha256.
+
+        The full listing goes to ``<artifact_dir>/index.json`` so a run names every file it wrote.
+        """
+        index = []
+        for path in _files_under(paths):
+            size = path.stat().st_size
+            entry = {"path": str(path), "bytes": size, "sha256": file_sha256(path)}
+            if size <= SMALL_ARTIFACT_BYTES:
+                parent = Path(artifact_dir) / _relative(path).parent
+                self.log_file(path, parent.as_posix())
+                entry["artifact"] = (parent / path.name).as_posix()
+            index.append(entry)
+        self.log_dict({"files": index}, f"{artifact_dir}/index.json")
+        return index
+
+
+@contextmanager
+def stage_run(
+    params: Params,
+    stage: str,
+    *,
+    variant: str | None = None,
+    section: Mapping[str, Any] | None = None,
+    section_name: str | None = None,
+    upstream: Iterable[str | Path] = (),
+    lineage_dir: str | Path | None = None,
+) -> Iterator[StageRun]:
+    """Open an MLflow run for one stage execution, tagged and linked; close it FINISHED or FAILED.
+
+    ``section`` is the params the stage read (logged as params); ``upstream`` the output folders
+    of the stages it depends on, whose lineage files give the parent run ids; ``lineage_dir`` is
+    where this run's own lineage file is written, for the stages downstream.
+    """
+    client = MlflowClient(tracking_uri())
+    exp_id = experiment_id(client, params.project.experiment)
+    name = f"{stage}-{variant}" if variant else stage
+    section_name = section_name or stage
+    upstream_runs = {}
+    for folder in upstream:
+        record = read_lineage(folder)
+        if record:
+            key = f"{record['stage']}-{record['variant']}" if record.get("variant") else record["stage"]
+            upstream_runs[key] = record["run_id"]
+    tags = {
+        "stage": stage,
+        "variant": variant or "",
+        "git_commit": git_commit(),
+        "params_section": section_name,
+        "params_hash": params.section_hash(section_name) if section_name in Params.model_fields else "",
+        "upstream_run_ids": json.dumps(upstream_runs, sort_keys=True),
+        **{f"upstream.{key}": run_id for key, run_id in upstream_runs.items()},
+    }
+    run = client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
+    handle = StageRun(client, run.info.run_id, stage, variant)
+    if section is not None:
+        handle.log_params(section)
+    try:
+        yield handle
+    except BaseException:
+        client.set_terminated(handle.run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    if lineage_dir is not None:
+        write_lineage(lineage_dir, handle, exp_id, upstream_runs)
+    client.set_terminated(handle.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def write_lineage(out_dir: str | Path, run: StageRun, exp_id: str, upstream: Mapping[str, str]) -> None:
+    record = {
+        "stage": run.stage,
+        "variant": run.variant,
+        "run_id": run.run_id,
+        "experiment_id": exp_id,
+        "upstream": dict(upstream),
+    }
+    write_json(Path(out_dir) / LINEAGE_FILE, record)
+
+
+def _param_text(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return text[:_MLFLOW_PARAM_CHARS]
+
+
+def _relative(path: Path) -> Path:
+    """A path as the project names it: relative to the working directory when inside it."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return Path(*path.resolve().parts[1:])
+
+
+def _files_under(paths: Iterable[str | Path]) -> Iterator[Path]:
+    for path in map(Path, paths):
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            yield path

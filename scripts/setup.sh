@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create the project's virtual environment if it is missing or stale, and install the pinned
+# dependencies into it. Idempotent and cheap when nothing changed (a stamp file keyed on the
+# hash of pyproject.toml + requirements.lock), so every Makefile target can call it first.
+#
+# torch/torchvision are the CUDA builds named in pyproject.toml; on this project's machines
+# they are read from local wheels (/opt/pypi-more/files) instead of the multi-GB index copy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${SPARSECLIP_VENV:-.venv}
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+
+key=$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)
+stamp="$VENV/.sparseclip-installed-$key"
+if [ -f "$stamp" ]; then
+    exit 0
+fi
+
+echo "[setup] installing the environment into $VENV (first run takes a few minutes)"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off)
+local_wheels=()
+for dir in ${SPARSECLIP_WHEELS:-/opt/pypi-more/files /opt/wheels}; do
+    [ -d "$dir" ] && local_wheels+=(--find-links "$dir")
+done
+
+"${pip[@]}" --upgrade "pip>=24" setuptools wheel
+# torch first and alone, so the resolver cannot reach for another build of it.
+"${pip[@]}" "${local_wheels[@]}" "torch==2.14.1" "torchvision==0.29.1"
+"${pip[@]}" "${local_wheels[@]}" -c requirements.lock -e ".[dev]"
+rm -f "$VENV"/.sparseclip-installed-*
+touch "$stamp"
+echo "[setup] done"

@@ -1,0 +1,71 @@
+"""params.yaml -> one typed object; every mistake is reported with its key, value and expectation."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from pipeline.config import Params, ParamsError, load_params
+
+from .conftest import REPO
+
+
+def write(tmp_path, tree) -> str:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+def test_repo_params_load_and_match_defaults():
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.sample.source.kind == "generated"
+    assert params.sample.splits.as_dict() == {"train": 0.8, "val": 0.1, "test": 0.1}
+
+
+def test_unknown_key_is_named_with_the_allowed_keys(tmp_path):
+    path = write(tmp_path, {"sample": {"shard_sise": 10}})
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    text = str(err.value)
+    assert "sample.shard_sise = 10: unknown key" in text
+    assert "shard_size" in text and "out_dir" in text
+
+
+def test_wrong_value_names_key_value_and_expectation(tmp_path):
+    path = write(tmp_path, {"sample": {"n": -5, "source": {"kind": "ftp"}}})
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    text = str(err.value)
+    assert "sample.n = -5: Input should be greater than or equal to 1" in text
+    assert "sample.source.kind = 'ftp'" in text and "'generated'" in text
+
+
+def test_cross_field_rules(tmp_path):
+    with pytest.raises(ParamsError, match="split fractions must sum to 1, got 1.2"):
+        load_params(write(tmp_path, {"sample": {"splits": {"train": 1.0, "val": 0.1, "test": 0.1}}}))
+    with pytest.raises(ParamsError, match="needs source.path"):
+        load_params(write(tmp_path, {"sample": {"source": {"kind": "csv"}}}))
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sample: [unclosed")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_overrides_and_immutability(tmp_path):
+    params = load_params(write(tmp_path, {}), overrides={"sample.source.generator.num_records": 7})
+    assert params.sample.source.generator.num_records == 7
+    with pytest.raises(Exception):
+        params.sample.n = 3  # frozen: stages cannot mutate shared configuration
+
+
+def test_section_hash_changes_only_with_its_section(tmp_path):
+    a = load_params(write(tmp_path, {}))
+    b = load_params(write(tmp_path, {"project": {"seed": 9}}))
+    assert a.section_hash("sample") == b.section_hash("sample")
+    assert a.section_hash("project") != b.section_hash("project")

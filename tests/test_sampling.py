@@ -1,0 +1,192 @@
+"""The sample stage's pieces: seeded planning, validation of bad records, shards, eval sets."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from pipeline.config import SampleParams, SourceParams
+from pipeline.data.evalsets import build_eval_sets, load_zero_shot_tasks
+from pipeline.data.generator import render_record
+from pipeline.data.records import RawRecord, Record, Skip, SkipReason, validate
+from pipeline.data.sampling import build_shard, plan_shards, run_sample, split_of
+from pipeline.data.shards import read_shard, read_split
+from pipeline.data.sources import CsvSource
+
+
+def jpeg(size=(32, 32), colour=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+@pytest.fixture
+def dirty_shards(tmp_path):
+    """A webdataset source with one good sample and one of each kind of bad input."""
+    path = tmp_path / "source-000.tar"
+    samples = {
+        "good": {"jpg": jpeg(), "txt": b"a red square", "json": b'{"url": "x"}'},
+        "corrupt": {"jpg": jpeg()[:40] + b"garbage", "txt": b"a cat", "json": b"{}"},
+        "empty": {"jpg": jpeg(), "txt": b"   \n", "json": b"{}"},
+        "nosidecar": {"jpg": jpeg(), "txt": b"a dog"},
+        "badjson": {"jpg": jpeg(), "txt": b"a dog", "json": b"{not json"},
+        "tiny": {"jpg": jpeg((8, 8)), "txt": b"a dot", "json": b"{}"},
+        "wide": {"jpg": jpeg((200, 20)), "txt": b"a line", "json": b"{}"},
+        "noimage": {"txt": b"a ghost", "json": b"{}"},
+        "good2": {"jpg": jpeg(colour=(0, 0, 255)), "txt": b"a blue square", "json": b"{}"},
+    }
+    with tarfile.open(path, "w") as tar:
+        for key, parts in samples.items():
+            for ext, payload in parts.items():
+                add(tar, f"{key}.{ext}", payload)
+    return path
+
+
+def test_split_assignment_is_seeded_stable_and_proportional():
+    fractions = {"train": 0.8, "val": 0.1, "test": 0.1}
+    splits = [split_of(str(i), 0, fractions) for i in range(5000)]
+    assert splits == [split_of(str(i), 0, fractions) for i in range(5000)]
+    counts = Counter(splits)
+    assert abs(counts["train"] / 5000 - 0.8) < 0.03 and abs(counts["test"] / 5000 - 0.1) < 0.02
+    assert splits != [split_of(str(i), 1, fractions) for i in range(5000)]
+
+
+def test_plan_is_deterministic_respects_n_and_keeps_groups_together():
+    refs = [f"r{i}" for i in range(1000)]
+    groups = [f"img{i // 5}" for i in range(1000)]  # five captions per image, like Flickr
+    params = SampleParams(n=600, seed=3, shard_size=100)
+    plan = plan_shards(refs, groups, params)
+    assert plan == plan_shards(refs, groups, params)
+    chosen = [r for shard in plan for r in shard.refs]
+    assert len(chosen) == len(set(chosen)) == 600
+    assert all(len(shard.refs) <= 100 for shard in plan)
+    split_of_group = {}
+    for shard in plan:
+        for ref in shard.refs:
+            group = groups[int(ref[1:])]
+            assert split_of_group.setdefault(group, shard.split) == shard.split
+    assert plan != plan_shards(refs, groups, SampleParams(n=600, seed=4, shard_size=100))
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (RawRecord("a", "a", None, "cap"), SkipReason.IMAGE_MISSING),
+        (RawRecord("a", "a", b"\xff\xd8 not a jpeg", "cap"), SkipReason.IMAGE_CORRUPT),
+        (RawRecord("a", "a", jpeg((8, 8)), "cap"), SkipReason.IMAGE_TOO_SMALL),
+        (RawRecord("a", "a", jpeg((100, 20)), "cap"), SkipReason.IMAGE_BAD_ASPECT),
+        (RawRecord("a", "a", jpeg(), None), SkipReason.CAPTION_MISSING),
+        (RawRecord("a", "a", jpeg(), " \t"), SkipReason.CAPTION_EMPTY),
+        (RawRecord("a", "a", jpeg(), "cap", None), SkipReason.SIDECAR_MISSING),
+        (RawRecord("a", "a", jpeg(), "cap", None, "invalid JSON"), SkipReason.SIDECAR_CORRUPT),
+    ],
+)
+def test_validation_names_the_reason(raw, reason):
+    result = validate(raw, min_side=16, max_aspect=4.0, require_sidecar=True)
+    assert isinstance(result, Skip) and result.reason == reason
+
+
+def test_validation_keeps_jpeg_bytes_and_converts_other_formats():
+    original = jpeg()
+    kept = validate(RawRecord("k", "g", original, " a  red\nsquare "), min_side=16, max_aspect=4, require_sidecar=False)
+    assert isinstance(kept, Record) and kept.jpeg == original and kept.caption == "a red square"
+    png = io.BytesIO()
+    Image.new("RGBA", (20, 20)).save(png, format="PNG")
+    converted = validate(RawRecord("k", "g", png.getvalue(), "x"), min_side=16, max_aspect=4, require_sidecar=False)
+    assert Image.open(io.BytesIO(converted.jpeg)).format == "JPEG"
+
+
+def test_shards_are_deterministic_bytes(tmp_path):
+    params = SampleParams(out_dir=str(tmp_path / "out"))
+    plan = {"split": "train", "index": 0, "refs": [str(i) for i in range(20)]}
+    build_shard(plan, params.model_dump(mode="json"), str(tmp_path / "a"))
+    build_shard(plan, params.model_dump(mode="json"), str(tmp_path / "b"))
+    a, b = (tmp_path / d / "train" / "shard-00000.tar" for d in "ab")
+    assert a.read_bytes() == b.read_bytes()
+    records = list(read_shard(a))
+    expected = render_record(3, 0)
+    assert records[3].jpeg == expected.jpeg and records[3].meta["truth"] == expected.truth
+
+
+def test_csv_source_reports_missing_columns_and_files(tmp_path):
+    (tmp_path / "img.jpg").write_bytes(jpeg())
+    (tmp_path / "pairs.csv").write_text("image,caption\nimg.jpg,a red square\nmissing.jpg,a dog\nimg.jpg,\n")
+    source = CsvSource(SourceParams(kind="csv", path=str(tmp_path / "pairs.csv")))
+    raws = list(source.load(source.refs()))
+    results = [validate(r, min_side=16, max_aspect=4, require_sidecar=False) for r in raws]
+    assert isinstance(results[0], Record)
+    assert results[1].reason == SkipReason.IMAGE_MISSING and "pairs.csv:row 3" in results[1].origin
+    assert results[2].reason == SkipReason.CAPTION_EMPTY
+    (tmp_path / "other.csv").write_text("path,text\nimg.jpg,x\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['caption', 'image'\]"):
+        CsvSource(SourceParams(kind="csv", path=str(tmp_path / "other.csv")))
+
+
+def test_run_sample_skips_and_counts_bad_records(ray_local, dirty_shards, tmp_path):
+    params = SampleParams(
+        source=SourceParams(kind="webdataset", path=str(dirty_shards)),
+        splits={"train": 1.0, "val": 0.0, "test": 0.0},
+        out_dir=str(tmp_path / "out"),
+    )
+    manifest = run_sample(params, ray_local_params())
+    assert manifest["written"] == 2 and manifest["skipped"] == 7
+    assert manifest["skipped_by_reason"] == {
+        "image_bad_aspect": 1, "image_corrupt": 1, "image_missing": 1, "image_too_small": 1,
+        "caption_empty": 1, "sidecar_corrupt": 1, "sidecar_missing": 1,
+    }
+    listed = {s["key"]: s["reason"] for s in manifest["skipped_records"]}
+    assert listed["corrupt"] == "image_corrupt" and listed["nosidecar"] == "sidecar_missing"
+    assert all(str(dirty_shards) in s["origin"] for s in manifest["skipped_records"])
+    written = list(read_split(tmp_path / "out", "train"))
+    assert [r.caption for r in written] == ["a red square", "a blue square"]
+    on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert on_disk["skipped_by_reason"] == manifest["skipped_by_reason"]
+
+
+def test_generated_sample_and_eval_sets(ray_local, tmp_path):
+    params = SampleParams(n=150, shard_size=40, out_dir=str(tmp_path / "out"),
+                          source=SourceParams(generator={"num_records": 300}))
+    manifest = run_sample(params, ray_local_params())
+    assert manifest["written"] == 150 and manifest["source_records"] == 300
+    assert sum(manifest["records_by_split"].values()) == 150
+    summary = build_eval_sets(tmp_path / "out")
+    tasks = load_zero_shot_tasks(tmp_path / "out")
+    assert set(tasks) == {"shape", "colour"} and "circle" in tasks["shape"]["classes"]
+    test_records = list(read_split(tmp_path / "out", "test"))
+    assert summary["retrieval"]["test"] == len(test_records)
+    n_objects = sum(len(r.meta["truth"]["objects"]) for r in test_records)
+    assert summary["crops"]["test"] == n_objects
+    crops = list(read_shard(tmp_path / "out" / "eval" / "crops" / "test.tar"))
+    assert all(c.meta["label"] == c.meta["object"]["shape"] for c in crops)
+
+
+def ray_local_params():
+    from pipeline.config import RayParams
+
+    return RayParams(num_cpus=2)
+
+
+@pytest.mark.flickr
+def test_flickr_csv_by_params_override(ray_local, flickr_dir, tmp_path):
+    """Real photos through the same stage: only the source params change."""
+    params = SampleParams(
+        source=SourceParams(kind="csv", path=str(flickr_dir / "captions.csv"), image_root=str(flickr_dir / "images")),
+        n=300, shard_size=100, out_dir=str(tmp_path / "flickr"),
+    )
+    manifest = run_sample(params, ray_local_params())
+    assert manifest["written"] + manifest["skipped"] == 300 and manifest["written"] > 290
+    by_split = {s: list(read_split(tmp_path / "flickr", s)) for s in ("train", "val", "test")}
+    groups = {s: {r.meta["group"] for r in recs} for s, recs in by_split.items()}
+    assert not (groups["train"] & groups["test"]) and not (groups["train"] & groups["val"])
+    assert build_eval_sets(tmp_path / "flickr")["zeroshot_tasks"] == []

@@ -1,0 +1,60 @@
+"""A stage run lands in the MLflow store with tags, params, metrics, artifacts and lineage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import load_params
+from pipeline.tracking import LINEAGE_FILE, SMALL_ARTIFACT_BYTES, stage_run, tracking_uri
+
+from .conftest import REPO
+
+
+def test_stage_run_is_queryable_with_everything_it_logged(workdir):
+    params = load_params(REPO / "params.yaml")
+    (workdir / "up").mkdir()
+    (workdir / "up" / LINEAGE_FILE).write_text(json.dumps({"stage": "sample", "variant": None, "run_id": "abc"}))
+    out = workdir / "out"
+    out.mkdir()
+    (out / "small.json").write_text('{"a": 1}')
+    (out / "big.bin").write_bytes(b"\0" * (SMALL_ARTIFACT_BYTES + 1))
+
+    with stage_run(params, "sample", section=params.sample.model_dump(mode="json"),
+                   upstream=[workdir / "up"], lineage_dir=out) as run:
+        for step in range(3):
+            run.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        run.log_metrics({"final": {"acc": 0.5}})
+        run.log_outputs([out / "small.json", out / "big.bin"])
+
+    client = MlflowClient(tracking_uri())
+    assert tracking_uri().startswith("sqlite:///") and (workdir / "mlflow.db").is_file()
+    [found] = client.search_runs(
+        [client.get_experiment_by_name("sparseclip").experiment_id], "tags.stage = 'sample'"
+    )
+    assert found.info.status == "FINISHED"
+    assert found.data.tags["params_hash"] == params.section_hash("sample")
+    assert found.data.tags["upstream.sample"] == "abc" and found.data.tags["git_commit"]
+    assert found.data.params["source.generator.num_records"] == "4000"
+    assert [m.value for m in client.get_metric_history(found.info.run_id, "loss")] == [1.0, 0.5, pytest.approx(1 / 3)]
+    assert found.data.metrics["final.acc"] == 0.5
+    artifacts = {a.path for a in client.list_artifacts(found.info.run_id, "outputs/out")}
+    assert artifacts == {"outputs/out/small.json"}  # the large file is indexed, not copied
+    index = json.loads(open(client.download_artifacts(found.info.run_id, "outputs/index.json")).read())
+    big = next(f for f in index["files"] if f["path"].endswith("big.bin"))
+    assert big["bytes"] == SMALL_ARTIFACT_BYTES + 1 and len(big["sha256"]) == 64
+    lineage = json.loads((out / LINEAGE_FILE).read_text())
+    assert lineage["run_id"] == found.info.run_id and lineage["upstream"] == {"sample": "abc"}
+
+
+def test_failed_stage_is_marked_failed(workdir):
+    params = load_params(REPO / "params.yaml")
+    with pytest.raises(RuntimeError):
+        with stage_run(params, "train", variant="sparse", lineage_dir=workdir / "out"):
+            raise RuntimeError("boom")
+    client = MlflowClient(tracking_uri())
+    [found] = client.search_runs([client.get_experiment_by_name("sparseclip").experiment_id])
+    assert found.info.status == "FAILED" and found.data.tags["variant"] == "sparse"
+    assert not (workdir / "out" / LINEAGE_FILE).exists()
