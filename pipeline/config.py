@@ -110,6 +110,104 @@ class SampleParams(Section):
     out_dir: str = "data/sample"
 
 
+# --------------------------------------------------------------------------- train stage
+
+# The embedded default: a ViT small enough to train on 2 CPU cores in about a minute.
+TINY_CLIP = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 64, "layers": 3, "head_width": 32, "mlp_ratio": 4.0},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
+}
+
+
+class ModelParams(Section):
+    """The Sparse CLIP architecture (:mod:`pipeline.model`); variants override any of these."""
+
+    arch: str | None = Field(None, description="open_clip config name (ViT-B-32, ViT-L-14); None: inline")
+    inline: dict[str, Any] = Field(default_factory=lambda: json.loads(json.dumps(TINY_CLIP)))
+    checkpoint: str | None = Field(None, description="local open_clip state dict to start from")
+    expansion: int = Field(32, ge=0, description="head width = embed_dim x expansion; 0 = dense baseline")
+    activation: Literal["relu", "none", "topk", "l1"] = "relu"
+    topk: int = Field(64, ge=1, description="k for activation=topk")
+    l1_lambda: float = Field(1e-3, ge=0.0, description="penalty weight for activation=l1")
+    pooling: Literal["cls", "avg"] = "cls"
+    logit_scale_cap: float = Field(100.0, gt=1.0, description="max of exp(logit_scale): 100 CLIP, 50 Sparse, 40 Sparse+")
+    init_logit_scale: float = Field(math.log(1 / 0.07), ge=0.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelParams:
+        if self.init_logit_scale > math.log(self.logit_scale_cap):
+            raise ValueError(f"init_logit_scale {self.init_logit_scale:.3f} exceeds ln(logit_scale_cap) "
+                             f"= {math.log(self.logit_scale_cap):.3f}")
+        if self.arch is None and not {"embed_dim", "vision_cfg", "text_cfg"} <= set(self.inline):
+            raise ValueError("inline needs embed_dim, vision_cfg and text_cfg (or set arch)")
+        return self
+
+
+class VariantParams(Section):
+    """Per-variant overrides of :class:`ModelParams` (only the keys given change)."""
+
+    arch: str | None = None
+    expansion: int | None = Field(None, ge=0)
+    activation: Literal["relu", "none", "topk", "l1"] | None = None
+    topk: int | None = Field(None, ge=1)
+    l1_lambda: float | None = Field(None, ge=0.0)
+    pooling: Literal["cls", "avg"] | None = None
+    logit_scale_cap: float | None = Field(None, gt=1.0)
+
+
+class OptimParams(Section):
+    """open_clip's recipe: AdamW, linear warmup then cosine decay."""
+
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.2, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.98, ge=0, lt=1)
+    eps: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    grad_clip_norm: float | None = Field(None, gt=0)
+
+
+class TrainParams(Section):
+    model: ModelParams = ModelParams()
+    optim: OptimParams = OptimParams()
+    variants: dict[str, VariantParams] = Field(default_factory=lambda: {"sparse": VariantParams()})
+    epochs: int = Field(20, ge=1)
+    global_batch_size: int = Field(128, ge=2)
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a cluster)")
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 0.5})
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU")
+    grad_checkpointing: bool = False
+    cache_data: bool = Field(True, description="keep decoded training data in Ray's object store")
+    log_every: int = Field(10, ge=1, description="steps between training metrics")
+    eval_every: int = Field(100, ge=1, description="steps between zero-shot evaluations on val")
+    checkpoint_every: int = Field(100, ge=1, description="steps between resume checkpoints")
+    evolution: list[float] = Field([0.01, 0.03, 0.1, 0.3, 1.0], description="fractions of training to snapshot")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
+    out_dir: str = "models"
+
+    @model_validator(mode="after")
+    def _valid(self) -> TrainParams:
+        if not self.variants:
+            raise ValueError("variants: define at least one")
+        if any(not 0 < f <= 1 for f in self.evolution):
+            raise ValueError(f"evolution fractions must be in (0, 1], got {self.evolution}")
+        if self.global_batch_size % self.num_workers:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not divisible by "
+                             f"num_workers {self.num_workers}")
+        for name in self.variants:
+            self.model_for(name)  # every variant must yield a valid model
+        return self
+
+    def model_for(self, variant: str) -> ModelParams:
+        """The base model params with the variant's overrides applied (and validated)."""
+        if variant not in self.variants:
+            raise ValueError(f"unknown variant {variant!r}; params.yaml defines: {', '.join(self.variants)}")
+        overrides = self.variants[variant].model_dump(exclude_none=True)
+        return ModelParams.model_validate({**self.model.model_dump(), **overrides})
+
+
 # --------------------------------------------------------------------------- the whole file
 
 
@@ -117,6 +215,7 @@ class Params(Section):
     project: ProjectParams = ProjectParams()
     ray: RayParams = RayParams()
     sample: SampleParams = SampleParams()
+    train: TrainParams = TrainParams()
 
     def section_hash(self, name: str) -> str:
         """Short content hash of one section, the 'DVC params hash' tagged on MLflow runs."""

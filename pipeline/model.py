@@ -1,0 +1,221 @@
+"""Sparse CLIP: an open_clip model whose two towers end in a wide linear layer and an activation.
+
+The paper's method in one module (Qin et al., §2): after open_clip's own projection (embed_dim),
+each tower gets ``Linear(embed_dim, embed_dim * expansion)`` and a ReLU, and the learnable logit
+scale is capped lower than CLIP's ln(100). ``expansion = 0`` is the unmodified dense baseline.
+The ablations (Fig 2b) swap the activation: ``none`` (wide but dense), ``topk`` (k largest,
+Gao et al.), ``l1`` (ReLU plus an L1 penalty, see :func:`l1_penalty`).
+
+Pooling ``avg`` is the supplementary's Sparse-Avg: every spatial token goes through the
+projection, head and activation, and the contrastive embedding is the mean of those per-token
+activations, which :meth:`SparseCLIP.encode_image_tokens` keeps for heatmaps.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.tokenizer import SimpleTokenizer
+from torch import nn
+
+from pipeline.config import ModelParams
+
+
+class TopK(nn.Module):
+    """Keep each row's k largest pre-activations (ReLU'd), zero the rest (Gao et al., 2024)."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = min(self.k, x.shape[-1])
+        values, indices = x.topk(k, dim=-1)
+        return torch.zeros_like(x).scatter(-1, indices, F.relu(values))
+
+
+def make_activation(params: ModelParams) -> nn.Module:
+    if params.expansion == 0 or params.activation == "none":
+        return nn.Identity()
+    if params.activation == "topk":
+        return TopK(params.topk)
+    return nn.ReLU()  # "relu", and "l1" which adds its penalty in the loss
+
+
+class SparseHead(nn.Module):
+    """Linear(embed_dim -> embed_dim * expansion) + activation; identity for the dense baseline."""
+
+    def __init__(self, embed_dim: int, params: ModelParams):
+        super().__init__()
+        self.width = embed_dim * params.expansion if params.expansion else embed_dim
+        self.linear = nn.Linear(embed_dim, self.width) if params.expansion else nn.Identity()
+        self.activation = make_activation(params)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.linear(x))
+
+
+class SparseCLIP(nn.Module):
+    """open_clip's CLIP with a sparse head on each tower and a capped, learnable logit scale."""
+
+    def __init__(self, clip_cfg: dict[str, Any], params: ModelParams):
+        super().__init__()
+        self.clip_cfg = copy.deepcopy(clip_cfg)
+        self.params = params
+        self.clip = open_clip.CLIP(**clip_cfg, init_logit_scale=params.init_logit_scale)
+        self.clip.visual.output_tokens = True  # spatial tokens feed Sparse-Avg and heatmaps
+        embed_dim = clip_cfg["embed_dim"]
+        self.image_head = SparseHead(embed_dim, params)
+        self.text_head = SparseHead(embed_dim, params)
+        self.width = self.image_head.width
+        self.logit_scale_max = math.log(params.logit_scale_cap)
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    @property
+    def image_size(self) -> int:
+        size = self.clip_cfg["vision_cfg"].get("image_size", 224)
+        return size if isinstance(size, int) else size[0]
+
+    @property
+    def context_length(self) -> int:
+        return self.clip_cfg["text_cfg"].get("context_length", 77)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self._encode_image(images, keep_tokens=False)[0]
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled sparse embedding [B, F], per-spatial-token sparse activations [B, T, F]).
+
+        With ``cls`` pooling the embedding is the head applied to the CLS token; the per-token
+        activations are the same head applied to each spatial token (for comparison heatmaps).
+        """
+        return self._encode_image(images, keep_tokens=True)
+
+    def _encode_image(self, images: torch.Tensor, keep_tokens: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Per-token activations are [B, T, F]: at ViT-L x72 that is 256 x 55,296 per image, so
+        # they are computed only when the pooling needs them or the caller asks (heatmaps).
+        visual = self.clip.visual
+        cls_projected, tokens = visual(images)
+        token_features = None
+        if keep_tokens or self.params.pooling == "avg":
+            token_features = self.image_head(tokens @ visual.proj)
+        if self.params.pooling == "avg":
+            return token_features.mean(dim=1), token_features
+        return self.image_head(cls_projected), token_features
+
+    def encode_text(self, texts: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        features = self.text_head(self.clip.encode_text(texts))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Unnormalised sparse embeddings (for L0 and L1), normalised ones and exp(logit scale)."""
+        image_raw = self.encode_image(images)
+        text_raw = self.encode_text(texts)
+        return {
+            "image_raw": image_raw,
+            "text_raw": text_raw,
+            "image_features": F.normalize(image_raw, dim=-1),
+            "text_features": F.normalize(text_raw, dim=-1),
+            "logit_scale": self.logit_scale.exp(),
+        }
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """open_clip clamps to [0, ln 100] after every step; the paper's cap is a parameter."""
+        self.logit_scale.clamp_(0, self.logit_scale_max)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.clip.set_grad_checkpointing(enable)
+
+
+def l1_penalty(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """Mean L1 norm of the L2-normalised embeddings of both towers.
+
+    On normalised vectors the penalty is the L1/L2 ratio, which only falls by concentrating
+    mass in fewer dimensions; on raw activations the model could shrink them instead, since
+    the contrastive loss only sees their direction.
+    """
+    return image_features.abs().sum(-1).mean() + text_features.abs().sum(-1).mean()
+
+
+def clip_config(params: ModelParams) -> dict[str, Any]:
+    """The open_clip architecture: a named built-in config, or the inline one from params."""
+    if params.arch:
+        cfg = open_clip.get_model_config(params.arch)
+        if cfg is None:
+            raise ValueError(f"train.model.arch = {params.arch!r}: not an open_clip model config; "
+                             f"known: {', '.join(open_clip.list_models()[:12])}, ...")
+        cfg = {k: v for k, v in cfg.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")}
+        if "hf_model_name" in cfg.get("text_cfg", {}):
+            raise ValueError(f"train.model.arch = {params.arch!r}: Hugging Face text towers are not supported")
+        return cfg
+    return copy.deepcopy(params.inline)
+
+
+def build_model(params: ModelParams) -> SparseCLIP:
+    """A randomly initialised Sparse CLIP, or one whose CLIP towers start from a local checkpoint."""
+    model = SparseCLIP(clip_config(params), params)
+    if params.checkpoint:
+        path = Path(params.checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"train.model.checkpoint: no such file: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.clip.load_state_dict(state.get("state_dict", state))
+    return model
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Image and text preprocessing that matches a model: open_clip's eval transform, its BPE."""
+
+    image_size: int
+    context_length: int
+
+    def images(self):
+        return open_clip.image_transform(self.image_size, is_train=False)
+
+    def tokenizer(self) -> SimpleTokenizer:
+        return SimpleTokenizer(context_length=self.context_length)
+
+
+def save_model(model: SparseCLIP, out_dir: str | Path, name: str = "model.pt") -> Path:
+    """Weights as a plain state dict (loadable with ``weights_only=True``) plus a JSON config."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(_cpu_state(model), out_dir / name)
+    config = {"clip_cfg": model.clip_cfg, "model": model.params.model_dump(mode="json")}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir / name
+
+
+def load_model(model_dir: str | Path, weights: str = "model.pt") -> SparseCLIP:
+    """Rebuild a saved model (any evolution snapshot via ``weights``), in eval mode on CPU."""
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no trained model in {model_dir} (missing config.json): run the train stage")
+    config = json.loads(config_path.read_text())
+    model = SparseCLIP(config["clip_cfg"], ModelParams.model_validate(config["model"]))
+    weights_path = model_dir / weights if not Path(weights).is_absolute() else Path(weights)
+    model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def preprocess_for(model: SparseCLIP) -> Preprocess:
+    return Preprocess(model.image_size, model.context_length)
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
