@@ -132,11 +132,17 @@ class ModelParams(Section):
     l1_lambda: float = Field(1e-3, ge=0.0, description="penalty weight for activation=l1")
     pooling: Literal["cls", "avg"] = "cls"
     logit_scale_cap: float = Field(100.0, gt=1.0, description="max of exp(logit_scale): 100 CLIP, 50 Sparse, 40 Sparse+")
-    init_logit_scale: float = Field(math.log(1 / 0.07), ge=0.0)
+    init_logit_scale: float | None = Field(
+        math.log(1 / 0.07), ge=0.0, description="initial ln(scale); None: start at the cap, ln(logit_scale_cap)"
+    )
+
+    @property
+    def initial_logit_scale(self) -> float:
+        return math.log(self.logit_scale_cap) if self.init_logit_scale is None else self.init_logit_scale
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelParams:
-        if self.init_logit_scale > math.log(self.logit_scale_cap):
+        if self.init_logit_scale is not None and self.init_logit_scale > math.log(self.logit_scale_cap):
             raise ValueError(f"init_logit_scale {self.init_logit_scale:.3f} exceeds ln(logit_scale_cap) "
                              f"= {math.log(self.logit_scale_cap):.3f}")
         if self.arch is None and not {"embed_dim", "vision_cfg", "text_cfg"} <= set(self.inline):
@@ -185,6 +191,7 @@ class TrainParams(Section):
     checkpoint_every: int = Field(100, ge=1, description="steps between resume checkpoints")
     evolution: list[float] = Field([0.01, 0.03, 0.1, 0.3, 1.0], description="fractions of training to snapshot")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
+    keep_ray_checkpoints: bool = Field(False, description="keep Ray's checkpoint folder after export")
     out_dir: str = "models"
 
     @model_validator(mode="after")

@@ -70,7 +70,7 @@ class SparseCLIP(nn.Module):
         super().__init__()
         self.clip_cfg = copy.deepcopy(clip_cfg)
         self.params = params
-        self.clip = open_clip.CLIP(**clip_cfg, init_logit_scale=params.init_logit_scale)
+        self.clip = open_clip.CLIP(**clip_cfg, init_logit_scale=params.initial_logit_scale)
         self.clip.visual.output_tokens = True  # spatial tokens feed Sparse-Avg and heatmaps
         embed_dim = clip_cfg["embed_dim"]
         self.image_head = SparseHead(embed_dim, params)

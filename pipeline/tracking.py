@@ -196,6 +196,17 @@ def write_lineage(out_dir: str | Path, run: StageRun, exp_id: str, upstream: Map
     write_json(Path(out_dir) / LINEAGE_FILE, record)
 
 
+def metric_curves(run_id: str, prefix: str = "") -> dict[int, dict[str, float]]:
+    """Every metric of a run whose name starts with ``prefix``, as {step: {name: value}}."""
+    client = MlflowClient(tracking_uri())
+    rows: dict[int, dict[str, float]] = {}
+    for name in sorted(client.get_run(run_id).data.metrics):
+        if name.startswith(prefix):
+            for point in client.get_metric_history(run_id, name):
+                rows.setdefault(point.step, {})[name] = point.value
+    return dict(sorted(rows.items()))
+
+
 def _param_text(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
     return text[:_MLFLOW_PARAM_CHARS]

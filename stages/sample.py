@@ -6,7 +6,6 @@ from pathlib import Path
 
 from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
-from pipeline.data.evalsets import build_eval_sets
 from pipeline.data.sampling import run_sample
 from pipeline.io import write_json
 from pipeline.tracking import stage_run
@@ -19,7 +18,7 @@ def sample(args) -> None:
     cfg = params.sample
     with stage_run(params, "sample", section=cfg.model_dump(mode="json"), lineage_dir=cfg.out_dir) as run:
         manifest = run_sample(cfg, params.ray)
-        evals = build_eval_sets(cfg.out_dir)
+        evals = manifest["eval_sets"]
         metrics = {
             "records_written": manifest["written"],
             "records_skipped": manifest["skipped"],

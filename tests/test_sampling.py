@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import SampleParams, SourceParams
-from pipeline.data.evalsets import build_eval_sets, load_zero_shot_tasks
+from pipeline.data.evalsets import load_zero_shot_tasks
 from pipeline.data.generator import render_record
 from pipeline.data.records import RawRecord, Record, Skip, SkipReason, validate
 from pipeline.data.sampling import build_shard, plan_shards, run_sample, split_of
@@ -160,7 +160,7 @@ def test_generated_sample_and_eval_sets(ray_local, tmp_path):
     manifest = run_sample(params, ray_local_params())
     assert manifest["written"] == 150 and manifest["source_records"] == 300
     assert sum(manifest["records_by_split"].values()) == 150
-    summary = build_eval_sets(tmp_path / "out")
+    summary = manifest["eval_sets"]
     tasks = load_zero_shot_tasks(tmp_path / "out")
     assert set(tasks) == {"shape", "colour"} and "circle" in tasks["shape"]["classes"]
     test_records = list(read_split(tmp_path / "out", "test"))
@@ -189,4 +189,4 @@ def test_flickr_csv_by_params_override(ray_local, flickr_dir, tmp_path):
     by_split = {s: list(read_split(tmp_path / "flickr", s)) for s in ("train", "val", "test")}
     groups = {s: {r.meta["group"] for r in recs} for s, recs in by_split.items()}
     assert not (groups["train"] & groups["test"]) and not (groups["train"] & groups["val"])
-    assert build_eval_sets(tmp_path / "flickr")["zeroshot_tasks"] == []
+    assert manifest["eval_sets"]["zeroshot_tasks"] == []

@@ -63,7 +63,7 @@ def build_eval_sets(out_dir: str | Path) -> dict[str, Any]:
     summary: dict[str, Any] = {"zeroshot_tasks": [], "retrieval": {}, "crops": {}}
     has_truth = False
     for split in EVAL_SPLITS:
-        records = list(read_split(out_dir, split))
+        records = list(read_split(out_dir, split)) if (out_dir / split).is_dir() else []
         has_truth = has_truth or any(main_object(r.meta) for r in records)
         summary["retrieval"][split] = _write_retrieval(records, eval_dir / f"retrieval-{split}.parquet")
         summary["crops"][split] = _write_crops(records, eval_dir / "crops" / f"{split}.tar")

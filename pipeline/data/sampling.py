@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import RayParams, SampleParams
+from pipeline.data.evalsets import build_eval_sets
 from pipeline.data.records import Record, Skip, validate
 from pipeline.data.shards import SPLITS, shard_name, write_shard
 from pipeline.data.sources import make_source
@@ -87,7 +88,7 @@ def build_shard(plan: dict[str, Any], params: dict[str, Any], out_dir: str) -> d
 
 
 def run_sample(params: SampleParams, ray_params: RayParams) -> dict[str, Any]:
-    """Plan, build every shard with Ray Data, write ``manifest.json``; return the manifest."""
+    """Plan, build every shard with Ray Data, derive the eval sets, write ``manifest.json``."""
     import ray
 
     from pipeline.cluster import connect
@@ -105,6 +106,7 @@ def run_sample(params: SampleParams, ray_params: RayParams) -> dict[str, Any]:
         .take_all()
     )
     manifest = summarise([json.loads(r["result"]) for r in results], params, len(refs))
+    manifest["eval_sets"] = build_eval_sets(out_dir)
     write_json(out_dir / "manifest.json", manifest)
     return manifest
 

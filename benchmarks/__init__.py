@@ -1,0 +1,1 @@
+"""Benchmarks that print and save numbers; run them as modules (python -m benchmarks.<name>)."""

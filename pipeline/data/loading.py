@@ -1,0 +1,75 @@
+"""Turning sampled shards into model inputs, the same way for training, evaluation and extraction.
+
+:class:`ClipBatchPreprocessor` is a Ray Data ``map_batches`` callable (one instance per actor,
+so the tokenizer loads once) and also a plain function on a batch dict, so the driver, a Ray
+Train worker and a Ray Data actor all decode and tokenise identically.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+from open_clip.tokenizer import SimpleTokenizer
+from PIL import Image
+
+from pipeline.data.shards import read_split, split_shards
+
+
+class ClipBatchPreprocessor:
+    """webdataset columns (``jpg``, ``txt`` bytes) -> ``image`` float32 [N,3,H,W], ``text`` int64 [N,L]."""
+
+    def __init__(self, image_size: int, context_length: int):
+        self.transform = open_clip.image_transform(image_size, is_train=False)
+        self.tokenizer = SimpleTokenizer(context_length=context_length)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        images = np.stack([self.image(b) for b in batch["jpg"]]) if len(batch["jpg"]) else np.zeros((0, 3, 1, 1))
+        out = {"image": images.astype(np.float32), "text": self.tokens([_text(t) for t in batch["txt"]])}
+        if "__key__" in batch:
+            out["key"] = np.asarray(batch["__key__"], dtype=object)
+        return out
+
+    def image(self, jpeg: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(jpeg)) as image:
+            return self.transform(image.convert("RGB")).numpy()
+
+    def tokens(self, texts: Sequence[str]) -> np.ndarray:
+        return self.tokenizer(list(texts)).numpy().astype(np.int64)
+
+
+def split_paths(data_dir: str | Path, split: str) -> list[str]:
+    """Absolute shard paths (Ray workers may run elsewhere); an empty split is an error."""
+    paths = [str(p.resolve()) for p in split_shards(data_dir, split)]
+    if not paths:
+        raise FileNotFoundError(f"the '{split}' split under {data_dir} has no shards")
+    return paths
+
+
+def ray_split_dataset(data_dir: str | Path, split: str, preprocessor: ClipBatchPreprocessor, task_cpus: float):
+    """A Ray Dataset of one split, decoded and tokenised by CPU tasks."""
+    import ray.data
+
+    return ray.data.read_webdataset(split_paths(data_dir, split), decoder=None).map_batches(
+        preprocessor, batch_size=64, num_cpus=task_cpus
+    )
+
+
+def load_split_arrays(data_dir: str | Path, split: str, preprocessor: ClipBatchPreprocessor,
+                      limit: int | None = None) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """A split decoded in this process (evaluation sets are small): arrays plus each record's meta."""
+    records = []
+    for record in read_split(data_dir, split):
+        records.append(record)
+        if limit is not None and len(records) >= limit:
+            break
+    arrays = preprocessor({"jpg": [r.jpeg for r in records], "txt": [r.caption for r in records]})
+    return arrays, [r.meta for r in records]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,47 @@
+"""Curves as files people can look at: a CSV for DVC plots and a PNG for everyone else
+(``dvc plots show`` renders HTML that pulls Vega from a CDN, which offline readers lack)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def write_curve_csv(rows: Mapping[int, Mapping[str, float]], path: str | Path) -> Path:
+    """{step: {metric: value}} -> CSV with a ``step`` column and one column per metric."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = sorted({name for values in rows.values() for name in values})
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", *columns])
+        for step, values in rows.items():
+            writer.writerow([step, *(values.get(c, "") for c in columns)])
+    return path
+
+
+def plot_curves(rows: Mapping[int, Mapping[str, float]], panels: Sequence[Sequence[str]], path: str | Path,
+                title: str = "") -> Path:
+    """One subplot per panel (a list of metric names sharing axes), x = step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, names in zip(axes[0], panels):
+        for name in names:
+            points = [(s, v[name]) for s, v in rows.items() if name in v]
+            if points:
+                ax.plot(*zip(*points), label=name.split("/", 1)[-1], marker="." if len(points) < 30 else None)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

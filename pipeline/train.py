@@ -1,0 +1,369 @@
+"""Training Sparse CLIP with Ray Train: one loop for 2 CPU workers on gloo and N GPUs on NCCL.
+
+The driver (:func:`run_training`) builds the Ray Dataset of the train split and a
+``TorchTrainer``; every worker runs :func:`train_loop_per_worker`: open_clip's recipe (AdamW,
+warmup + cosine, bf16 autocast on GPU), the logit-scale cap after each step, metrics from rank 0
+straight into the stage's MLflow run, and checkpoints through ``ray.train.report``:
+
+- resume checkpoints every ``checkpoint_every`` steps; after a worker dies the group restarts from
+  the latest one and finishes with the same step count (``FailureConfig(max_failures)``);
+- the paper's evolution snapshots at 1/3/10/30/100% of training, kept for good through a score
+  that ranks them above every resume checkpoint.
+
+Metrics are written to MLflow as they happen; after a restart, steps already in the run are not
+written again, so nothing logged is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import ModelParams, Params, TrainParams
+from pipeline.data.evalsets import load_zero_shot_tasks, zero_shot_label
+from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
+from pipeline.loss import SparseClipObjective
+from pipeline.model import SparseCLIP, build_model, save_model
+from pipeline.zeroshot import class_embeddings, topk_accuracy
+
+log = logging.getLogger(__name__)
+
+EVOLUTION_SCORE = 1e12  # evolution snapshots outrank every resume checkpoint, so they are kept
+VAL_EVAL_LIMIT = 2000  # val images scored during training (the metrics stage uses all)
+
+
+# --------------------------------------------------------------------------- schedule, optimiser
+
+
+def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
+    """open_clip's schedule: linear warmup to ``base_lr``, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * base_lr
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """open_clip's split: no weight decay on gains, biases, embeddings' 1-d params, logit scale."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exclude = param.ndim < 2 or any(t in name for t in ("bn", "ln", "bias", "logit_scale"))
+        (no_decay if exclude else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def evolution_steps(fractions: list[float], total: int) -> dict[int, list[float]]:
+    """The fractions snapshotted at each step (at least step 1; short runs share steps)."""
+    steps: dict[int, list[float]] = {}
+    for fraction in sorted(fractions):
+        steps.setdefault(min(total, max(1, round(fraction * total))), []).append(fraction)
+    return steps
+
+
+def snapshot_name(fraction: float) -> str:
+    return f"{fraction * 100:g}pct.pt"
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class SparsityWindow:
+    """L0 and feature activity accumulated over the steps between two metric logs (rank 0)."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self.reset()
+
+    def reset(self) -> None:
+        self.active = None
+        self.l0 = {"image": 0.0, "text": 0.0}
+        self.rows = 0
+
+    @torch.no_grad()
+    def update(self, image: torch.Tensor, text: torch.Tensor) -> None:
+        image, text = image.detach().float(), text.detach().float()
+        fired = (image != 0).any(0) | (text != 0).any(0)
+        self.active = fired if self.active is None else self.active | fired
+        self.l0["image"] += (image != 0).sum().item()
+        self.l0["text"] += (text != 0).sum().item()
+        self.rows += image.shape[0]
+
+    def summary(self) -> dict[str, float]:
+        out = {}
+        for tower, nonzero in self.l0.items():
+            mean = nonzero / max(1, self.rows)
+            out[f"l0_{tower}"] = mean
+            out[f"l0_{tower}_pct"] = 100.0 * mean / self.width
+        out["dead_fraction"] = 1.0 - self.active.float().mean().item() if self.active is not None else 1.0
+        return out
+
+
+class MetricSink:
+    """Rank 0's line to the stage's MLflow run; skips steps a previous attempt already logged."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None):
+        self.client = self.run_id = None
+        self.logged_up_to = -1
+        if tracking_uri and run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client, self.run_id = MlflowClient(tracking_uri), run_id
+            history = self.client.get_metric_history(run_id, "train/loss")
+            self.logged_up_to = max((m.step for m in history), default=-1)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None or step <= self.logged_up_to:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        entries = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)]
+        self.client.log_batch(self.run_id, metrics=entries)
+
+
+@torch.no_grad()
+def zero_shot_eval(model: SparseCLIP, val: dict[str, Any], device: torch.device) -> dict[str, float]:
+    """Top-1/top-5 zero-shot accuracy on the val split for every labelled task (shape, colour)."""
+    if not val["tasks"]:
+        return {}
+    model.eval()
+    tokenize = val["preprocessor"].tokens
+    features = model.encode_image(torch.as_tensor(val["images"]).to(device)).float()
+    out = {}
+    for task, spec in val["tasks"].items():
+        classifier = class_embeddings(
+            lambda t: model.encode_text(torch.as_tensor(t).to(device)).float(), tokenize,
+            spec["classes"], spec["templates"],
+        )
+        labels = [spec["classes"].index(label) for label in val["labels"][task]]
+        for k, acc in topk_accuracy(features, classifier, labels).items():
+            out[f"zeroshot/{task}/{k}"] = acc
+    model.train()
+    return out
+
+
+def load_val(data_dir: str, preprocessor: ClipBatchPreprocessor) -> dict[str, Any]:
+    tasks = load_zero_shot_tasks(data_dir)
+    arrays, metas = load_split_arrays(data_dir, "val", preprocessor, limit=VAL_EVAL_LIMIT)
+    labels = {task: [zero_shot_label(m, task) for m in metas] for task in tasks}
+    return {"tasks": tasks, "images": arrays["image"], "labels": labels, "preprocessor": preprocessor}
+
+
+# --------------------------------------------------------------------------- the worker loop
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: resume if a checkpoint exists, train to ``total_steps``, report."""
+    import ray.train
+    import ray.train.torch
+
+    train_params = TrainParams.model_validate(config["train"])
+    model_params = ModelParams.model_validate(config["model"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config["seed"])  # same init on every rank; DDP also broadcasts rank 0's
+
+    model = build_model(model_params)
+    if train_params.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model = model.to(device)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, train_params.optim.weight_decay), lr=train_params.optim.lr,
+        betas=(train_params.optim.beta1, train_params.optim.beta2), eps=train_params.optim.eps,
+    )
+    step = _restore(ray.train.get_checkpoint(), model, optimizer)
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    objective = SparseClipObjective(model_params, rank, world)
+    autocast = _autocast(train_params.precision, device)
+
+    total, per_epoch = config["total_steps"], config["steps_per_epoch"]
+    local_batch = train_params.global_batch_size // world
+    snapshots = evolution_steps(train_params.evolution, total)
+    sink = MetricSink(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
+    val = load_val(config["data_dir"], ClipBatchPreprocessor(model.image_size, model.context_length)) if rank == 0 else None
+    window = SparsityWindow(model.width)
+    shard = ray.train.get_dataset_shard("train")
+    window_start, window_steps = time.perf_counter(), 0
+
+    while step < total:
+        epoch = step // per_epoch
+        batches = shard.iter_torch_batches(
+            batch_size=local_batch, drop_last=True, local_shuffle_buffer_size=4 * local_batch,
+            local_shuffle_seed=config["seed"] + epoch * 1000 + rank, device=device,
+        )
+        for batch in islice(batches, per_epoch - step % per_epoch):
+            lr = lr_at(step, total, train_params.optim.warmup_steps, train_params.optim.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                outputs = ddp_model(batch["image"], batch["text"])
+                losses = objective(outputs)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            if train_params.optim.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_params.optim.grad_clip_norm)
+            optimizer.step()
+            model.clamp_logit_scale_()
+            step += 1
+            window_steps += 1
+            _maybe_fail(config, step, rank)
+            if rank == 0:
+                window.update(outputs["image_raw"], outputs["text_raw"])
+                metrics = {}
+                if step % train_params.log_every == 0 or step == total:
+                    elapsed = time.perf_counter() - window_start
+                    metrics.update({f"train/{k}": v.item() for k, v in losses.items()})
+                    metrics.update({f"train/{k}": v for k, v in window.summary().items()})
+                    metrics["train/logit_scale"] = model.logit_scale.exp().item()
+                    metrics["train/lr"] = lr
+                    metrics["train/samples_per_s"] = window_steps * train_params.global_batch_size / elapsed
+                    window.reset()
+                    window_start, window_steps = time.perf_counter(), 0
+                if step % train_params.eval_every == 0 or step == total:
+                    metrics.update(zero_shot_eval(model, val, device))
+                if metrics:
+                    sink.log({"epoch": epoch, **metrics}, step)
+            if step % train_params.checkpoint_every == 0 or step in snapshots or step == total:
+                _report(model, optimizer, step, snapshots.get(step), rank)
+            if step >= total:
+                break
+
+
+def _autocast(precision: str, device: torch.device):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def _maybe_fail(config: dict[str, Any], step: int, rank: int) -> None:
+    """Test hook: a worker dies once at a given step (the marker file makes it once)."""
+    fail = config.get("fail_once")
+    if fail and step == fail["step"] and rank == fail["rank"] and not Path(fail["marker"]).exists():
+        Path(fail["marker"]).write_text(str(step))
+        raise RuntimeError(f"injected worker failure at step {step} on rank {rank}")
+
+
+def _report(model: SparseCLIP, optimizer, step: int, evolution: list[float] | None, rank: int) -> None:
+    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    score = EVOLUTION_SCORE + step if evolution else float(step)
+    metrics = {"step": step, "keep_score": score, "evolution": list(evolution or [])}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "step": step}, Path(tmp) / "state.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _restore(checkpoint, model: SparseCLIP, optimizer) -> int:
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        model.load_state_dict(torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=True))
+        state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    log.info("resumed from checkpoint at step %d", state["step"])
+    return int(state["step"])
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+@dataclass
+class TrainOutcome:
+    model_dir: Path
+    total_steps: int
+    snapshots: dict[str, str]
+
+
+def run_training(params: Params, variant: str, *, run_id: str | None = None, tracking_uri: str | None = None,
+                 fail_once: dict[str, Any] | None = None) -> TrainOutcome:
+    """Train one variant on the sampled train split; write ``models/<variant>/`` and return it."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.cluster import connect
+    from pipeline.data.loading import ray_split_dataset
+
+    train_params, model_params = params.train, params.train.model_for(variant)
+    data_dir = str(Path(params.sample.out_dir).resolve())
+    n_train = json.loads((Path(data_dir) / "manifest.json").read_text())["records_by_split"]["train"]
+    per_epoch = n_train // train_params.global_batch_size
+    if per_epoch == 0:
+        raise ValueError(f"train.global_batch_size {train_params.global_batch_size} exceeds the "
+                         f"{n_train} training records: lower it or sample more")
+    total = per_epoch * train_params.epochs
+
+    connect(params.ray)
+    probe = build_model(model_params)
+    dataset = ray_split_dataset(data_dir, "train", ClipBatchPreprocessor(probe.image_size, probe.context_length),
+                                params.ray.task_cpus).select_columns(["image", "text"])
+    if train_params.cache_data:
+        dataset = dataset.materialize()
+    storage = _storage_path(params.ray.storage_path)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": train_params.model_dump(mode="json"), "model": model_params.model_dump(mode="json"),
+            "seed": params.project.seed, "data_dir": data_dir, "total_steps": total, "steps_per_epoch": per_epoch,
+            "run_id": run_id, "tracking_uri": tracking_uri, "fail_once": fail_once,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train_params.num_workers, use_gpu=train_params.use_gpu,
+            resources_per_worker=dict(train_params.resources_per_worker),
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{variant}-{run_id or int(time.time())}",
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=train_params.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=len(train_params.evolution) + 1, checkpoint_score_attribute="keep_score",
+            ),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    outcome = _export(result, Path(train_params.out_dir) / variant, total)
+    if not train_params.keep_ray_checkpoints and "://" not in storage:
+        shutil.rmtree(result.path, ignore_errors=True)
+    return outcome
+
+
+def _export(result, model_dir: Path, total: int) -> TrainOutcome:
+    """Copy the final weights and every evolution snapshot out of Ray's checkpoint storage."""
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    snapshots = {}
+    for checkpoint, metrics in result.best_checkpoints:
+        with checkpoint.as_directory() as folder:
+            for fraction in metrics.get("evolution", []):
+                name = snapshot_name(fraction)
+                (model_dir / "evolution").mkdir(parents=True, exist_ok=True)
+                shutil.copy(Path(folder) / "model.pt", model_dir / "evolution" / name)
+                snapshots[name] = f"step {int(metrics['step'])}"
+            if int(metrics["step"]) == total:
+                shutil.copy(Path(folder) / "model.pt", model_dir / "model.pt")
+                shutil.copy(Path(folder) / "config.json", model_dir / "config.json")
+    if not (model_dir / "model.pt").is_file():
+        raise RuntimeError(f"training ended without a final checkpoint at step {total}")
+    return TrainOutcome(model_dir, total, dict(sorted(snapshots.items())))
+
+
+def _storage_path(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())

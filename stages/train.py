@@ -1,0 +1,56 @@
+"""DVC stage ``train@<variant>``: train one Sparse CLIP variant (or the dense baseline) with Ray Train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.cli import run_stage, stage_parser
+from pipeline.config import load_params
+from pipeline.io import write_json
+from pipeline.plots import plot_curves, write_curve_csv
+from pipeline.tracking import metric_curves, stage_run, tracking_uri
+from pipeline.train import run_training
+
+PANELS = [
+    ["train/loss", "train/contrastive_loss"],
+    ["train/l0_image_pct", "train/l0_text_pct"],
+    ["zeroshot/shape/top1", "zeroshot/colour/top1"],
+    ["train/logit_scale"],
+]
+
+
+def train(args) -> None:
+    params = load_params(args.params)
+    variant = args.variant
+    model_params = params.train.model_for(variant)
+    model_dir = Path(params.train.out_dir) / variant
+    section = {**params.train.model_dump(mode="json", exclude={"variants", "model"}),
+               "model": model_params.model_dump(mode="json")}
+    with stage_run(params, "train", variant=variant, section=section,
+                   upstream=[params.sample.out_dir], lineage_dir=model_dir) as run:
+        outcome = run_training(params, variant, run_id=run.run_id, tracking_uri=tracking_uri())
+        curves = metric_curves(run.run_id)
+        final = {k: v for values in curves.values() for k, v in values.items()}  # last value of each
+        summary = {"variant": variant, "total_steps": outcome.total_steps, "width": _width(model_params),
+                   **{k.replace("/", "."): v for k, v in final.items()}}
+        metrics_path = write_json(Path("metrics/train") / f"{variant}.json", summary)
+        csv_path = write_curve_csv(curves, Path("plots/train") / f"{variant}.csv")
+        png_path = plot_curves(curves, PANELS, Path("plots/train") / f"{variant}.png", title=f"train {variant}")
+        run.log_dict(outcome.snapshots, "evolution_snapshots.json")
+        run.log_outputs([model_dir, metrics_path, csv_path, png_path])
+    print(f"train[{variant}]: {outcome.total_steps} steps -> {model_dir}; "
+          f"zero-shot shape top1 {final.get('zeroshot/shape/top1', float('nan')):.3f}, "
+          f"L0 image {final.get('train/l0_image', float('nan')):.1f} of {summary['width']}")
+
+
+def _width(model_params) -> int:
+    embed = model_params.inline["embed_dim"] if model_params.arch is None else None
+    return embed * max(1, model_params.expansion) if embed else -1
+
+
+def main(argv=None) -> None:
+    run_stage(train, stage_parser("train", __doc__, variant=True), argv)
+
+
+if __name__ == "__main__":
+    main()
