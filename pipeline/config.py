@@ -185,7 +185,7 @@ class TrainParams(Section):
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 0.5})
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU")
     grad_checkpointing: bool = False
-    cache_data: bool = Field(True, description="keep decoded training data in Ray's object store")
+    cache_data: bool = Field(True, description="workers keep their decoded shard in memory after epoch 1")
     log_every: int = Field(10, ge=1, description="steps between training metrics")
     eval_every: int = Field(100, ge=1, description="steps between zero-shot evaluations on val")
     checkpoint_every: int = Field(100, ge=1, description="steps between resume checkpoints")

@@ -196,15 +196,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sink = MetricSink(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
     val = load_val(config["data_dir"], ClipBatchPreprocessor(model.image_size, model.context_length)) if rank == 0 else None
     window = SparsityWindow(model.width)
-    shard = ray.train.get_dataset_shard("train")
+    epoch_batches = _batch_source(ray.train.get_dataset_shard("train"), train_params.cache_data, local_batch,
+                                  config["seed"] + 7919 * rank, device)
     window_start, window_steps = time.perf_counter(), 0
 
     while step < total:
         epoch = step // per_epoch
-        batches = shard.iter_torch_batches(
-            batch_size=local_batch, drop_last=True, local_shuffle_buffer_size=4 * local_batch,
-            local_shuffle_seed=config["seed"] + epoch * 1000 + rank, device=device,
-        )
+        batches = epoch_batches(epoch)
         for batch in islice(batches, per_epoch - step % per_epoch):
             lr = lr_at(step, total, train_params.optim.warmup_steps, train_params.optim.lr)
             for group in optimizer.param_groups:
@@ -241,6 +239,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _report(model, optimizer, step, snapshots.get(step), rank)
             if step >= total:
                 break
+
+
+def _batch_source(shard, cache: bool, batch_size: int, seed: int, device: torch.device):
+    """epoch -> iterator of batches. Cached: the worker's shard is read once and reshuffled in
+    memory each epoch (small data; avoids re-running the Ray Data split every epoch). Streamed:
+    Ray Data feeds every epoch, with a local shuffle buffer (data larger than memory)."""
+    if not cache:
+        return lambda epoch: shard.iter_torch_batches(
+            batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=4 * batch_size,
+            local_shuffle_seed=seed + epoch, device=device,
+        )
+    parts = list(shard.iter_torch_batches(batch_size=1024))
+    data = {key: torch.cat([p[key] for p in parts]).to(device) for key in ("image", "text")}
+
+    def shuffled(epoch: int):
+        order = torch.randperm(len(data["text"]), generator=torch.Generator().manual_seed(seed + epoch))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[start : start + batch_size].to(device)
+            yield {key: value[idx] for key, value in data.items()}
+
+    return shuffled
 
 
 def _autocast(precision: str, device: torch.device):
@@ -314,8 +333,6 @@ def run_training(params: Params, variant: str, *, run_id: str | None = None, tra
     probe = build_model(model_params)
     dataset = ray_split_dataset(data_dir, "train", ClipBatchPreprocessor(probe.image_size, probe.context_length),
                                 params.ray.task_cpus).select_columns(["image", "text"])
-    if train_params.cache_data:
-        dataset = dataset.materialize()
     storage = _storage_path(params.ray.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,

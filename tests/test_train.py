@@ -84,3 +84,28 @@ def test_two_workers_train_resume_after_a_failure_and_log_each_step_once(tiny_pa
     assert not torch.equal(state["image_head.linear.weight"], final.state_dict()["image_head.linear.weight"])
     assert math.isclose(final.logit_scale_max, math.log(50))
     assert not (workdir / "ray_results").exists() or not any((workdir / "ray_results").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.flickr
+def test_flickr_photos_train_by_params_override(workdir, ray_local, flickr_dir):
+    """Real photos through sample + train: only the source params change."""
+    params = load_params(REPO / "params.yaml", overrides={
+        **TINY_RUN,
+        "sample.source.kind": "csv",
+        "sample.source.path": str(flickr_dir / "captions.csv"),
+        "sample.source.image_root": str(flickr_dir / "images"),
+        "sample.n": 400,
+        "sample.shard_size": 200,
+        "train.epochs": 2,
+        "sample.out_dir": str(workdir / "data"),
+        "train.out_dir": str(workdir / "models"),
+        "ray.storage_path": str(workdir / "ray_results"),
+    })
+    manifest = run_sample(params.sample, RayParams(num_cpus=2))
+    assert manifest["written"] > 390 and manifest["eval_sets"]["zeroshot_tasks"] == []
+    with stage_run(params, "train", variant="sparse") as run:
+        outcome = run_training(params, "sparse", run_id=run.run_id, tracking_uri=tracking_uri())
+    losses = history(run.run_id, "train/loss")
+    assert len(losses) == outcome.total_steps and all(math.isfinite(v) for _, v in losses)
+    assert (outcome.model_dir / "model.pt").is_file()

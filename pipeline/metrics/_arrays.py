@@ -1,0 +1,69 @@
+"""The one place where metric inputs become the shapes the metrics compute on.
+
+Activations arrive as dense arrays (small runs, tests) or as ``scipy.sparse`` matrices (cluster
+scale: n = 1.2M rows by F = 55,296 features). Every metric converts them here to canonical CSR
+and then works on the stored non-zeros only, so nothing ever densifies an n x F matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def as_csr(activations) -> sp.csr_matrix:
+    """Canonical float CSR (sorted indices, no duplicates, no stored zeros) of an (n x F) input.
+
+    Sparse inputs are shared, not copied, when already canonical; stored zeros are dropped
+    because every count here ("non-zero", "fires") must mean a value that is actually non-zero.
+    """
+    if sp.issparse(activations):
+        matrix = sp.csr_matrix(activations)
+    else:
+        dense = np.asarray(activations)
+        if dense.ndim != 2:
+            raise ValueError(f"activations must be 2-D (n x F), got shape {dense.shape}")
+        matrix = sp.csr_matrix(dense)
+    if not np.issubdtype(matrix.dtype, np.floating):
+        matrix = matrix.astype(np.float64)
+    if not matrix.has_canonical_format or (matrix.data == 0).any():
+        matrix = matrix.copy()
+        matrix.sum_duplicates()
+        matrix.eliminate_zeros()
+    return matrix
+
+
+def positive_column_sums(matrix: sp.csr_matrix) -> np.ndarray:
+    """[F] sum over rows of max(a, 0): the activation mass of each feature, in O(nnz)."""
+    return np.bincount(matrix.indices, weights=np.maximum(matrix.data, 0.0), minlength=matrix.shape[1])
+
+
+def positive_column_max(matrix: sp.csr_matrix) -> np.ndarray:
+    """[F] max over rows of max(a, 0) (0 for a feature that never fires), in O(nnz)."""
+    out = np.zeros(matrix.shape[1])
+    np.maximum.at(out, matrix.indices, matrix.data)
+    return out
+
+
+def unit_rows(embeddings) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32 or wider), so dot products are cosine similarities.
+
+    A zero row has no direction and therefore no cosine similarity: it is an error, not a 0.
+    """
+    x = np.asarray(embeddings)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D (n x d), got shape {x.shape}")
+    x = x.astype(np.result_type(x.dtype, np.float32), copy=False)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise ValueError("embeddings contain an all-zero row; cosine similarity is undefined for it")
+    return x / norms
+
+
+def row_blocks(n: int, size: int) -> Iterator[slice]:
+    """Consecutive row slices of at most ``size`` rows covering range(n): bounded working memory."""
+    size = max(1, int(size))
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))

@@ -1,0 +1,313 @@
+"""pipeline.metrics against independent brute-force references on small seeded data, for dense
+and scipy.sparse inputs alike."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.metrics import roc_auc_score
+
+from pipeline import metrics
+
+# Dense and several sparse layouts: every metric must give the same answer for each.
+LAYOUTS = {
+    "dense": np.asarray,
+    "csr": sp.csr_matrix,
+    "csc": sp.csc_matrix,
+    "csr_array": sp.csr_array,
+}
+
+
+@pytest.fixture(params=list(LAYOUTS))
+def layout(request):
+    return LAYOUTS[request.param]
+
+
+def sparse_relu(rng, n, width, fill=0.2, scale=1.0):
+    """Dense (n x width) non-negative array with about ``fill`` of entries non-zero."""
+    values = rng.exponential(scale, size=(n, width))
+    return np.where(rng.random((n, width)) < fill, values, 0.0)
+
+
+# ---- sparsity -----------------------------------------------------------------------------
+
+
+def test_sparsity_matches_numpy(layout):
+    rng = np.random.default_rng(0)
+    a = sparse_relu(rng, 40, 12, fill=0.15)
+    a[:, 3] = 0.0  # dead
+    a[:, 5] = 0.0
+    a[7, 5] = 0.4  # fires on exactly one row: alive but not active at n_min = 2
+    x = layout(a)
+
+    assert metrics.l0(x) == pytest.approx((a != 0).sum(1).mean())
+    assert np.array_equal(metrics.feature_counts(x, tau=0.5), (a > 0.5).sum(0))
+    assert np.array_equal(metrics.active_features(x, n_min=2), (a > 0).sum(0) >= 2)
+    assert metrics.active_fraction(x, tau=0.3, n_min=3) == pytest.approx(((a > 0.3).sum(0) >= 3).mean())
+    assert metrics.dead_fraction(x) == pytest.approx(((a > 0).sum(0) == 0).mean())
+    assert metrics.density(x) == pytest.approx((a != 0).mean())
+
+    peak = a.max(0)
+    expected = np.divide(a.mean(0), peak, out=np.zeros(12), where=peak > 0)
+    assert np.allclose(metrics.feature_density(x), expected)
+    assert metrics.feature_density(x)[3] == 0.0
+
+    summary = metrics.sparsity_summary(x)
+    assert set(summary) == {"l0", "l0_pct", "active_fraction", "dead_fraction", "density", "width"}
+    assert summary["width"] == 12
+    assert summary["l0_pct"] == pytest.approx(100 * summary["l0"] / 12)
+
+
+def test_dense_all_nonzero_has_l0_equal_width(layout):
+    a = np.random.default_rng(1).normal(size=(9, 7))  # no ReLU: every entry non-zero
+    assert metrics.l0(layout(a)) == 7
+    assert metrics.density(layout(a)) == 1.0
+
+
+def test_stored_zeros_do_not_count():
+    a = sp.csr_matrix((np.array([0.0, 2.0]), np.array([0, 1]), np.array([0, 2, 2])), shape=(2, 3))
+    assert metrics.l0(a) == 0.5
+    assert a.nnz == 2  # the caller's matrix is left alone
+
+
+def test_metrics_leave_sparse_inputs_untouched():
+    rng = np.random.default_rng(11)
+    a = sp.csr_matrix(sparse_relu(rng, 20, 6, fill=0.5))
+    a.data[::3] = 0.0005  # below Clarity's tau: pruned from its membership matrix
+    original = a.copy()
+    metrics.sparsity_summary(a)
+    metrics.feature_density(a)
+    metrics.clarity(a, rng.normal(size=(20, 4)))
+    metrics.modality_scores(a, a)
+    metrics.keep_topk(a, 2)
+    metrics.concept_recovery(a, rng.random((20, 2)) < 0.5, ["x", "y"])
+    for field in ("data", "indices", "indptr"):
+        assert np.array_equal(getattr(a, field), getattr(original, field))
+
+
+# ---- clarity ------------------------------------------------------------------------------
+
+
+def brute_force_clarity(a, e, tau, n_min):
+    u = e / np.linalg.norm(e, axis=1, keepdims=True)
+    scores = np.full(a.shape[1], np.nan)
+    for i in range(a.shape[1]):
+        members = np.flatnonzero(a[:, i] > tau)
+        if len(members) < n_min:
+            continue
+        sims = [u[j] @ u[k] for j, k in itertools.permutations(members, 2)]
+        scores[i] = np.mean(sims)
+    active = ~np.isnan(scores)
+    return (scores[active].mean() if active.any() else np.nan), scores
+
+
+@pytest.mark.parametrize("tau,n_min", [(0.001, 2), (0.5, 2), (0.2, 4)])
+def test_clarity_matches_pairwise_loop(layout, tau, n_min):
+    rng = np.random.default_rng(2)
+    a = sparse_relu(rng, 30, 10, fill=0.25)
+    a[:, 0] = 0.0
+    a[4, 0] = 3.0  # active on exactly one row: excluded
+    e = rng.normal(size=(30, 6)) + 0.5
+    expected, expected_scores = brute_force_clarity(a, e, tau, n_min)
+
+    value, scores = metrics.clarity(layout(a), e, tau=tau, n_min=n_min, per_feature=True)
+    assert np.isnan(scores[0])
+    assert np.allclose(scores, expected_scores, atol=1e-6, equal_nan=True)
+    assert value == pytest.approx(expected, abs=1e-6)
+    assert metrics.clarity(layout(a), e, tau=tau, n_min=n_min) == pytest.approx(expected, abs=1e-6)
+    assert metrics.c_score(layout(a), e, threshold=tau, n_min=n_min) == value
+
+
+def test_clarity_threshold_is_strict_and_nan_without_active_features(layout):
+    e = np.random.default_rng(3).normal(size=(4, 3))
+    a = np.zeros((4, 2))
+    a[:2, 0] = 0.001  # equal to tau, so not > tau
+    a[2, 1] = 5.0  # a single row
+    assert np.isnan(metrics.clarity(layout(a), e, tau=0.001))
+    value, scores = metrics.clarity(layout(a), e, tau=0.0005, per_feature=True)
+    assert np.isnan(scores[1])
+    u = e / np.linalg.norm(e, axis=1, keepdims=True)
+    assert value == pytest.approx(u[0] @ u[1])
+
+
+def test_identical_embeddings_give_clarity_one():
+    e = np.tile([[1.0, 2.0, 3.0]], (5, 1))
+    assert metrics.clarity(np.ones((5, 2)), e) == pytest.approx(1.0)
+    assert metrics.dataset_baseline(e) == pytest.approx(1.0)
+
+
+def test_dataset_baseline_matches_pairwise_loop():
+    e = np.random.default_rng(4).normal(size=(25, 8)).astype(np.float32) + 0.3
+    u = e.astype(np.float64) / np.linalg.norm(e.astype(np.float64), axis=1, keepdims=True)
+    expected = np.mean([u[j] @ u[k] for j, k in itertools.permutations(range(25), 2)])
+    assert metrics.dataset_baseline(e) == pytest.approx(expected, abs=1e-6)
+
+
+def test_clarity_rejects_mismatched_or_zero_embeddings():
+    with pytest.raises(ValueError):
+        metrics.clarity(np.ones((3, 2)), np.ones((4, 2)))
+    with pytest.raises(ValueError):
+        metrics.clarity(np.ones((2, 2)), np.array([[1.0, 0.0], [0.0, 0.0]]))
+
+
+# ---- modality -----------------------------------------------------------------------------
+
+
+def test_modality_hand_computed(layout):
+    # features: image-only, text-only, equal row-normalised mass, dead, 3:1 image-heavy
+    image = np.array([[2.0, 0.0, 1.0, 0.0, 3.0],
+                      [0.0, 0.0, 1.0, 0.0, 3.0]])
+    text = np.array([[0.0, 1.0, 2.0, 0.0, 2.0],
+                     [0.0, 5.0, 0.0, 0.0, 0.0],
+                     [0.0, 0.0, 1.0, 0.0, 1.0],
+                     [0.0, 0.0, 1.0, 0.0, 1.0]])
+    scores = metrics.modality_scores(layout(image), layout(text))
+    assert np.allclose(scores, [1.0, 0.0, 0.5, np.nan, 0.75], equal_nan=True)
+
+    summary = metrics.modality_summary(scores)
+    assert summary["n_features"] == 4
+    assert summary["image_only"] == pytest.approx(0.25)
+    assert summary["text_only"] == pytest.approx(0.25)
+    assert summary["multimodal"] == pytest.approx(0.5)
+
+
+def test_modality_plot_writes_png(tmp_path):
+    rng = np.random.default_rng(5)
+    image, text = sparse_relu(rng, 50, 64, 0.1), sparse_relu(rng, 80, 64, 0.1)
+    scores = metrics.modality_scores(sp.csr_matrix(image), sp.csr_matrix(text))
+    density = metrics.feature_density(np.vstack([image, text]))
+    path = metrics.plot_modality_density(scores, density, tmp_path / "plots" / "modality.png", title="test")
+    assert path.is_file() and path.stat().st_size > 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- retrieval ----------------------------------------------------------------------------
+
+
+def brute_force_retrieval(images, texts, owner, ks):
+    ui = images / np.linalg.norm(images, axis=1, keepdims=True)
+    ut = texts / np.linalg.norm(texts, axis=1, keepdims=True)
+    sims = ut @ ui.T  # captions x images
+    ir_rank = [list(np.argsort(-sims[t])).index(owner[t]) for t in range(len(texts))]
+    tr_rank = [min(list(np.argsort(-sims[:, i])).index(t) for t in np.flatnonzero(owner == i))
+               for i in range(len(images))]
+    out = {}
+    for k in ks:
+        out[f"image_retrieval_r{k}"] = np.mean(np.array(ir_rank) < k)
+        out[f"text_retrieval_r{k}"] = np.mean(np.array(tr_rank) < k)
+    return out
+
+
+def test_retrieval_matches_argsort(monkeypatch):
+    rng = np.random.default_rng(6)
+    n_images, d = 20, 8
+    owner = np.repeat(np.arange(n_images), rng.integers(2, 4, size=n_images))  # 2-3 captions each
+    rng.shuffle(owner)
+    images = rng.normal(size=(n_images, d))
+    texts = images[owner] + 1.2 * rng.normal(size=(len(owner), d))  # noisy captions
+    expected = brute_force_retrieval(images, texts, owner, (1, 5, 10))
+
+    assert metrics.retrieval_recall(images, texts, owner, ks=(1, 5, 10)) == pytest.approx(expected)
+    monkeypatch.setattr("pipeline.metrics.retrieval._BLOCK_ELEMENTS", 70)  # many small blocks
+    got = metrics.retrieval_recall(images, texts, owner)
+    assert set(got) == {"image_retrieval_r1", "image_retrieval_r5", "text_retrieval_r1", "text_retrieval_r5"}
+    assert got == pytest.approx({key: expected[key] for key in got})
+
+
+# ---- top-k --------------------------------------------------------------------------------
+
+
+def test_keep_topk_matches_row_argsort(layout):
+    rng = np.random.default_rng(7)
+    a = sparse_relu(rng, 25, 15, fill=0.4)
+    a = np.round(a, 1)  # creates ties
+    for k in (1, 2, 4, 100):
+        expected = np.zeros_like(a)
+        for r, row in enumerate(a):
+            nonzero = np.flatnonzero(row)
+            keep = nonzero[np.lexsort((nonzero, -row[nonzero]))][:k]  # value desc, lower index first
+            expected[r, keep] = row[keep]
+        got = metrics.keep_topk(layout(a), k)
+        assert sp.issparse(got) and got.has_canonical_format
+        assert np.array_equal(got.toarray(), expected)
+    assert np.array_equal(metrics.keep_topk(layout(a), 15).toarray(), a)
+
+
+def test_keep_topk_ties_go_to_lower_index():
+    kept = metrics.keep_topk(np.array([[0.0, 2.0, 1.0, 2.0, 2.0]]), 2).toarray()
+    assert np.array_equal(kept, [[0.0, 2.0, 0.0, 2.0, 0.0]])
+
+
+def test_topk_ladder():
+    assert metrics.topk_ladder() == [1, 2, 4, 8, 16, 32]
+    assert metrics.topk_ladder(8) == [1, 2, 4, 8]
+
+
+# ---- concept recovery ---------------------------------------------------------------------
+
+
+def test_auroc_matrix_matches_sklearn(layout):
+    rng = np.random.default_rng(8)
+    n, width, concepts = 60, 9, 4
+    a = np.round(sparse_relu(rng, n, width, fill=0.3), 1)  # many ties, zeros included
+    a[:, 2] = 0.0  # silent feature: 0.5 everywhere
+    a[:, 6] = np.where(rng.random(n) < 0.5, -rng.exponential(size=n), a[:, 6])  # negatives below zero
+    labels = (rng.random((n, concepts)) < 0.3).astype(int)
+    labels[:, 1] = 0
+    labels[:10, 1] = 1
+    a[:, 4] = labels[:, 1] * 2.0  # perfect detector of concept 1
+
+    got = metrics.auroc_matrix(layout(a), labels)
+    expected = np.array([[roc_auc_score(labels[:, c], a[:, i]) for c in range(concepts)] for i in range(width)])
+    assert np.allclose(got, expected, atol=1e-12)
+    assert np.all(got[2] == 0.5)
+    assert got[4, 1] == 1.0
+
+
+def test_auroc_undefined_for_constant_concept():
+    got = metrics.auroc_matrix(sp.csr_matrix(np.eye(3)), np.array([[1, 0], [1, 1], [1, 0]]))
+    assert np.isnan(got[:, 0]).all() and not np.isnan(got[:, 1]).any()
+
+
+def test_best_f1_matches_threshold_scan():
+    rng = np.random.default_rng(9)
+    scores = np.round(rng.random(50), 1)
+    labels = rng.random(50) < 0.4
+    best = max((2 * (labels & (scores >= t)).sum() / ((scores >= t).sum() + labels.sum()), t)
+               for t in np.unique(scores))  # ties on F1 go to the higher threshold
+    assert metrics.best_f1(scores, labels) == pytest.approx(best)
+    assert metrics.best_f1([0.5, 0.5, 0.2], [0, 0, 0]) == (0.0, 0.5)  # no positives: F1 is 0
+
+
+def test_concept_recovery_on_planted_features(layout):
+    rng = np.random.default_rng(10)
+    n, width = 200, 8
+    labels = np.zeros((n, 3), dtype=int)
+    labels[:10, 0] = 1  # concepts 0 and 2 are rare, so one feature can detect both well
+    labels[10:20, 2] = 1
+    labels[:, 1] = rng.random(n) < 0.3
+    a = sparse_relu(rng, n, width, fill=0.05, scale=0.1)
+    a[:, 3] = labels[:, 1] * 1.5  # feature 3 is concept 1
+    a[:, 5] = (labels[:, 0] | labels[:, 2]) * 1.0  # feature 5 fires for concepts 0 and 2
+    a[:, 7] = 0.0  # dead: not counted among active features
+
+    report = metrics.concept_recovery(layout(a), labels, ["a", "b", "c"])
+    auroc = metrics.auroc_matrix(a, labels)
+    assert report.best_feature[1] == 3
+    assert report.best_auroc[1] == 1.0 and report.best_f1[1] == 1.0
+    assert report.best_threshold[1] == 1.5
+    assert np.sort(auroc[5])[-2] >= 0.9  # feature 5 is good at two concepts: not monosemantic
+    assert report.n_active_features == width - 1
+
+    selective = [i for i in range(width - 1)
+                 if np.sort(auroc[i])[-1] >= 0.9 and np.sort(auroc[i])[-2] < 0.9]
+    assert 3 in selective and 5 not in selective
+    assert report.monosemantic_fraction == pytest.approx(len(selective) / (width - 1))
+
+    table = report.to_dict()
+    assert table["concepts"][1] == {"concept": "b", "best_feature": 3, "auroc": 1.0, "f1": 1.0, "threshold": 1.5}
+    assert table["mean_best_auroc"] == pytest.approx(report.best_auroc.mean())
+    assert table["mean_best_f1"] == pytest.approx(report.best_f1.mean())
