@@ -215,6 +215,66 @@ class TrainParams(Section):
         return ModelParams.model_validate({**self.model.model_dump(), **overrides})
 
 
+# --------------------------------------------------------------------------- analysis stages
+
+
+class VocabParams(Section):
+    """The naming vocabulary (paper §3.2) and the SBERT sample for the text C-score."""
+
+    source: Literal["builtin", "file"] = Field("builtin", description="builtin: WordNet + common words + concepts")
+    path: str | None = Field(None, description="source=file: one word per line")
+    common_words: int = Field(20000, ge=0, description="most frequent English words merged in (wordfreq)")
+    max_words: int | None = Field(None, ge=1, description="cap on the vocabulary size (None: all)")
+    cscore_words: int = Field(10000, ge=2, description="words embedded with SBERT for the C-score")
+    seed: int = Field(0, ge=0)
+    out_dir: str = "data/vocab"
+
+    @model_validator(mode="after")
+    def _path_for_file(self) -> VocabParams:
+        if self.source == "file" and not self.path:
+            raise ValueError("vocab.source=file needs vocab.path")
+        return self
+
+
+class ReferenceParams(Section):
+    """The dense image encoder Clarity is measured with (the paper: OpenAI CLIP, not offline)."""
+
+    encoder: Literal["efficientnet-lite0", "open_clip"] = "efficientnet-lite0"
+    arch: str | None = Field(None, description="encoder=open_clip: config name")
+    checkpoint: str | None = Field(None, description="encoder=open_clip: local weights")
+    image_size: int = Field(224, ge=32)
+    batch_size: int = Field(64, ge=1)
+    out_dir: str = "activations/reference"
+
+    @model_validator(mode="after")
+    def _open_clip_needs_weights(self) -> ReferenceParams:
+        if self.encoder == "open_clip" and not (self.arch and self.checkpoint):
+            raise ValueError("reference.encoder=open_clip needs arch and checkpoint (random weights mean nothing)")
+        return self
+
+
+class ExtractParams(Section):
+    """Ray Data extraction of sparse activations (images, captions, vocabulary, eval sets)."""
+
+    splits: list[Literal["train", "val", "test"]] = Field(["train", "val", "test"], min_length=1)
+    batch_size: int = Field(128, ge=1)
+    actors: int = Field(2, ge=1, description="Ray Data actors, each with a model loaded once")
+    actor_gpus: float = Field(0.0, ge=0, description="GPUs per actor (0: CPU actors)")
+    token_sample: int = Field(64, ge=0, description="test images whose per-token activations are kept")
+    labelled_folders: dict[str, str] = Field(default_factory=dict,
+                                             description="name -> folder of class-named subfolders (ImageNet layout)")
+    out_dir: str = "activations"
+
+
+class MetricsParams(Section):
+    clarity_tau: float = Field(0.001, ge=0)
+    n_min: int = Field(2, ge=2)
+    cscore_thresholds: list[float] = Field([0.0, 0.5, 1.0, 1.5], min_length=1)
+    topk: list[int] = Field([1, 2, 4, 8, 16, 32], description="zero-shot with each image's top-k features")
+    mono_auroc: float = Field(0.9, gt=0.5, le=1.0)
+    out_dir: str = "metrics"
+
+
 # --------------------------------------------------------------------------- the whole file
 
 
@@ -223,6 +283,10 @@ class Params(Section):
     ray: RayParams = RayParams()
     sample: SampleParams = SampleParams()
     train: TrainParams = TrainParams()
+    vocab: VocabParams = VocabParams()
+    reference: ReferenceParams = ReferenceParams()
+    extract: ExtractParams = ExtractParams()
+    metrics: MetricsParams = MetricsParams()
 
     def section_hash(self, name: str) -> str:
         """Short content hash of one section, the 'DVC params hash' tagged on MLflow runs."""

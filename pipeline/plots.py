@@ -27,8 +27,8 @@ def write_curve_csv(rows: Mapping[int, Mapping[str, float]], path: str | Path) -
 
 
 def plot_curves(rows: Mapping[int, Mapping[str, float]], panels: Sequence[Sequence[str]], path: str | Path,
-                title: str = "") -> Path:
-    """One subplot per panel (a list of metric names sharing axes), x = step."""
+                title: str = "", xlabel: str = "step") -> Path:
+    """One subplot per panel (a list of metric names sharing axes) against the row key."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
@@ -37,9 +37,10 @@ def plot_curves(rows: Mapping[int, Mapping[str, float]], panels: Sequence[Sequen
             points = [(s, v[name]) for s, v in rows.items() if name in v]
             if points:
                 ax.plot(*zip(*points), label=name.split("/", 1)[-1], marker="." if len(points) < 30 else None)
-        ax.set_xlabel("step")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

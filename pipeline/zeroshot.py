@@ -1,12 +1,13 @@
 """Zero-shot classification as CLIP defines it: each class is the normalised mean of its prompt
-embeddings; an image is assigned the class of highest cosine similarity. The same code serves
-dense and sparse models, since both return embeddings of one width for images and text."""
+embeddings; an input gets the class of highest cosine similarity. The same code serves dense and
+sparse models, during training (torch) and on extracted activations (scipy.sparse, any size)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
@@ -21,11 +22,34 @@ def class_embeddings(encode_text, tokenize, classes: Sequence[str], templates: S
     return torch.stack(rows)
 
 
-def topk_accuracy(image_features: torch.Tensor, classifier: torch.Tensor, labels: Sequence[int],
-                  ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracy of cosine-similarity classification; k above the class count is capped."""
-    logits = F.normalize(image_features, dim=-1) @ classifier.T
+def classifier_from_prompts(prompt_activations, prompt_labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """[C, F] class embeddings from extracted prompt activations (rows labelled by class name)."""
+    rows = sp.csr_matrix(prompt_activations, dtype=np.float64)
+    norms = np.sqrt(np.asarray(rows.multiply(rows).sum(axis=1)).ravel())
+    unit = sp.diags(1.0 / np.maximum(norms, 1e-12)) @ rows
+    labels = np.asarray(prompt_labels)
+    out = np.stack([np.asarray(unit[labels == name].mean(axis=0)).ravel() for name in classes])
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def cosine_scores(activations, classifier: np.ndarray) -> np.ndarray:
+    """[n, C] cosine similarity of each (sparse or dense) row to each class, without densifying."""
+    rows = sp.csr_matrix(activations, dtype=np.float64)
+    norms = np.sqrt(np.asarray(rows.multiply(rows).sum(axis=1)).ravel())
+    return np.asarray(rows @ classifier.T) / np.maximum(norms, 1e-12)[:, None]
+
+
+def accuracy_from_scores(scores, labels: Sequence[int], ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy; k above the class count is capped (so top5 of 3 classes is 1.0)."""
+    scores = torch.as_tensor(np.asarray(scores, dtype=np.float64))
     target = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    ranked = logits.topk(min(max(ks), classifier.shape[0]), dim=-1).indices
+    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=-1).indices
     hits = ranked == target[:, None]
     return {f"top{k}": hits[:, :k].any(-1).float().mean().item() for k in ks}
+
+
+def topk_accuracy(image_features: torch.Tensor, classifier: torch.Tensor, labels: Sequence[int],
+                  ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy of cosine-similarity classification of dense torch features."""
+    scores = F.normalize(image_features.float(), dim=-1) @ classifier.float().T
+    return accuracy_from_scores(scores.cpu().numpy(), labels, ks)

@@ -1,0 +1,194 @@
+"""The paper's quantitative evaluation of one model, from its extracted activations.
+
+Everything is computed from the Parquet sets the extract stage wrote, with the plain functions
+of :mod:`pipeline.metrics` and :mod:`pipeline.zeroshot`, so a dense baseline, a Sparse CLIP
+variant and (later) an SAE are measured by the same code:
+
+- sparsity (Tab 3a): L0 of images and texts, active features, dead features, density;
+- Clarity (Eq. 2, Tab 3a) against the reference encoder, and its dataset baseline;
+- modality scores and their histogram against feature density (Fig 3b);
+- zero-shot top-1/top-5 per labelled task, also with only each image's top-k features (supp. Fig 2);
+- box classification on object crops and image/text retrieval R@1/R@5 (Tab 2);
+- the text C-score against SBERT at several thresholds (supp. Fig 3);
+- ground-truth concept recovery (beyond the paper).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from pipeline import metrics as M
+from pipeline.config import MetricsParams
+from pipeline.data.concepts import concept_ids
+from pipeline.data.evalsets import zero_shot_label
+from pipeline.plots import plot_curves
+from pipeline.reference import read_reference
+from pipeline.sparse_io import read_activations
+from pipeline.zeroshot import accuracy_from_scores, classifier_from_prompts, cosine_scores
+
+
+class ActivationSet:
+    """The extracted sets of one model: identifying columns plus CSR activations, by name."""
+
+    def __init__(self, act_dir: str | Path):
+        self.dir = Path(act_dir)
+        manifest = self.dir / "manifest.json"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"no extraction in {self.dir} (run the extract stage)")
+        self.manifest = json.loads(manifest.read_text())
+        self.width = self.manifest["width"]
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest["rows"]
+
+    def load(self, name: str) -> tuple[pa.Table, sp.csr_matrix]:
+        return read_activations(self.dir / name, self.width)
+
+
+def evaluate(act_dir: str | Path, reference_dir: str | Path, vocab_dir: str | Path, params: MetricsParams,
+             plot_dir: str | Path, title: str = "") -> dict[str, Any]:
+    """All metrics of one model as a nested dict of numbers; figures written under ``plot_dir``."""
+    acts = ActivationSet(act_dir)
+    plot_dir = Path(plot_dir)
+    images_meta, images = acts.load("images")
+    texts_meta, texts = acts.load("texts")
+    result: dict[str, Any] = {"width": acts.width}
+    result["image"] = M.sparsity_summary(images, n_min=params.n_min)
+    result["text"] = M.sparsity_summary(texts, n_min=params.n_min)
+    result.update(clarity_metrics(images_meta, images, reference_dir, params))
+    result["modality"] = modality_metrics(images, texts, plot_dir / "modality.png", title)
+    if acts.has("prompts"):
+        result["zeroshot"] = zero_shot_metrics(acts, images_meta, images, params, plot_dir / "topk.png", title)
+    result["retrieval"] = retrieval_metrics(images_meta, images, texts_meta, texts)
+    result["cscore"] = cscore_metrics(acts, vocab_dir, params, plot_dir / "cscore.png", title)
+    recovery = concept_recovery_metrics(images_meta, images, params)
+    if recovery:
+        result["recovery"] = recovery
+    return result
+
+
+def clarity_metrics(meta: pa.Table, images: sp.csr_matrix, reference_dir, params: MetricsParams) -> dict[str, float]:
+    keys, embeddings = read_reference(reference_dir)
+    position = {key: i for i, key in enumerate(keys)}
+    missing = [k for k in meta.column("key").to_pylist() if k not in position]
+    if missing:
+        raise ValueError(f"{len(missing)} images have no reference embedding (e.g. {missing[0]}): "
+                         "rerun the reference stage with the same extract.splits")
+    aligned = embeddings[[position[k] for k in meta.column("key").to_pylist()]]
+    return {
+        "clarity": M.clarity(images, aligned, tau=params.clarity_tau, n_min=params.n_min),
+        "clarity_baseline": M.dataset_baseline(aligned),
+        "active_pct_clarity": 100 * M.active_fraction(images, tau=params.clarity_tau, n_min=params.n_min),
+    }
+
+
+def modality_metrics(images: sp.csr_matrix, texts: sp.csr_matrix, plot_path: Path, title: str) -> dict[str, Any]:
+    scores = M.modality_scores(images, texts)
+    density = M.feature_density(sp.vstack([images, texts]).tocsr())
+    M.plot_modality_density(scores, density, plot_path, title=f"{title} modality vs density")
+    return M.modality_summary(scores)
+
+
+def _labels(meta: pa.Table, task: str) -> list[str | None]:
+    return [zero_shot_label(json.loads(m), task) for m in meta.column("meta").to_pylist()]
+
+
+def zero_shot_metrics(acts: ActivationSet, meta: pa.Table, images: sp.csr_matrix, params: MetricsParams,
+                      plot_path: Path, title: str) -> dict[str, Any]:
+    """Per task: accuracy on the test images, with all features and with each image's top-k."""
+    prompts_meta, prompts = acts.load("prompts")
+    tasks = acts.manifest["zero_shot_tasks"]
+    test = np.asarray(meta.column("split").to_pylist()) == "test"
+    out: dict[str, Any] = {}
+    curves: dict[int, dict[str, float]] = {}
+    for task, spec in tasks.items():
+        rows = np.asarray(prompts_meta.column("task").to_pylist()) == task
+        classifier = classifier_from_prompts(prompts[rows], np.asarray(prompts_meta.column("label").to_pylist())[rows],
+                                             spec["classes"])
+        if acts.has(f"labelled/{task}"):
+            task_meta, task_images = acts.load(f"labelled/{task}")
+            labels = [spec["classes"].index(x) for x in task_meta.column("label").to_pylist()]
+        else:
+            names = _labels(meta, task)
+            keep = test & np.asarray([n is not None for n in names])
+            task_images = images[np.flatnonzero(keep)]
+            labels = [spec["classes"].index(n) for n, k in zip(names, keep) if k]
+        if not labels:
+            continue
+        out[task] = accuracy_from_scores(cosine_scores(task_images, classifier), labels)
+        for k in params.topk:
+            acc = accuracy_from_scores(cosine_scores(M.keep_topk(task_images, k), classifier), labels)["top1"]
+            out[task][f"top1_with_top{k}_features"] = acc
+            curves.setdefault(k, {})[f"{task}/top1"] = acc
+        out[task]["n"] = len(labels)
+    if acts.has("crops") and "shape" in tasks:
+        crop_meta, crops = acts.load("crops")
+        rows = np.asarray(prompts_meta.column("task").to_pylist()) == "shape"
+        classifier = classifier_from_prompts(prompts[rows], np.asarray(prompts_meta.column("label").to_pylist())[rows],
+                                             tasks["shape"]["classes"])
+        labels = [tasks["shape"]["classes"].index(x) for x in crop_meta.column("label").to_pylist()]
+        out["box_classification"] = accuracy_from_scores(cosine_scores(crops, classifier), labels)
+    if curves:
+        plot_curves(curves, [sorted({name for row in curves.values() for name in row})], plot_path,
+                    title=f"{title} zero-shot with each image's top-k features", xlabel="k")
+    return out
+
+
+def retrieval_metrics(images_meta: pa.Table, images: sp.csr_matrix, texts_meta: pa.Table,
+                      texts: sp.csr_matrix) -> dict[str, float]:
+    """IR@k / TR@k on the test split: every caption against every test image."""
+    image_split = np.asarray(images_meta.column("split").to_pylist()) == "test"
+    text_split = np.asarray(texts_meta.column("split").to_pylist()) == "test"
+    groups = np.asarray(images_meta.column("group").to_pylist())[image_split]
+    owner = {g: i for i, g in enumerate(groups)}
+    text_groups = np.asarray(texts_meta.column("group").to_pylist())[text_split]
+    keep = np.asarray([g in owner for g in text_groups])
+    if not image_split.any() or not keep.any():
+        return {}
+    image_emb = images[np.flatnonzero(image_split)].toarray()
+    text_emb = texts[np.flatnonzero(text_split)[keep]].toarray()
+    if not (np.abs(image_emb).sum(1) > 0).all() or not (np.abs(text_emb).sum(1) > 0).all():
+        image_emb, text_emb = image_emb + 1e-12, text_emb + 1e-12  # an all-zero sparse code ranks last
+    return M.retrieval_recall(image_emb, text_emb, np.asarray([owner[g] for g in text_groups[keep]]))
+
+
+def cscore_metrics(acts: ActivationSet, vocab_dir: str | Path, params: MetricsParams, plot_path: Path,
+                   title: str) -> dict[str, Any]:
+    """Text C-score of the vocabulary sample vs SBERT, per activation threshold, and its baseline."""
+    table = pq.read_table(Path(vocab_dir) / "sbert.parquet")
+    words = table.column("word").to_pylist()
+    sbert = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    vocab_meta, vocab = acts.load("vocab")
+    position = {w: i for i, w in enumerate(vocab_meta.column("key").to_pylist())}
+    rows = vocab[[position[w] for w in words]]
+    out: dict[str, Any] = {"baseline": M.dataset_baseline(sbert), "words": len(words)}
+    curve = {}
+    for threshold in params.cscore_thresholds:
+        value = M.c_score(rows, sbert, threshold=threshold, n_min=params.n_min)
+        kept = rows.multiply(rows > threshold)
+        out[f"at_{threshold:g}"] = value
+        out[f"l0_at_{threshold:g}"] = M.l0(kept)
+        curve[threshold] = {"c_score": value, "sbert_baseline": out["baseline"]}
+    plot_curves(curve, [["c_score", "sbert_baseline"]], plot_path,
+                title=f"{title} text C-score", xlabel="activation threshold")
+    return out
+
+
+def concept_recovery_metrics(meta: pa.Table, images: sp.csr_matrix, params: MetricsParams) -> dict[str, Any] | None:
+    """For every ground-truth concept, the best single feature's AUROC/F1 at detecting it."""
+    truths = [json.loads(m).get("truth") for m in meta.column("meta").to_pylist()]
+    rows = [i for i, t in enumerate(truths) if t]
+    if not rows:
+        return None
+    concept_sets = [set(concept_ids(truths[i])) for i in rows]
+    names = sorted(set().union(*concept_sets))
+    labels = np.array([[name in s for name in names] for s in concept_sets], dtype=np.int8)
+    report = M.concept_recovery(images[rows], labels, names, mono_auroc=params.mono_auroc)
+    return report.to_dict()

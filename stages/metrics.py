@@ -1,0 +1,41 @@
+"""DVC stage ``metrics@<variant>``: the paper's quantitative metrics of one model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.cli import run_stage, stage_parser
+from pipeline.config import load_params
+from pipeline.evaluate import evaluate
+from pipeline.io import write_json
+from pipeline.tracking import flatten, stage_run
+
+
+def metrics(args) -> None:
+    params = load_params(args.params)
+    params.train.model_for(args.variant)
+    act_dir = Path(params.extract.out_dir) / args.variant
+    plot_dir = Path("plots/metrics") / args.variant
+    with stage_run(params, "metrics", variant=args.variant, section=params.metrics.model_dump(mode="json"),
+                   upstream=[act_dir, params.reference.out_dir], lineage_dir=plot_dir) as run:
+        result = evaluate(act_dir, params.reference.out_dir, params.vocab.out_dir, params.metrics, plot_dir,
+                          title=args.variant)
+        concepts = result.get("recovery", {}).pop("concepts", None)
+        flat = {k: v for k, v in flatten(result).items() if isinstance(v, (int, float))}
+        metrics_path = write_json(Path(params.metrics.out_dir) / f"{args.variant}.json", flat)
+        outputs = [metrics_path, plot_dir]
+        if concepts:
+            outputs.append(write_json(plot_dir / "concept_recovery.json", concepts))
+        run.log_metrics(flat)
+        run.log_outputs(outputs)
+    print(f"metrics[{args.variant}]: L0 image {flat['image.l0']:.1f} of {flat['width']}, "
+          f"clarity {flat['clarity']:.3f} (baseline {flat['clarity_baseline']:.3f}), "
+          f"zero-shot shape {flat.get('zeroshot.shape.top1', float('nan')):.3f} -> {metrics_path}")
+
+
+def main(argv=None) -> None:
+    run_stage(metrics, stage_parser("metrics", __doc__, variant=True), argv)
+
+
+if __name__ == "__main__":
+    main()
