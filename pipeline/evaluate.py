@@ -112,8 +112,8 @@ def zero_shot_metrics(acts: ActivationSet, meta: pa.Table, images: sp.csr_matrix
         rows = np.asarray(prompts_meta.column("task").to_pylist()) == task
         classifier = classifier_from_prompts(prompts[rows], np.asarray(prompts_meta.column("label").to_pylist())[rows],
                                              spec["classes"])
-        if acts.has(f"labelled/{task}"):
-            task_meta, task_images = acts.load(f"labelled/{task}")
+        if acts.has(f"labelled_{task}"):
+            task_meta, task_images = acts.load(f"labelled_{task}")
             labels = [spec["classes"].index(x) for x in task_meta.column("label").to_pylist()]
         else:
             names = _labels(meta, task)

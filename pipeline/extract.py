@@ -57,7 +57,7 @@ class SparseEncoder:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        dropped = ("jpg", "text", "meta") if self.kind == "tokens" else ("jpg", "text")
+        dropped = ("jpg", "text", "meta", "task", "label") if self.kind == "tokens" else ("jpg", "text")
         passthrough = {k: list(v) for k, v in batch.items() if k not in dropped}
         if self.kind == "text":
             tokens = torch.as_tensor(self.preprocess.tokens([str(t) for t in batch["text"]]), device=self.device)
@@ -162,28 +162,52 @@ def prompt_rows(tasks: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- orchestration
 
 
-def write_set(name: str, out_dir: Path, fingerprint: str, build: Callable[[], Any], encoder_args: dict[str, Any],
-              params: ExtractParams, task_cpus: float, actor: type = SparseEncoder) -> dict[str, Any]:
-    """Encode one set with ``actor`` instances and write it atomically; skip it when complete."""
+def is_complete(folder: Path, fingerprint: str) -> bool:
+    marker = folder / COMPLETE
+    return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
+
+
+def write_sets(group: str, sets: dict[str, Callable[[], Any]], columns: tuple[str, ...], out_dir: Path,
+               fingerprint: str, encoder_args: dict[str, Any], params: ExtractParams, task_cpus: float,
+               actor: type = SparseEncoder) -> dict[str, int]:
+    """Encode several sets of one input kind in a single Ray Data run (one actor pool, models
+    loaded once), written partitioned by set; sets already complete for this fingerprint are
+    skipped. Each finished set lands atomically in ``out_dir/<set>/`` with its row count."""
     from ray.data import ActorPoolStrategy
 
-    final, tmp = out_dir / name, out_dir / f"{name}.tmp"
-    marker = final / COMPLETE
-    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
-        log.info("extract: %s is complete, skipping", name)
-        return json.loads(marker.read_text())
-    shutil.rmtree(tmp, ignore_errors=True)
-    dataset = build()
-    dataset.map_batches(
-        actor, fn_constructor_kwargs=encoder_args, batch_size=params.batch_size,
-        compute=ActorPoolStrategy(size=params.actors), num_cpus=task_cpus, num_gpus=params.actor_gpus or None,
-    ).write_parquet(str(tmp))
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in tmp.glob("*.parquet"))
-    record = {"set": name, "rows": rows, "fingerprint": fingerprint}
-    write_json(tmp / COMPLETE, record)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return record
+    pending = {name: build for name, build in sets.items() if not is_complete(out_dir / name, fingerprint)}
+    if pending:
+        tmp = out_dir / f".{group}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        parts = [build().map_batches(_tagged, fn_kwargs={"name": name, "columns": columns})
+                 for name, build in pending.items()]
+        dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        dataset.map_batches(
+            actor, fn_constructor_kwargs=encoder_args, batch_size=params.batch_size,
+            compute=ActorPoolStrategy(size=params.actors), num_cpus=task_cpus, num_gpus=params.actor_gpus or None,
+        ).write_parquet(str(tmp), partition_cols=["set"])
+        for name in pending:
+            written = tmp / f"set={name}"
+            rows = sum(pq.ParquetFile(f).metadata.num_rows for f in written.glob("*.parquet"))
+            write_json(written / COMPLETE, {"set": name, "rows": rows, "fingerprint": fingerprint})
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+            written.rename(out_dir / name)
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        log.info("extract: %s already complete, skipping", ", ".join(sets))
+    return {name: json.loads((out_dir / name / COMPLETE).read_text())["rows"] for name in sets}
+
+
+def _tagged(batch: dict[str, Any], name: str, columns: tuple[str, ...]) -> dict[str, Any]:
+    """Give every set of a group the same columns (missing ones empty), plus its set name."""
+    n = len(next(iter(batch.values())))
+    out = {c: (np.asarray(batch[c], dtype=object) if c in batch else np.full(n, "", dtype=object)) for c in columns}
+    out["set"] = np.full(n, name, dtype=object)
+    return out
+
+
+IMAGE_COLUMNS = ("key", "group", "split", "meta", "label", "jpg")
+TEXT_COLUMNS = ("key", "group", "split", "task", "label", "text")
 
 
 def run_extraction(model_dir: str | Path, data_dir: str | Path, vocab_dir: str | Path, out_dir: str | Path,
@@ -195,37 +219,37 @@ def run_extraction(model_dir: str | Path, data_dir: str | Path, vocab_dir: str |
     model_dir, data_dir, out_dir = Path(model_dir).resolve(), Path(data_dir).resolve(), Path(out_dir)
     model = load_model(model_dir)
     fingerprint = f"{file_sha256(model_dir / 'model.pt')[:16]}-{params_hash}"
-    encoder = {"model_dir": str(model_dir)}
     images = image_rows(data_dir, params.splits)
     image_keys = {row["key"] for row in images}
     words = (Path(vocab_dir) / "words.txt").read_text(encoding="utf-8").splitlines()
     tasks = load_zero_shot_tasks(data_dir)
     folder_tasks = {name: {"classes": sorted({r["label"] for r in folder_rows(name, path)}),
                            "templates": FOLDER_TEMPLATES} for name, path in params.labelled_folders.items()}
-    test_keys = [r["key"] for r in images if r["split"] == "test"][: params.token_sample]
+    test_keys = {r["key"] for r in images if r["split"] == "test"}
+    token_keys = set(sorted(test_keys)[: params.token_sample])
 
-    sets: dict[str, tuple[Callable[[], Any], dict[str, Any]]] = {
-        "images": (lambda: shard_images(data_dir, params.splits, image_keys), {**encoder, "kind": "image"}),
-        "texts": (lambda: ray.data.from_items(caption_rows(data_dir, params.splits)), {**encoder, "kind": "text"}),
-        "vocab": (lambda: ray.data.from_items([{"key": w, "text": w} for w in words]), {**encoder, "kind": "text"}),
-        "prompts": (lambda: ray.data.from_items(prompt_rows({**tasks, **folder_tasks})), {**encoder, "kind": "text"}),
+    text_sets: dict[str, Callable[[], Any]] = {
+        "texts": lambda: ray.data.from_items(caption_rows(data_dir, params.splits)),
+        "vocab": lambda: ray.data.from_items([{"key": w, "text": w} for w in words]),
     }
-    if test_keys:
-        sets["tokens"] = (lambda: shard_images(data_dir, ["test"], set(test_keys)), {**encoder, "kind": "tokens"})
+    if tasks or folder_tasks:
+        text_sets["prompts"] = lambda: ray.data.from_items(prompt_rows({**tasks, **folder_tasks}))
+    image_sets: dict[str, Callable[[], Any]] = {"images": lambda: shard_images(data_dir, params.splits, image_keys)}
     crops = data_dir / "eval" / "crops" / "test.tar"
     if crops.is_file():
-        sets["crops"] = (lambda: ray.data.read_webdataset(str(crops), decoder=None).map_batches(_crop_columns),
-                         {**encoder, "kind": "image"})
+        image_sets["crops"] = lambda: ray.data.read_webdataset(str(crops), decoder=None).map_batches(_crop_columns)
     for name, path in params.labelled_folders.items():
-        sets[f"labelled/{name}"] = (
-            lambda path=path, name=name: ray.data.from_items(folder_rows(name, path)).map_batches(_read_path),
-            {**encoder, "kind": "image"},
-        )
-    if not tasks and not folder_tasks:
-        sets.pop("prompts")
+        image_sets[f"labelled_{name}"] = (
+            lambda path=path, name=name: ray.data.from_items(folder_rows(name, path)).map_batches(_read_path))
 
-    counts = {name: write_set(name, out_dir, fingerprint, build, args, params, task_cpus)["rows"]
-              for name, (build, args) in sets.items()}
+    def run(group, sets, columns, kind):
+        return write_sets(group, sets, columns, out_dir, fingerprint, {"model_dir": str(model_dir), "kind": kind},
+                          params, task_cpus)
+
+    counts = {**run("text", text_sets, TEXT_COLUMNS, "text"), **run("image", image_sets, IMAGE_COLUMNS, "image")}
+    if token_keys:
+        counts.update(run("tokens", {"tokens": lambda: shard_images(data_dir, ["test"], token_keys)},
+                          IMAGE_COLUMNS, "tokens"))
     manifest = {"model_dir": str(model_dir), "width": model.width, "pooling": model.params.pooling,
                 "fingerprint": fingerprint, "rows": counts, "vocabulary": len(words),
                 "zero_shot_tasks": {**tasks, **folder_tasks}}

@@ -78,7 +78,7 @@ class ReferenceEncoder:
 
         images = torch.stack([self.transform(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch["jpg"]])
         embeddings = self.encoder(images).float().numpy().astype(np.float32)
-        return pa.table({"key": list(batch["key"]), "split": list(batch["split"]),
+        return pa.table({"key": list(batch["key"]), "split": list(batch["split"]), "set": list(batch["set"]),
                          "embedding": pa.array(list(embeddings), type=pa.list_(pa.float32()))})
 
 
@@ -87,16 +87,16 @@ def run_reference(params: ReferenceParams, extract: ExtractParams, data_dir: str
     """Embed every image the extract stage will use; write ``<out_dir>/images/``."""
     import ray.data
 
-    from pipeline.extract import image_rows, shard_images, write_set
+    from pipeline.extract import IMAGE_COLUMNS, image_rows, shard_images, write_sets
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     data_dir = Path(data_dir).resolve()
     keys = {row["key"] for row in image_rows(data_dir, extract.splits)}
     batch = extract.model_copy(update={"batch_size": params.batch_size})
-    record = write_set("images", Path(params.out_dir), f"{params.encoder}-{params_hash}",
-                       lambda: shard_images(data_dir, extract.splits, keys),
-                       {"params": params.model_dump(mode="json")}, batch, task_cpus, actor=ReferenceEncoder)
-    return {"encoder": params.encoder, "images": record["rows"]}
+    rows = write_sets("reference", {"images": lambda: shard_images(data_dir, extract.splits, keys)}, IMAGE_COLUMNS,
+                      Path(params.out_dir), f"{params.encoder}-{params_hash}",
+                      {"params": params.model_dump(mode="json")}, batch, task_cpus, actor=ReferenceEncoder)
+    return {"encoder": params.encoder, "images": rows["images"]}
 
 
 def read_reference(out_dir: str | Path) -> tuple[list[str], np.ndarray]:

@@ -1,0 +1,155 @@
+"""Vocabulary, sparse Parquet layout, Ray Data extraction and the metrics stage on a tiny model."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.config import ExtractParams, MetricsParams, RayParams, ReferenceParams, VocabParams, load_params
+from pipeline.data.concepts import concept_words
+from pipeline.data.loading import ClipBatchPreprocessor
+from pipeline.data.sampling import run_sample
+from pipeline.data.shards import read_split
+from pipeline.evaluate import evaluate
+from pipeline.extract import run_extraction
+from pipeline.model import build_model, save_model
+from pipeline.reference import run_reference
+from pipeline.sparse_io import activation_table, read_activations, sparse_rows, to_csr
+from pipeline.vocab import build_vocabulary, merge
+
+from .conftest import REPO
+from .test_model_loss import MICRO
+
+TINY = {**MICRO, "text_cfg": {**MICRO["text_cfg"], "vocab_size": 49408}}
+
+
+def test_merge_lowercases_dedupes_and_keeps_first_order():
+    assert merge(["Dog", "cat "], ["dog", "big  Cat", ""], ["CAT"]) == ["dog", "cat", "big cat"]
+
+
+def test_builtin_vocabulary_is_offline_wordnet_plus_common_words():
+    words, counts = build_vocabulary(VocabParams())
+    assert counts["wordnet"] == 117659 and counts["common"] == 20000
+    assert 90000 < len(words) < 120000 and len(words) == len(set(words)) == counts["vocabulary"]
+    assert all(w == w.lower() for w in words[:5000])
+    assert set(concept_words()) <= set(words) and "dog" in words and "entity" in words
+    capped, _ = build_vocabulary(VocabParams(max_words=50))
+    assert capped[: len(concept_words())] == merge(concept_words()) and len(capped) == 50
+
+
+def test_vocabulary_from_a_user_file(tmp_path):
+    (tmp_path / "words.txt").write_text("Zebra\nzebra\n\nstop sign\n")
+    words, counts = build_vocabulary(VocabParams(source="file", path=str(tmp_path / "words.txt")))
+    assert words == ["zebra", "stop sign"] and counts["vocabulary"] == 2
+
+
+def test_sparse_layout_round_trips_and_grows_with_nnz(tmp_path):
+    dense = torch.relu(torch.randn(50, 4096))
+    indices, values = sparse_rows(dense)
+    table = activation_table({"key": [f"{i:03d}" for i in range(50)]}, indices, values, 4096)
+    np.testing.assert_allclose(to_csr(table).toarray(), dense.numpy(), rtol=1e-6)
+
+    def size(keep: float) -> int:
+        x = dense * (torch.rand_like(dense) < keep)
+        path = tmp_path / f"{keep}.parquet"
+        pq.write_table(activation_table({"key": list(range(50))}, *sparse_rows(x), 4096), path)
+        return path.stat().st_size
+
+    small, large = size(0.01), size(0.5)
+    assert small * 10 < large, (small, large)  # bytes follow nnz, not the 4096 width
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, ray_local):
+    """A sampled dataset, a tiny random sparse model and a dense one, extracted with 2 actors."""
+    root = tmp_path_factory.mktemp("extract")
+    params = load_params(REPO / "params.yaml", overrides={
+        "sample.source.generator.num_records": 120, "sample.shard_size": 40, "sample.out_dir": str(root / "data"),
+    })
+    run_sample(params.sample, RayParams(num_cpus=2))
+    vocab = root / "vocab"
+    vocab.mkdir()
+    words = merge(concept_words(), ["dog", "cat", "sun"])
+    (vocab / "words.txt").write_text("\n".join(words) + "\n")
+    sbert = np.random.default_rng(0).normal(size=(len(words), 16)).astype(np.float32)
+    pq.write_table(pa.table({"word": words, "embedding": pa.array(list(sbert), pa.list_(pa.float32()))}),
+                   vocab / "sbert.parquet")
+    folder = root / "imagenet_layout"  # class-named subfolders, as ImageNet-val is laid out
+    for record in list(read_split(root / "data", "train"))[:12]:
+        main = record.meta["truth"]["objects"][record.meta["truth"]["main"]]
+        (folder / main["shape"]).mkdir(parents=True, exist_ok=True)
+        (folder / main["shape"] / f"{record.key}.jpg").write_bytes(record.jpeg)
+    extract = ExtractParams(actors=2, batch_size=16, token_sample=4, labelled_folders={"shapes": str(folder)})
+    out = {}
+    for name, expansion, activation in [("sparse", 8, "relu"), ("dense", 0, "none")]:
+        torch.manual_seed(0)
+        model = build_model(params.train.model.model_copy(update={"inline": TINY, "expansion": expansion,
+                                                                  "activation": activation}))
+        save_model(model, root / "models" / name)
+        manifest = run_extraction(root / "models" / name, root / "data", vocab, root / "acts" / name, extract,
+                                  0.25, "test")
+        out[name] = (model.eval(), manifest)
+    reference = ReferenceParams(image_size=64, batch_size=32, out_dir=str(root / "reference"))
+    run_reference(reference, extract, root / "data", 0.25, "test")
+    return root, params, out
+
+
+@pytest.mark.slow
+def test_ray_data_extraction_equals_a_direct_forward_pass(extracted):
+    root, params, models = extracted
+    model, manifest = models["sparse"]
+    assert manifest["rows"]["images"] == 120 and manifest["rows"]["texts"] == 120
+    assert manifest["rows"]["tokens"] == 4 * 16  # 4 images x (32/8)^2 tokens
+    meta, acts = read_activations(root / "acts" / "sparse" / "images", manifest["width"])
+    records = {r.key: r for split in ("train", "val", "test") for r in read_split(root / "data", split)}
+    keys = meta.column("key").to_pylist()
+    assert keys == sorted(records)
+    pre = ClipBatchPreprocessor(model.image_size, model.context_length)
+    images = torch.as_tensor(np.stack([pre.image(records[k].jpeg) for k in keys]))
+    with torch.no_grad():
+        direct = model.encode_image(images).numpy()
+    np.testing.assert_allclose(acts.toarray(), direct, rtol=1e-4, atol=1e-5)
+    vocab_meta, vocab = read_activations(root / "acts" / "sparse" / "vocab", manifest["width"])
+    with torch.no_grad():
+        word = model.encode_text(torch.as_tensor(pre.tokens([vocab_meta.column("key")[0].as_py()]))).numpy()
+    np.testing.assert_allclose(vocab[0].toarray(), word, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_rerun_skips_completed_sets(extracted, caplog):
+    root, params, models = extracted
+    before = {p: p.stat().st_mtime for p in (root / "acts" / "sparse" / "images").iterdir()}
+    run_extraction(root / "models" / "sparse", root / "data", root / "vocab", root / "acts" / "sparse",
+                   ExtractParams(actors=2, batch_size=16, token_sample=4,
+                                 labelled_folders={"shapes": str(root / "imagenet_layout")}), 0.25, "test")
+    assert before == {p: p.stat().st_mtime for p in (root / "acts" / "sparse" / "images").iterdir()}
+
+
+@pytest.mark.slow
+def test_metrics_of_dense_and_sparse_models(extracted):
+    root, params, models = extracted
+    results = {}
+    for name in ("sparse", "dense"):
+        results[name] = evaluate(root / "acts" / name, root / "reference", root / "vocab", MetricsParams(),
+                                 root / "plots" / name, title=name)
+    dense, sparse = results["dense"], results["sparse"]
+    assert dense["image"]["l0"] == dense["width"] == 16  # no ReLU: every dimension is active
+    assert 0 < sparse["image"]["l0"] < sparse["width"] == 128
+    assert 0 <= sparse["clarity"] <= 1 and 0 <= sparse["clarity_baseline"] <= 1
+    for task in ("shape", "colour"):
+        assert 0 <= sparse["zeroshot"][task]["top1"] <= sparse["zeroshot"][task]["top5"] <= 1
+        assert "top1_with_top32_features" in sparse["zeroshot"][task]
+    folder_classes = sorted(p.name for p in (root / "imagenet_layout").iterdir())
+    assert models["sparse"][1]["zero_shot_tasks"]["shapes"]["classes"] == folder_classes
+    assert sparse["zeroshot"]["shapes"]["n"] == 12
+    assert set(sparse["retrieval"]) == {"image_retrieval_r1", "image_retrieval_r5", "text_retrieval_r1",
+                                        "text_retrieval_r5"}
+    assert 0.5 <= sparse["recovery"]["mean_best_auroc"] <= 1
+    assert abs(sparse["modality"]["image_only"] + sparse["modality"]["text_only"]
+               + sparse["modality"]["multimodal"] - 1) < 1e-9
+    for png in ("modality.png", "topk.png", "cscore.png"):
+        assert (root / "plots" / "sparse" / png).stat().st_size > 1000
