@@ -275,6 +275,32 @@ class MetricsParams(Section):
     out_dir: str = "metrics"
 
 
+class SAEParams(Section):
+    """The post-hoc SAE baseline (the SAE supplementary's recipe: BatchTopK, expansion 32, K = 30)."""
+
+    source_variant: str = Field("dense", description="the train.variants entry whose embeddings the SAE reads")
+    kind: Literal["batchtopk", "topk", "relu"] = "batchtopk"
+    expansion: int = Field(32, ge=1)
+    k: int = Field(30, ge=1)
+    l1_lambda: float = Field(0.0, ge=0, description="kind=relu: L1 weight")
+    lr: float = Field(4e-4, gt=0)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(4096, ge=2)
+    aux_k: int = Field(512, ge=1, description="AuxK: dead features used to model the residual")
+    dead_after_tokens: int = Field(20480, ge=1)
+    log_every: int = Field(100, ge=1)
+    train_splits: list[Literal["train", "val", "test"]] = Field(["train"], min_length=1)
+    cache_data: bool = Field(True, description="read the training embeddings once (false: stream every epoch)")
+    device: str = Field("auto", description="auto: cuda when available")
+    out_dir: str = "activations/sae"
+
+    @model_validator(mode="after")
+    def _relu_needs_l1(self) -> SAEParams:
+        if self.kind == "relu" and self.l1_lambda == 0:
+            raise ValueError("sae.kind=relu needs sae.l1_lambda > 0")
+        return self
+
+
 # --------------------------------------------------------------------------- the whole file
 
 
@@ -287,6 +313,14 @@ class Params(Section):
     reference: ReferenceParams = ReferenceParams()
     extract: ExtractParams = ExtractParams()
     metrics: MetricsParams = MetricsParams()
+    sae: SAEParams = SAEParams()
+
+    @model_validator(mode="after")
+    def _sae_source_is_a_variant(self) -> Params:
+        if self.sae.source_variant not in self.train.variants:
+            raise ValueError(f"sae.source_variant {self.sae.source_variant!r} is not one of train.variants "
+                             f"({', '.join(self.train.variants)})")
+        return self
 
     def section_hash(self, name: str) -> str:
         """Short content hash of one section, the 'DVC params hash' tagged on MLflow runs."""

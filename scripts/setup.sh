@@ -28,7 +28,7 @@ done
 
 "${pip[@]}" --upgrade "pip>=24" setuptools wheel
 # torch first and alone, so the resolver cannot reach for another build of it.
-"${pip[@]}" "${local_wheels[@]}" "torch==2.14.1" "torchvision==0.29.1"
+"${pip[@]}" "${local_wheels[@]}" -c requirements.lock "torch==2.14.1" "torchvision==0.29.1"
 "${pip[@]}" "${local_wheels[@]}" -c requirements.lock -e ".[dev]"
 rm -f "$VENV"/.sparseclip-installed-*
 touch "$stamp"

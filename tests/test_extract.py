@@ -153,3 +153,29 @@ def test_metrics_of_dense_and_sparse_models(extracted):
                + sparse["modality"]["multimodal"] - 1) < 1e-9
     for png in ("modality.png", "topk.png", "cscore.png"):
         assert (root / "plots" / "sparse" / png).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_sae_baseline_on_the_dense_model(extracted, workdir):
+    """The SAE trains on the dense model's train-split embeddings (streamed by Ray Data) and is
+    measured by the same metric code as the sparse models."""
+    from pipeline.sae_baseline import run_sae_baseline
+
+    root, _, models = extracted
+    params = load_params(REPO / "params.yaml", overrides={
+        "sample.out_dir": str(root / "data"), "train.out_dir": str(root / "models"),
+        "extract.out_dir": str(root / "acts"), "reference.out_dir": str(root / "reference"),
+        "vocab.out_dir": str(root / "vocab"), "sae.out_dir": str(workdir / "sae"),
+        "sae.expansion": 4, "sae.k": 4, "sae.epochs": 5, "sae.batch_size": 32, "sae.aux_k": 8,
+        "sae.train_splits": ["train"], "extract.actors": 2,
+    })
+    result, history = run_sae_baseline(params, workdir / "plots")
+    assert result["width"] == 4 * models["dense"][1]["width"]
+    assert history and history[-1]["l0"] == pytest.approx(4, abs=1e-6)  # BatchTopK: exactly k per row on average
+    assert 0 <= result["reconstruction"]["all.fvu"] < 1.5 and -1 <= result["reconstruction"]["all.cosine"] <= 1
+    assert 0 < result["image"]["l0"] <= result["width"]
+    assert 0 <= result["clarity"] <= 1 and "recovery" in result
+    for task in ("shape", "colour"):
+        zs = result["zeroshot_reconstruction"][task]
+        assert 0 <= zs["sae_reconstruction"]["top1"] <= 1 and 0 <= zs["dense"]["top1"] <= 1
+    assert (workdir / "sae" / "sae.pt").is_file()
