@@ -162,6 +162,15 @@ class VariantParams(Section):
     logit_scale_cap: float | None = Field(None, gt=1.0)
 
 
+# The paper's models: the dense baseline, Sparse (cap 50), Sparse+ (cap 40), Sparse-Avg.
+PAPER_VARIANTS = {
+    "dense": VariantParams(expansion=0, activation="none", logit_scale_cap=100),
+    "sparse": VariantParams(logit_scale_cap=50),
+    "sparse_plus": VariantParams(logit_scale_cap=40),
+    "sparse_avg": VariantParams(logit_scale_cap=50, pooling="avg"),
+}
+
+
 class OptimParams(Section):
     """open_clip's recipe: AdamW, linear warmup then cosine decay."""
 
@@ -177,7 +186,7 @@ class OptimParams(Section):
 class TrainParams(Section):
     model: ModelParams = ModelParams()
     optim: OptimParams = OptimParams()
-    variants: dict[str, VariantParams] = Field(default_factory=lambda: {"sparse": VariantParams()})
+    variants: dict[str, VariantParams] = Field(default_factory=lambda: dict(PAPER_VARIANTS))
     epochs: int = Field(20, ge=1)
     global_batch_size: int = Field(128, ge=2)
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a cluster)")
