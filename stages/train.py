@@ -7,6 +7,7 @@ from pathlib import Path
 from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
 from pipeline.io import write_json
+from pipeline.model import clip_config
 from pipeline.plots import plot_curves, write_curve_csv
 from pipeline.tracking import metric_curves, stage_run, tracking_uri
 from pipeline.train import run_training
@@ -44,8 +45,7 @@ def train(args) -> None:
 
 
 def _width(model_params) -> int:
-    embed = model_params.inline["embed_dim"] if model_params.arch is None else None
-    return embed * max(1, model_params.expansion) if embed else -1
+    return clip_config(model_params)["embed_dim"] * max(1, model_params.expansion)
 
 
 def main(argv=None) -> None:
