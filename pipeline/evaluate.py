@@ -51,6 +51,14 @@ class ActivationSet:
     def load(self, name: str) -> tuple[pa.Table, sp.csr_matrix]:
         return read_activations(self.dir / name, self.width)
 
+    def classifiers(self) -> dict[str, np.ndarray]:
+        """Zero-shot class embeddings [C, F] of every task, from the extracted prompts."""
+        prompts_meta, prompts = self.load("prompts")
+        task_of = np.asarray(prompts_meta.column("task").to_pylist())
+        label_of = np.asarray(prompts_meta.column("label").to_pylist())
+        return {task: classifier_from_prompts(prompts[task_of == task], label_of[task_of == task], spec["classes"])
+                for task, spec in self.manifest["zero_shot_tasks"].items()}
+
 
 def evaluate(act_dir: str | Path, reference_dir: str | Path, vocab_dir: str | Path, params: MetricsParams,
              plot_dir: str | Path, title: str = "") -> dict[str, Any]:
@@ -103,15 +111,13 @@ def _labels(meta: pa.Table, task: str) -> list[str | None]:
 def zero_shot_metrics(acts: ActivationSet, meta: pa.Table, images: sp.csr_matrix, params: MetricsParams,
                       plot_path: Path, title: str) -> dict[str, Any]:
     """Per task: accuracy on the test images, with all features and with each image's top-k."""
-    prompts_meta, prompts = acts.load("prompts")
     tasks = acts.manifest["zero_shot_tasks"]
+    classifiers = acts.classifiers()
     test = np.asarray(meta.column("split").to_pylist()) == "test"
     out: dict[str, Any] = {}
     curves: dict[int, dict[str, float]] = {}
     for task, spec in tasks.items():
-        rows = np.asarray(prompts_meta.column("task").to_pylist()) == task
-        classifier = classifier_from_prompts(prompts[rows], np.asarray(prompts_meta.column("label").to_pylist())[rows],
-                                             spec["classes"])
+        classifier = classifiers[task]
         if acts.has(f"labelled_{task}"):
             task_meta, task_images = acts.load(f"labelled_{task}")
             labels = [spec["classes"].index(x) for x in task_meta.column("label").to_pylist()]
@@ -130,11 +136,8 @@ def zero_shot_metrics(acts: ActivationSet, meta: pa.Table, images: sp.csr_matrix
         out[task]["n"] = len(labels)
     if acts.has("crops") and "shape" in tasks:
         crop_meta, crops = acts.load("crops")
-        rows = np.asarray(prompts_meta.column("task").to_pylist()) == "shape"
-        classifier = classifier_from_prompts(prompts[rows], np.asarray(prompts_meta.column("label").to_pylist())[rows],
-                                             tasks["shape"]["classes"])
         labels = [tasks["shape"]["classes"].index(x) for x in crop_meta.column("label").to_pylist()]
-        out["box_classification"] = accuracy_from_scores(cosine_scores(crops, classifier), labels)
+        out["box_classification"] = accuracy_from_scores(cosine_scores(crops, classifiers["shape"]), labels)
     if curves:
         plot_curves(curves, [sorted({name for row in curves.values() for name in row})], plot_path,
                     title=f"{title} zero-shot with each image's top-k features", xlabel="k")

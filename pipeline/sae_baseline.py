@@ -29,7 +29,7 @@ from pipeline.extract import IMAGE_COLUMNS, image_rows, shard_images, write_sets
 from pipeline.io import file_sha256, write_json
 from pipeline.sae import SAETrainConfig, SparseAutoencoder, reconstruction_report, train_sae
 from pipeline.sparse_io import activation_table, sparse_rows, to_csr
-from pipeline.zeroshot import accuracy_from_scores, classifier_from_prompts, cosine_scores
+from pipeline.zeroshot import accuracy_from_scores, cosine_scores
 
 CODED_SETS = ("images", "texts", "vocab")
 
@@ -90,7 +90,7 @@ def reconstruction_zero_shot(sae: SparseAutoencoder, source: ActivationSet) -> d
     if not source.has("prompts"):
         return {}
     meta, images = source.load("images")
-    prompts_meta, prompts = source.load("prompts")
+    classifiers = source.classifiers()
     test = np.asarray(meta.column("split").to_pylist()) == "test"
     dense = images[np.flatnonzero(test)].toarray()
     with torch.no_grad():
@@ -100,9 +100,7 @@ def reconstruction_zero_shot(sae: SparseAutoencoder, source: ActivationSet) -> d
     for task, spec in source.manifest["zero_shot_tasks"].items():
         if source.has(f"labelled_{task}"):
             continue  # labelled folders are scored by the metrics stage, on their own images
-        rows = np.asarray(prompts_meta.column("task").to_pylist()) == task
-        classifier = classifier_from_prompts(prompts[rows], np.asarray(prompts_meta.column("label").to_pylist())[rows],
-                                             spec["classes"])
+        classifier = classifiers[task]
         labels = [spec["classes"].index(zero_shot_label(m, task)) for m in metas]
         out[task] = {"dense": accuracy_from_scores(cosine_scores(dense, classifier), labels),
                      "sae_reconstruction": accuracy_from_scores(cosine_scores(rebuilt, classifier), labels)}
@@ -121,9 +119,10 @@ def run_sae_baseline(params: Params, plot_dir: Path) -> tuple[dict[str, Any], li
     inputs = training_inputs(params, model_dir, out_dir)
     stream = stream_dense(inputs, source.width)
     data = torch.cat(list(stream())) if cfg.cache_data else stream  # cached: read once, reshuffled per epoch
-    sae, history = train_sae(data, train_config(params))
+    config = train_config(params)
+    sae, history = train_sae(data, config)
     torch.save(sae.state_dict(), out_dir / "sae.pt")
-    write_json(out_dir / "sae_config.json", {**dataclasses.asdict(train_config(params)), "d_in": source.width})
+    write_json(out_dir / "sae_config.json", {**dataclasses.asdict(config), "d_in": source.width})
     write_codes(sae, source, out_dir)
 
     _, eval_images = source.load("images")
