@@ -194,6 +194,11 @@ class TrainParams(Section):
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 0.5})
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU")
     grad_checkpointing: bool = False
+    loss: Literal["clip", "tiled"] = Field(
+        "clip", description="clip: open_clip's ClipLoss (gathers every embedding); tiled: the exact ring-tiled "
+        "loss whose memory does not grow with global batch x width (pipeline/loss.py)")
+    sparse_transport_density: float | None = Field(
+        None, gt=0, le=1, description="tiled: send embedding blocks as (index, value) pairs below this density")
     cache_data: bool = Field(True, description="workers keep their decoded shard in memory after epoch 1")
     log_every: int = Field(10, ge=1, description="steps between training metrics")
     eval_every: int = Field(100, ge=1, description="steps between zero-shot evaluations on val")
@@ -270,6 +275,8 @@ class ExtractParams(Section):
     actors: int = Field(2, ge=1, description="Ray Data actors, each with a model loaded once")
     actor_gpus: float = Field(0.0, ge=0, description="GPUs per actor (0: CPU actors)")
     token_sample: int = Field(64, ge=0, description="test images whose per-token activations are kept")
+    evolution_vocab: int = Field(2000, ge=0, description="vocabulary head encoded at each evolution snapshot "
+                                 "(with the test images and captions); 0: no evolution sets")
     labelled_folders: dict[str, str] = Field(default_factory=dict,
                                              description="name -> folder of class-named subfolders (ImageNet layout)")
     out_dir: str = "activations"
@@ -313,6 +320,22 @@ class SAEParams(Section):
 # --------------------------------------------------------------------------- the whole file
 
 
+class AtlasParams(Section):
+    """Concept naming, feature evolution, heatmaps and the HTML feature atlas."""
+
+    variants: list[str] | None = Field(None, description="models to map (None: every train.variants entry)")
+    top_words: int = Field(10, ge=1, description="vocabulary words kept per feature")
+    min_word_count: int = Field(5, ge=0, description="name with words the training captions use this often "
+                                "(0: the whole vocabulary, as the paper's web-scale model)")
+    top_images: int = Field(8, ge=1, description="images kept per feature")
+    grid_features: int = Field(12, ge=1, description="rows of the Fig 4 feature grid")
+    evolution_features: int = Field(6, ge=1, description="rows of the Fig 5 evolution strip")
+    heatmap_images: int = Field(6, ge=1, description="rows of the heatmap panel")
+    heatmap_models: list[str] = Field(["sparse_avg", "sparse"], description="models drawn side by side in the "
+                                      "heatmap panel (avg vs cls pooling); those not mapped are left out")
+    out_dir: str = "reports/atlas"
+
+
 class Params(Section):
     project: ProjectParams = ProjectParams()
     ray: RayParams = RayParams()
@@ -323,13 +346,20 @@ class Params(Section):
     extract: ExtractParams = ExtractParams()
     metrics: MetricsParams = MetricsParams()
     sae: SAEParams = SAEParams()
+    atlas: AtlasParams = AtlasParams()
 
     @model_validator(mode="after")
     def _sae_source_is_a_variant(self) -> Params:
         if self.sae.source_variant not in self.train.variants:
             raise ValueError(f"sae.source_variant {self.sae.source_variant!r} is not one of train.variants "
                              f"({', '.join(self.train.variants)})")
+        unknown = [v for v in self.atlas.variants or [] if v not in self.train.variants]
+        if unknown:
+            raise ValueError(f"atlas.variants {unknown} are not train.variants ({', '.join(self.train.variants)})")
         return self
+
+    def atlas_variants(self) -> list[str]:
+        return list(self.atlas.variants or self.train.variants)
 
     def section_hash(self, name: str) -> str:
         """Short content hash of one section, the 'DVC params hash' tagged on MLflow runs."""

@@ -82,14 +82,19 @@ def evaluate(act_dir: str | Path, reference_dir: str | Path, vocab_dir: str | Pa
     return result
 
 
-def clarity_metrics(meta: pa.Table, images: sp.csr_matrix, reference_dir, params: MetricsParams) -> dict[str, float]:
+def aligned_reference(meta: pa.Table, reference_dir: str | Path) -> np.ndarray:
+    """The reference encoder's embeddings of the rows of ``meta``, in its order."""
     keys, embeddings = read_reference(reference_dir)
     position = {key: i for i, key in enumerate(keys)}
     missing = [k for k in meta.column("key").to_pylist() if k not in position]
     if missing:
         raise ValueError(f"{len(missing)} images have no reference embedding (e.g. {missing[0]}): "
                          "rerun the reference stage with the same extract.splits")
-    aligned = embeddings[[position[k] for k in meta.column("key").to_pylist()]]
+    return embeddings[[position[k] for k in meta.column("key").to_pylist()]]
+
+
+def clarity_metrics(meta: pa.Table, images: sp.csr_matrix, reference_dir, params: MetricsParams) -> dict[str, float]:
+    aligned = aligned_reference(meta, reference_dir)
     return {
         "clarity": M.clarity(images, aligned, tau=params.clarity_tau, n_min=params.n_min),
         "clarity_baseline": M.dataset_baseline(aligned),

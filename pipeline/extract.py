@@ -1,11 +1,13 @@
 """Activation extraction with Ray Data: every input the analysis needs, encoded once, on disk.
 
 Each set (images, captions, vocabulary words, zero-shot prompts, object crops, per-token
-activations of a sample of images, labelled folders) is a Ray Dataset mapped by an actor class
-that loads its model once (``map_batches`` with ``concurrency`` actors; ``num_gpus`` per actor on
-a GPU cluster, fractional CPUs here) and written as Parquet in the sparse layout of
-:mod:`pipeline.sparse_io`. A set is written to ``<name>.tmp/`` and renamed when complete, with a
-fingerprint of the model and params, so a rerun skips what is already done (resumable per set).
+activations of a sample of images, labelled folders, and the same inputs at every evolution
+snapshot of training) is a Ray Dataset. All pending sets of a model are unioned into a single
+Ray Data run mapped by one pool of actors that each load the model (and its snapshots) once
+(``ActorPoolStrategy``; ``num_gpus`` per actor on a GPU cluster, fractional CPUs here), and
+written as Parquet in the sparse layout of :mod:`pipeline.sparse_io`, partitioned by set. A
+finished set is renamed into place with a fingerprint of the model and params, so a rerun skips
+what is already done (resumable per set).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,47 +37,97 @@ log = logging.getLogger(__name__)
 COMPLETE = "_complete.json"
 FOLDER_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}."]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+FINAL = "final"
+
+# Every input row carries these columns (empty where a set has none), so sets of different
+# kinds can share one Ray Data run; ``kind`` and ``checkpoint`` tell the actor what to do.
+INPUT_COLUMNS = ("key", "group", "split", "meta", "task", "label", "jpg", "text")
+TAGS = ("set", "kind", "checkpoint")
+PASSTHROUGH = ("key", "group", "split", "meta", "task", "label", "set")
+
+
+@dataclass(frozen=True)
+class InputSet:
+    """A set to extract, how to encode it (``kind``) and with which weights (``checkpoint``).
+
+    Its inputs come from exactly one of: ``rows`` (dicts of the input columns, e.g. words:
+    every rows-set of a run shares one ``from_items`` dataset), ``shard_keys`` (images of the
+    sample's shards: every such set shares one read of the shards, each image fanned out to the
+    sets that want it) or ``build`` (any other Ray Dataset). Sharing keeps a run at a handful
+    of datasets however many sets and snapshots it extracts: Ray's cost is per task, not per row.
+    """
+
+    kind: str = "image"  # image | text | tokens (one output row per spatial token)
+    checkpoint: str = FINAL  # a key of the actor's ``weights``
+    rows: list[dict[str, Any]] | None = None
+    shard_keys: tuple[tuple[str, ...], frozenset[str]] | None = None  # (shard paths, image keys)
+    build: Callable[[], Any] | None = None
+
+    def __post_init__(self):
+        if sum(x is not None for x in (self.rows, self.shard_keys, self.build)) != 1:
+            raise ValueError("an InputSet takes exactly one of rows, shard_keys, build")
+
+
+def text_set(texts: list[dict[str, Any]], checkpoint: str = FINAL) -> InputSet:
+    return InputSet("text", checkpoint, rows=texts)
+
+
+def image_set(data_dir: str | Path, splits: list[str], keys: set[str], kind: str = "image",
+              checkpoint: str = FINAL) -> InputSet:
+    """Images of the sample's split shards whose key is in ``keys``."""
+    paths = tuple(p for s in splits if (Path(data_dir) / s).is_dir() for p in split_paths(data_dir, s))
+    return InputSet(kind, checkpoint, shard_keys=(paths, frozenset(keys)))
 
 
 # --------------------------------------------------------------------------- actors
 
 
 class SparseEncoder:
-    """Ray Data actor: loads a trained model once, encodes images or texts to sparse rows.
+    """Ray Data actor: loads a trained model (and any evolution snapshots) once, encodes rows.
 
-    ``kind`` is ``image`` (column ``jpg`` of JPEG bytes), ``text`` (column ``text``) or ``tokens``
-    (``jpg``; one output row per spatial token, for heatmaps). Every other input column passes
-    through unchanged, so keys, splits and labels travel with their activations.
+    Each row says its ``kind`` (``image``: JPEG bytes in ``jpg``; ``text``: ``text``; ``tokens``:
+    one output row per spatial token, for heatmaps) and ``checkpoint`` (a key of ``weights``).
+    Identifying columns pass through unchanged, so keys, splits and labels travel with their
+    activations; every output batch has the same schema whatever mix of sets it holds.
     """
 
-    def __init__(self, model_dir: str, kind: str, weights: str = "model.pt", threads: int = 1):
+    def __init__(self, model_dir: str, weights: dict[str, str] | None = None, threads: int = 1):
         torch.set_num_threads(threads)
-        self.model = load_model(model_dir, weights)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model.to(self.device)
-        self.kind = kind
-        self.preprocess = ClipBatchPreprocessor(self.model.image_size, self.model.context_length)
+        self.models = {tag: load_model(model_dir, file).to(self.device)
+                       for tag, file in (weights or {FINAL: "model.pt"}).items()}
+        first = next(iter(self.models.values()))
+        self.width = first.width
+        self.preprocess = ClipBatchPreprocessor(first.image_size, first.context_length)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        dropped = ("jpg", "text", "meta", "task", "label") if self.kind == "tokens" else ("jpg", "text")
-        passthrough = {k: list(v) for k, v in batch.items() if k not in dropped}
-        if self.kind == "text":
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, (kind, checkpoint) in enumerate(zip(batch["kind"], batch["checkpoint"])):
+            groups.setdefault((str(kind), str(checkpoint)), []).append(i)
+        tables = [self._encode(kind, self.models[checkpoint], {k: np.asarray(v)[rows] for k, v in batch.items()})
+                  for (kind, checkpoint), rows in groups.items()]
+        return pa.concat_tables(tables)
+
+    def _encode(self, kind: str, model, batch: dict[str, Any]) -> pa.Table:
+        columns = {k: [str(v) for v in batch[k]] for k in PASSTHROUGH}
+        columns["token"] = [-1] * len(batch["key"])
+        if kind == "text":
             tokens = torch.as_tensor(self.preprocess.tokens([str(t) for t in batch["text"]]), device=self.device)
-            features = self.model.encode_text(tokens)
+            features = model.encode_text(tokens)
         else:
             images = torch.as_tensor(np.stack([self.preprocess.image(b) for b in batch["jpg"]]), device=self.device)
-            pooled, tokens = self.model.encode_image_tokens(images) if self.kind == "tokens" else (
-                self.model.encode_image(images), None)
-            if self.kind == "tokens":
+            if kind == "tokens":
+                _, tokens = model.encode_image_tokens(images)
                 grid = tokens.shape[1]
-                passthrough = {k: [v for v in values for _ in range(grid)] for k, values in passthrough.items()}
-                passthrough["token"] = [t for _ in range(tokens.shape[0]) for t in range(grid)]
+                columns = {k: [v for v in values for _ in range(grid)] for k, values in columns.items()}
+                columns["meta"] = [""] * len(columns["key"])  # the images set keeps it, once per image
+                columns["token"] = [t for _ in range(tokens.shape[0]) for t in range(grid)]
                 features = tokens.reshape(-1, tokens.shape[-1])
             else:
-                features = pooled
+                features = model.encode_image(images)
         indices, values = sparse_rows(features)
-        return activation_table(passthrough, indices, values, self.model.width)
+        return activation_table(columns, indices, values, self.width)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -105,16 +158,6 @@ def caption_rows(data_dir: str | Path, splits: list[str]) -> list[dict[str, Any]
             for row in pq.read_table(index, columns=["key", "group", "caption"]).to_pylist():
                 rows.append({"key": row["key"], "group": row["group"], "split": split, "text": row["caption"]})
     return rows
-
-
-def shard_images(data_dir: str | Path, splits: list[str], keys: set[str] | None = None):
-    """Ray Dataset of JPEGs (+ their JSON sidecar as ``meta``) read from the split shards."""
-    import ray.data
-
-    paths = [p for s in splits if (Path(data_dir) / s).is_dir() for p in split_paths(data_dir, s)]
-    ds = ray.data.read_webdataset(paths, decoder=None, include_paths=False)
-    ds = ds.map_batches(_webdataset_columns, batch_format="numpy")
-    return ds.filter(lambda row: row["key"] in keys) if keys is not None else ds
 
 
 def _webdataset_columns(batch: dict[str, Any]) -> dict[str, Any]:
@@ -167,47 +210,91 @@ def is_complete(folder: Path, fingerprint: str) -> bool:
     return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
 
 
-def write_sets(group: str, sets: dict[str, Callable[[], Any]], columns: tuple[str, ...], out_dir: Path,
-               fingerprint: str, encoder_args: dict[str, Any], params: ExtractParams, task_cpus: float,
-               actor: type = SparseEncoder) -> dict[str, int]:
-    """Encode several sets of one input kind in a single Ray Data run (one actor pool, models
-    loaded once), written partitioned by set; sets already complete for this fingerprint are
-    skipped. Each finished set lands atomically in ``out_dir/<set>/`` with its row count."""
+def write_sets(label: str, sets: dict[str, InputSet], out_dir: Path, fingerprint: str, actor_args: dict[str, Any],
+               params: ExtractParams, task_cpus: float, actor: type = SparseEncoder) -> dict[str, int]:
+    """Encode several sets in a single Ray Data run (one actor pool, models loaded once), written
+    partitioned by set; sets already complete for this fingerprint are skipped. Each finished set
+    lands atomically in ``out_dir/<set>/`` with its row count."""
     from ray.data import ActorPoolStrategy
 
-    pending = {name: build for name, build in sets.items() if not is_complete(out_dir / name, fingerprint)}
+    pending = {name: spec for name, spec in sets.items() if not is_complete(out_dir / name, fingerprint)}
     if pending:
-        tmp = out_dir / f".{group}.tmp"
+        log.info("%s: encoding %s", label, ", ".join(pending))
+        tmp = out_dir / f".{label}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        parts = [build().map_batches(_tagged, fn_kwargs={"name": name, "columns": columns})
-                 for name, build in pending.items()]
-        dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        dataset.map_batches(
-            actor, fn_constructor_kwargs=encoder_args, batch_size=params.batch_size,
+        input_dataset(pending, params, task_cpus).map_batches(
+            actor, fn_constructor_kwargs=actor_args, batch_size=params.batch_size,
             compute=ActorPoolStrategy(size=params.actors), num_cpus=task_cpus, num_gpus=params.actor_gpus or None,
         ).write_parquet(str(tmp), partition_cols=["set"])
         for name in pending:
             written = tmp / f"set={name}"
+            written.mkdir(parents=True, exist_ok=True)  # an empty set still completes
             rows = sum(pq.ParquetFile(f).metadata.num_rows for f in written.glob("*.parquet"))
             write_json(written / COMPLETE, {"set": name, "rows": rows, "fingerprint": fingerprint})
             shutil.rmtree(out_dir / name, ignore_errors=True)
             written.rename(out_dir / name)
         shutil.rmtree(tmp, ignore_errors=True)
     else:
-        log.info("extract: %s already complete, skipping", ", ".join(sets))
+        log.info("%s: %s already complete, skipping", label, ", ".join(sets))
     return {name: json.loads((out_dir / name / COMPLETE).read_text())["rows"] for name in sets}
 
 
-def _tagged(batch: dict[str, Any], name: str, columns: tuple[str, ...]) -> dict[str, Any]:
-    """Give every set of a group the same columns (missing ones empty), plus its set name."""
-    n = len(next(iter(batch.values())))
-    out = {c: (np.asarray(batch[c], dtype=object) if c in batch else np.full(n, "", dtype=object)) for c in columns}
-    out["set"] = np.full(n, name, dtype=object)
+def input_dataset(sets: dict[str, InputSet], params: ExtractParams, task_cpus: float):
+    """One Ray Dataset of every input row of ``sets``, tagged with its set, kind and checkpoint."""
+    import ray.data
+
+    light = {"num_cpus": task_cpus}  # row shuffling, not encoding: never hold a whole CPU
+    parts = []
+    rows = [{**row, "set": name, "kind": spec.kind, "checkpoint": spec.checkpoint}
+            for name, spec in sets.items() if spec.rows is not None for row in spec.rows]
+    if rows:
+        blocks = max(params.actors, -(-len(rows) // (params.batch_size * 16)))
+        parts.append(ray.data.from_items(rows, override_num_blocks=blocks).map_batches(_filled, **light))
+    wanted: dict[str, list[tuple[str, str, str]]] = {}
+    for name, spec in sets.items():
+        for key in spec.shard_keys[1] if spec.shard_keys else ():
+            wanted.setdefault(key, []).append((name, spec.kind, spec.checkpoint))
+    if wanted:
+        paths = sorted({p for spec in sets.values() if spec.shard_keys for p in spec.shard_keys[0]})
+        shards = ray.data.read_webdataset(paths, decoder=None, include_paths=False).map_batches(
+            _webdataset_columns, batch_format="numpy", **light)
+        parts.append(shards.map_batches(_fan_out, fn_kwargs={"wanted": wanted}, **light))
+    for name, spec in sets.items():
+        if spec.build is not None:
+            parts.append(spec.build().map_batches(_filled, fn_kwargs={"tags": (name, spec.kind, spec.checkpoint)},
+                                                  **light))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _filled(batch: dict[str, Any], tags: tuple[str, str, str] | None = None) -> dict[str, Any]:
+    """Every input and tag column present (missing ones empty); ``tags`` sets set/kind/checkpoint."""
+    n = len(batch["key"])
+    out = {c: np.asarray(batch[c], dtype=object) if c in batch else np.full(n, b"" if c == "jpg" else "", dtype=object)
+           for c in INPUT_COLUMNS + TAGS}
+    if tags:
+        out.update({c: np.full(n, value, dtype=object) for c, value in zip(TAGS, tags)})
     return out
 
 
-IMAGE_COLUMNS = ("key", "group", "split", "meta", "label", "jpg")
-TEXT_COLUMNS = ("key", "group", "split", "task", "label", "text")
+def _fan_out(batch: dict[str, Any], wanted: dict[str, list[tuple[str, str, str]]]) -> dict[str, Any]:
+    """Each shard image once per set that wants it; images no set wants are dropped."""
+    picks = [(i, tags) for i, key in enumerate(batch["key"]) for tags in wanted.get(str(key), ())]
+    rows = np.asarray([i for i, _ in picks], dtype=np.int64)
+    out = _filled({k: np.asarray(v, dtype=object)[rows] for k, v in batch.items()})
+    for j, column in enumerate(TAGS):
+        out[column] = np.asarray([tags[j] for _, tags in picks], dtype=object)
+    return out
+
+
+def evolution_weights(model_dir: Path) -> dict[str, str]:
+    """The training snapshots saved under ``evolution/`` ({'1pct': 'evolution/1pct.pt', ...}),
+    in training order."""
+    files = sorted((model_dir / "evolution").glob("*pct.pt"), key=lambda p: float(p.stem.removesuffix("pct")))
+    return {p.stem: f"evolution/{p.name}" for p in files}
+
+
+def evolution_set(tag: str, name: str) -> str:
+    return f"evo_{tag}_{name}"
 
 
 def run_extraction(model_dir: str | Path, data_dir: str | Path, vocab_dir: str | Path, out_dir: str | Path,
@@ -220,7 +307,6 @@ def run_extraction(model_dir: str | Path, data_dir: str | Path, vocab_dir: str |
     model = load_model(model_dir)
     fingerprint = f"{file_sha256(model_dir / 'model.pt')[:16]}-{params_hash}"
     images = image_rows(data_dir, params.splits)
-    image_keys = {row["key"] for row in images}
     words = (Path(vocab_dir) / "words.txt").read_text(encoding="utf-8").splitlines()
     tasks = load_zero_shot_tasks(data_dir)
     folder_tasks = {name: {"classes": sorted({r["label"] for r in folder_rows(name, path)}),
@@ -228,33 +314,43 @@ def run_extraction(model_dir: str | Path, data_dir: str | Path, vocab_dir: str |
     test_keys = {r["key"] for r in images if r["split"] == "test"}
     token_keys = set(sorted(test_keys)[: params.token_sample])
 
-    text_sets: dict[str, Callable[[], Any]] = {
-        "texts": lambda: ray.data.from_items(caption_rows(data_dir, params.splits)),
-        "vocab": lambda: ray.data.from_items([{"key": w, "text": w} for w in words]),
+    sets: dict[str, InputSet] = {
+        "texts": text_set(caption_rows(data_dir, params.splits)),
+        "vocab": text_set([{"key": w, "text": w} for w in words]),
+        "images": image_set(data_dir, params.splits, {r["key"] for r in images}),
     }
     if tasks or folder_tasks:
-        text_sets["prompts"] = lambda: ray.data.from_items(prompt_rows({**tasks, **folder_tasks}))
-    image_sets: dict[str, Callable[[], Any]] = {"images": lambda: shard_images(data_dir, params.splits, image_keys)}
+        sets["prompts"] = text_set(prompt_rows({**tasks, **folder_tasks}))
     crops = data_dir / "eval" / "crops" / "test.tar"
     if crops.is_file():
-        image_sets["crops"] = lambda: ray.data.read_webdataset(str(crops), decoder=None).map_batches(_crop_columns)
+        sets["crops"] = InputSet(build=lambda: ray.data.read_webdataset(str(crops), decoder=None).map_batches(
+            _crop_columns))
     for name, path in params.labelled_folders.items():
-        image_sets[f"labelled_{name}"] = (
-            lambda path=path, name=name: ray.data.from_items(folder_rows(name, path)).map_batches(_read_path))
-
-    def run(group, sets, columns, kind):
-        return write_sets(group, sets, columns, out_dir, fingerprint, {"model_dir": str(model_dir), "kind": kind},
-                          params, task_cpus)
-
-    counts = {**run("text", text_sets, TEXT_COLUMNS, "text"), **run("image", image_sets, IMAGE_COLUMNS, "image")}
+        sets[f"labelled_{name}"] = InputSet(
+            build=lambda path=path, name=name: ray.data.from_items(folder_rows(name, path)).map_batches(_read_path))
     if token_keys:
-        counts.update(run("tokens", {"tokens": lambda: shard_images(data_dir, ["test"], token_keys)},
-                          IMAGE_COLUMNS, "tokens"))
+        sets["tokens"] = image_set(data_dir, ["test"], token_keys, kind="tokens")
+    snapshots = evolution_weights(model_dir) if params.evolution_vocab else {}
+    for tag in snapshots:
+        sets.update(evolution_sets(tag, data_dir, words[: params.evolution_vocab], test_keys))
+
+    counts = write_sets(f"extract-{model_dir.name}", sets, out_dir, fingerprint,
+                        {"model_dir": str(model_dir), "weights": {FINAL: "model.pt", **snapshots}}, params, task_cpus)
     manifest = {"model_dir": str(model_dir), "width": model.width, "pooling": model.params.pooling,
                 "fingerprint": fingerprint, "rows": counts, "vocabulary": len(words),
-                "zero_shot_tasks": {**tasks, **folder_tasks}}
+                "evolution": list(snapshots), "zero_shot_tasks": {**tasks, **folder_tasks}}
     write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+def evolution_sets(tag: str, data_dir: Path, words: list[str], test_keys: set[str]) -> dict[str, InputSet]:
+    """Test images, their captions and the head of the vocabulary, encoded by one snapshot: what
+    feature naming and the modality split need at each point of training (paper Fig 5, 6)."""
+    return {
+        evolution_set(tag, "images"): image_set(data_dir, ["test"], test_keys, checkpoint=tag),
+        evolution_set(tag, "texts"): text_set(caption_rows(data_dir, ["test"]), checkpoint=tag),
+        evolution_set(tag, "vocab"): text_set([{"key": w, "text": w} for w in words], checkpoint=tag),
+    }
 
 
 def _crop_columns(batch: dict[str, Any]) -> dict[str, Any]:

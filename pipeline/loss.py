@@ -1,35 +1,468 @@
-"""The training objective: open_clip's own contrastive loss, plus the L1 ablation's penalty.
+"""The training objective: open_clip's contrastive loss or a tiled equivalent, plus L1.
 
-``ClipLoss(local_loss=True, gather_with_grad=True)`` is what open_clip's maintainers recommend
-at scale: each worker scores its local rows against the gathered columns, and gradients flow
-back through the gather, so N workers reproduce the gradients of one process on the whole
-batch (``tests/test_loss.py`` proves it on 2 gloo workers) with O(local x global) logits.
+``ClipLoss(local_loss=True, gather_with_grad=True)`` is what open_clip's maintainers
+recommend at scale: each worker scores its local rows against the gathered columns, and
+gradients flow back through the gather, so N workers reproduce the gradients of one
+process on the whole batch (``tests/test_model_loss.py`` proves it on 2 gloo workers).
+Its cost is the gather: every worker holds all ``global_b x width`` image and text
+embeddings and, in backward, their gradients. At the paper's 32k batch and x72 width
+(55,296) that is 4 x 7.2 GB in fp32 on every GPU, which is why the paper stops at x72.
+
+:class:`TiledClipLoss` computes the same loss and the same gradients without ever holding
+the gathered matrices. The other workers' ``(image, text)`` blocks travel round a ring,
+one block at a time, and each worker scores its local rows against the block it holds:
+
+* forward: every ``local_b x local_b`` tile of logits updates a streaming (online)
+  logsumexp per local row; only the ``local_b`` log-normalisers are kept for backward;
+* backward: the ring turns again; each tile is recomputed and turned into softmax minus
+  one-hot, which gives the local rows' gradient, the logit scale's gradient, and the
+  gradient of the block the worker is holding. That last one travels with the block,
+  each worker adding its share, and arrives back at its owner after a full turn: the
+  sum over all workers' losses that ``torch.distributed.nn.all_gather`` would deliver.
+
+Peak memory per worker is a few ``local_b x width`` blocks (the local features, the
+block held, the one in flight, and one gradient accumulator) plus ``local_b x local_b``
+tiles: O(local_b x width + local_b^2), independent of the global batch.
+Sparse embeddings (the paper's are < 1% non-zero) can travel as (index, value) pairs:
+with ``sparse_transport_density`` set, a block whose density is below it is sent as
+COO and densified on arrival, exactly.
+
+:func:`tiled_clip_loss` is the same computation in one process, with the other workers'
+blocks fed in by the caller; the benchmark uses it to simulate a 32k global batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
+
 import torch
+import torch.distributed as dist
 from open_clip.loss import ClipLoss
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from pipeline.config import ModelParams
 from pipeline.model import l1_penalty
 
+Pair = tuple[torch.Tensor, torch.Tensor]
+LOSSES = ("clip", "tiled")
+
 
 class SparseClipObjective(nn.Module):
-    """Contrastive loss on normalised sparse embeddings; for ``activation: l1``, plus lambda * L1."""
+    """Contrastive loss on normalised sparse embeddings; for ``activation: l1``, plus L1.
 
-    def __init__(self, params: ModelParams, rank: int = 0, world_size: int = 1):
+    ``loss`` picks the contrastive term: ``"clip"`` is open_clip's ``ClipLoss``,
+    ``"tiled"`` is :class:`TiledClipLoss` (same value and gradients, memory independent
+    of the global batch). ``sparse_transport_density`` only applies to ``"tiled"``.
+    """
+
+    def __init__(
+        self,
+        params: ModelParams,
+        rank: int = 0,
+        world_size: int = 1,
+        loss: str = "clip",
+        sparse_transport_density: float | None = None,
+    ):
         super().__init__()
-        self.contrastive = ClipLoss(
-            local_loss=True, gather_with_grad=True, cache_labels=True, rank=rank, world_size=world_size
-        )
-        self.l1_lambda = params.l1_lambda if params.activation == "l1" and params.expansion else 0.0
+        if loss not in LOSSES:
+            raise ValueError(f"loss = {loss!r}: expected one of {', '.join(LOSSES)}")
+        common = {
+            "local_loss": True,
+            "gather_with_grad": True,
+            "cache_labels": True,
+            "rank": rank,
+            "world_size": world_size,
+        }
+        if loss == "tiled":
+            self.contrastive = TiledClipLoss(
+                **common, sparse_transport_density=sparse_transport_density
+            )
+        else:
+            self.contrastive = ClipLoss(**common)
+        active = params.activation == "l1" and params.expansion
+        self.l1_lambda = params.l1_lambda if active else 0.0
 
     def forward(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         image, text = outputs["image_features"], outputs["text_features"]
-        losses = {"contrastive_loss": self.contrastive(image, text, outputs["logit_scale"])}
+        losses = {
+            "contrastive_loss": self.contrastive(image, text, outputs["logit_scale"])
+        }
         if self.l1_lambda:
             losses["l1_loss"] = self.l1_lambda * l1_penalty(image, text)
         losses["loss"] = sum(losses.values())
         return losses
+
+
+class TiledClipLoss(nn.Module):
+    """Drop-in for ``open_clip.loss.ClipLoss`` whose memory does not grow with the batch.
+
+    Same constructor and ``forward``; same value and gradients as ``ClipLoss`` with:
+
+    * ``world_size == 1``: any flags (there is nothing to gather);
+    * ``local_loss=True, gather_with_grad=True``: the project's setting; gradients
+      reach the other workers' features, as through ``torch.distributed.nn.all_gather``;
+    * ``local_loss=True, gather_with_grad=False``: the gathered columns carry no
+      gradient, so each worker's features only get the gradient of their own rows.
+
+    Not supported (``NotImplementedError``): ``local_loss=False`` with several workers
+    (every worker would score the whole global x global matrix, the cost this class
+    exists to avoid), ``use_horovod=True`` (the ring uses ``torch.distributed``
+    point-to-point ops; gloo and NCCL both work) and ``logit_bias``. ``cache_labels``
+    is accepted and has no effect: no label tensor is ever built.
+
+    Every worker must pass the same local batch size (``ClipLoss`` needs it too: its
+    labels are ``arange(local_b) + rank * local_b``), and ``rank``/``world_size`` must
+    be those of the default process group.
+
+    ``sparse_transport_density`` (None: always dense): a block whose fraction of
+    non-zeros is below it travels as flat indices + values (int32 + fp32 per non-zero,
+    so it pays below 0.5); ``transport.stats`` counts blocks sent each way and bytes.
+    """
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        sparse_transport_density: float | None = None,
+    ):
+        super().__init__()
+        if world_size > 1 and not local_loss:
+            raise NotImplementedError(
+                "TiledClipLoss needs local_loss=True when world_size > 1: with "
+                "local_loss=False every worker scores the full global x global logits"
+            )
+        if use_horovod:
+            raise NotImplementedError(
+                "TiledClipLoss passes blocks with torch.distributed point-to-point ops; "
+                "use_horovod=True is not supported"
+            )
+        if sparse_transport_density is not None and not 0 <= sparse_transport_density:
+            raise ValueError("sparse_transport_density must be >= 0 or None")
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.use_horovod = use_horovod
+        self.transport = _Transport(sparse_transport_density)
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        logit_bias: torch.Tensor | None = None,
+        output_dict: bool = False,
+    ):
+        if logit_bias is not None:
+            raise NotImplementedError("TiledClipLoss does not support logit_bias")
+        if self.world_size == 1:
+            exchange, column_grads = _LocalExchange(()), True
+        else:
+            exchange = _RingExchange(self.rank, self.world_size, self.transport)
+            column_grads = self.gather_with_grad
+        loss = _apply(
+            image_features, text_features, logit_scale, exchange, column_grads
+        )
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+def tiled_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    other_blocks: Sequence[Pair] | Callable[[], Iterable[Pair]] = (),
+    remote_grad: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """One worker's tiled loss in a single process, the other workers' blocks fed in.
+
+    Equals the ``local_loss`` contrastive loss of the local rows against the batch
+    ``cat([local, *other_blocks])``, computed with the same code as
+    :class:`TiledClipLoss`. ``other_blocks`` is read once in forward and once in
+    backward, so it is a sequence of ``(image, text)`` pairs or a callable returning a
+    fresh iterable (a generator that makes blocks on the fly keeps memory at one block).
+    In backward, the gradient of block ``i`` (what the ring would send back to its
+    owner) goes to ``remote_grad(i, d_image, d_text)`` if given, else is dropped.
+    """
+    exchange = _LocalExchange(other_blocks, remote_grad)
+    return _apply(image_features, text_features, logit_scale, exchange, True)
+
+
+class _Exchange(Protocol):
+    """Where blocks come from and where their gradients go (local list or ring)."""
+
+    def blocks(self, own: Pair) -> Iterator[Pair]:
+        """Every worker's block once, the caller's own first."""
+
+    def push_grad(self, grad: Pair) -> None:
+        """The gradient of the block last yielded by :meth:`blocks`."""
+
+    def own_grad(self) -> Pair:
+        """The summed gradient of the caller's own block, after every push."""
+
+
+def _apply(image, text, logit_scale, exchange: _Exchange, column_grads: bool):
+    """Run the autograd function; a float logit scale becomes a constant tensor."""
+    if image.shape != text.shape:
+        raise ValueError(
+            f"image {tuple(image.shape)} and text {tuple(text.shape)} differ"
+        )
+    if not torch.is_tensor(logit_scale):
+        logit_scale = torch.tensor(logit_scale, device=image.device)
+    return _TiledClip.apply(image, text, logit_scale, exchange, column_grads)
+
+
+class _TiledClip(torch.autograd.Function):
+    """The tiled loss: streaming logsumexp forward, tile recomputation backward.
+
+    Autocast is switched off inside: tiles are computed in (at least) fp32 in both
+    passes, so the softmax recomputed in backward matches the forward normalisers.
+    Blocks travel in the features' own dtype and are promoted tile by tile.
+    """
+
+    @staticmethod
+    def forward(ctx, image, text, logit_scale, exchange, column_grads):
+        with _no_autocast(image):
+            loss, lse_img, lse_txt = _loss_forward(image, text, logit_scale, exchange)
+        ctx.save_for_backward(image, text, logit_scale, lse_img, lse_txt)
+        ctx.exchange, ctx.column_grads = exchange, column_grads
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        image, text, logit_scale, lse_img, lse_txt = ctx.saved_tensors
+        with _no_autocast(image):
+            coef = _compute(grad_loss) / (2 * image.shape[0])
+            d_img, d_txt, d_scale = _loss_backward(
+                image, text, logit_scale, (lse_img, lse_txt), coef, ctx
+            )
+        return (
+            d_img.to(image.dtype),
+            d_txt.to(text.dtype),
+            d_scale.to(logit_scale.dtype).reshape(logit_scale.shape),
+            None,
+            None,
+        )
+
+
+def _compute(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32: half-precision tiles would make the logsumexp inexact."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _no_autocast(like: torch.Tensor):
+    return torch.autocast(like.device.type, enabled=False)
+
+
+def _loss_forward(image, text, logit_scale, exchange: _Exchange):
+    """Loss and per-row log-normalisers, one block of columns at a time."""
+    img, txt, scale = _compute(image), _compute(text), _compute(logit_scale)
+    lse_img = img.new_full((img.shape[0],), float("-inf"))
+    lse_txt = lse_img.clone()
+    for other_img, other_txt in exchange.blocks((image, text)):
+        lse_img = torch.logaddexp(lse_img, _logits(img, other_txt, scale).logsumexp(1))
+        lse_txt = torch.logaddexp(lse_txt, _logits(txt, other_img, scale).logsumexp(1))
+    positive = scale * (img * txt).sum(1)  # label column: the own block's diagonal
+    loss = ((lse_img - positive).mean() + (lse_txt - positive).mean()) / 2
+    return loss, lse_img, lse_txt
+
+
+def _loss_backward(image, text, logit_scale, lse: Pair, coef, ctx):
+    """Gradients of the local rows, of the logit scale and (pushed) of every block."""
+    img, txt, scale = _compute(image), _compute(text), _compute(logit_scale)
+    exchange, column_grads = ctx.exchange, ctx.column_grads
+    d_img, d_txt = torch.zeros_like(img), torch.zeros_like(txt)
+    d_scale = scale.new_zeros(())
+    for step, (other_img, other_txt) in enumerate(exchange.blocks((image, text))):
+        other_img, other_txt = _compute(other_img), _compute(other_txt)
+        own = step == 0
+        g_it, s_it = _tile_grad(img, other_txt, scale, lse[0], coef, own)
+        g_ti, s_ti = _tile_grad(txt, other_img, scale, lse[1], coef, own)
+        d_img += g_it @ other_txt
+        d_txt += g_ti @ other_img
+        d_scale += s_it + s_ti
+        if column_grads:
+            exchange.push_grad((g_ti.T @ txt, g_it.T @ img))
+    if column_grads:
+        own_img, own_txt = exchange.own_grad()
+        d_img += own_img
+        d_txt += own_txt
+    return d_img, d_txt, d_scale
+
+
+def _logits(
+    rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """One ``rows x cols`` tile of scaled logits, in the rows' compute dtype."""
+    return scale * (rows @ _compute(cols).T)
+
+
+def _tile_grad(rows, cols, scale, lse, coef, own: bool):
+    """d loss / d(rows @ cols.T) for one tile, and the tile's share of d loss / d scale.
+
+    The cross-entropy gradient is softmax minus one-hot; the softmax of the tile is
+    exp(logits - lse) with the normalisers of the whole row, kept from forward.
+    """
+    raw = rows @ cols.T
+    d_logits = torch.exp(scale * raw - lse[:, None]) * coef
+    if own:
+        d_logits.diagonal().sub_(coef)
+    return d_logits * scale, (d_logits * raw).sum()
+
+
+class _LocalExchange:
+    """Blocks from the caller (world_size 1, or the single-process simulation)."""
+
+    def __init__(self, others, sink=None):
+        self.others, self.sink = others, sink
+        self.pushed, self.own = 0, None
+
+    def blocks(self, own: Pair) -> Iterator[Pair]:
+        self.pushed, self.own = 0, None
+        yield own
+        yield from self.others() if callable(self.others) else self.others
+
+    def push_grad(self, grad: Pair) -> None:
+        if self.pushed == 0:
+            self.own = grad
+        elif self.sink is not None:
+            self.sink(self.pushed - 1, *grad)
+        self.pushed += 1
+
+    def own_grad(self) -> Pair:
+        return self.own
+
+
+class _RingExchange:
+    """Blocks travel rank r -> r + 1, so after W - 1 hops each worker saw every block.
+
+    The next block is already in flight while the caller computes on the current one.
+    In backward, a block's gradient accumulator follows the block round the ring: each
+    worker adds its share and passes it on; after W hops it is back at its owner.
+    """
+
+    def __init__(self, rank: int, world_size: int, transport: _Transport):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "TiledClipLoss with world_size > 1 needs torch.distributed"
+            )
+        if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+            raise RuntimeError(
+                f"TiledClipLoss(rank={rank}, world_size={world_size}) but the process "
+                f"group has rank {dist.get_rank()} of {dist.get_world_size()}"
+            )
+        self.world_size, self.transport = world_size, transport
+        self.next, self.prev = (rank + 1) % world_size, (rank - 1) % world_size
+        self.acc: Pair | None = None
+
+    def blocks(self, own: Pair) -> Iterator[Pair]:
+        self.acc = None
+        current = own
+        for step in range(self.world_size):
+            last = step == self.world_size - 1
+            pending = None if last else self._shift(current, _DATA_TAG)
+            yield current
+            if pending is not None:
+                current = _unstack(pending())
+
+    def push_grad(self, grad: Pair) -> None:
+        if self.acc is not None:
+            grad = (self.acc[0] + grad[0], self.acc[1] + grad[1])
+        self.acc = _unstack(self._shift(grad, _GRAD_TAG)())
+
+    def own_grad(self) -> Pair:
+        return self.acc
+
+    def _shift(self, pair: Pair, tag: int) -> Callable[[], torch.Tensor]:
+        return self.transport.shift(torch.cat(pair), self.next, self.prev, tag)
+
+
+def _unstack(block: torch.Tensor) -> Pair:
+    image, text = block.chunk(2)
+    return image, text
+
+
+_DATA_TAG, _GRAD_TAG = 0, 1
+
+
+class _Transport:
+    """Point-to-point block shifts, dense or as (index, value) pairs.
+
+    Every worker's blocks have the same shape and dtype, so a dense block needs no
+    header. With ``density`` set, a one-number header goes first: -1 for a dense
+    block, else the count of non-zeros that follow as flat indices and values.
+    ``stats`` counts the blocks sent each way and the bytes they took.
+    """
+
+    def __init__(self, density: float | None):
+        self.density = density
+        self.stats = {"dense_blocks": 0, "sparse_blocks": 0, "bytes_sent": 0}
+
+    def shift(self, block, dst: int, src: int, tag: int) -> Callable[[], torch.Tensor]:
+        """Send ``block`` to ``dst``, receive ``src``'s; returns a wait-and-get."""
+        if self.density is None:
+            self._count([block])
+            return _post([block], [torch.empty_like(block)], dst, src, tag, block)
+        nnz = int(torch.count_nonzero(block))
+        sparse = nnz < self.density * block.numel()
+        header = torch.tensor([nnz if sparse else -1], device=block.device)
+        incoming = torch.empty_like(header)
+        _post([header], [incoming], dst, src, 4 * tag + 2, header)()
+        sends = _encode(block) if sparse else [block]
+        self._count([header, *sends])
+        recvs = _receive_buffers(int(incoming), block)
+        return _post(sends, recvs, dst, src, 4 * tag, block)
+
+    def _count(self, sends: list[torch.Tensor]) -> None:
+        self.stats["sparse_blocks" if len(sends) == 3 else "dense_blocks"] += 1
+        self.stats["bytes_sent"] += sum(t.numel() * t.element_size() for t in sends)
+
+
+def _post(sends, recvs, dst: int, src: int, tag: int, like: torch.Tensor):
+    """Post sends and receives together (NCCL needs them batched); return a waiter.
+
+    Each message of a shift has its own tag, so gloo cannot mix them up; NCCL ignores
+    tags and matches in posting order, which is the same on every worker.
+    """
+    ops = [dist.P2POp(dist.isend, t, dst, tag=tag + i) for i, t in enumerate(sends)]
+    ops += [dist.P2POp(dist.irecv, t, src, tag=tag + i) for i, t in enumerate(recvs)]
+    works = dist.batch_isend_irecv(ops)
+
+    def wait() -> torch.Tensor:
+        for work in works:
+            work.wait()
+        return _decode(*recvs, like) if len(recvs) == 2 else recvs[0]
+
+    return wait
+
+
+def _index_dtype(block: torch.Tensor) -> torch.dtype:
+    return torch.int32 if block.numel() < 2**31 else torch.int64
+
+
+def _encode(block: torch.Tensor) -> list[torch.Tensor]:
+    """COO of a block: flat indices of its non-zeros, then their values."""
+    flat = block.reshape(-1)
+    index = flat.nonzero().squeeze(1)
+    return [index.to(_index_dtype(block)), flat[index]]
+
+
+def _receive_buffers(header: int, like: torch.Tensor) -> list[torch.Tensor]:
+    if header < 0:
+        return [torch.empty_like(like)]
+    index = torch.empty(header, dtype=_index_dtype(like), device=like.device)
+    return [index, torch.empty(header, dtype=like.dtype, device=like.device)]
+
+
+def _decode(index, values, like: torch.Tensor) -> torch.Tensor:
+    """Densify a COO block (exact: every value lands where it was)."""
+    dense = torch.zeros(like.numel(), dtype=like.dtype, device=like.device)
+    dense[index.long()] = values
+    return dense.view_as(like)

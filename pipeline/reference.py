@@ -87,13 +87,13 @@ def run_reference(params: ReferenceParams, extract: ExtractParams, data_dir: str
     """Embed every image the extract stage will use; write ``<out_dir>/images/``."""
     import ray.data
 
-    from pipeline.extract import IMAGE_COLUMNS, image_rows, shard_images, write_sets
+    from pipeline.extract import image_rows, image_set, write_sets
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     data_dir = Path(data_dir).resolve()
     keys = {row["key"] for row in image_rows(data_dir, extract.splits)}
     batch = extract.model_copy(update={"batch_size": params.batch_size})
-    rows = write_sets("reference", {"images": lambda: shard_images(data_dir, extract.splits, keys)}, IMAGE_COLUMNS,
+    rows = write_sets("reference", {"images": image_set(data_dir, extract.splits, keys)},
                       Path(params.out_dir), f"{params.encoder}-{params_hash}",
                       {"params": params.model_dump(mode="json")}, batch, task_cpus, actor=ReferenceEncoder)
     return {"encoder": params.encoder, "images": rows["images"]}

@@ -25,7 +25,7 @@ import torch
 from pipeline.config import Params
 from pipeline.data.evalsets import zero_shot_label
 from pipeline.evaluate import ActivationSet, evaluate
-from pipeline.extract import IMAGE_COLUMNS, image_rows, shard_images, write_sets
+from pipeline.extract import image_rows, image_set, write_sets
 from pipeline.io import file_sha256, write_json
 from pipeline.sae import SAETrainConfig, SparseAutoencoder, reconstruction_report, train_sae
 from pipeline.sparse_io import activation_table, sparse_rows, to_csr
@@ -39,9 +39,8 @@ def training_inputs(params: Params, model_dir: Path, out_dir: Path) -> Path:
     cfg, data_dir = params.sae, Path(params.sample.out_dir).resolve()
     keys = {row["key"] for row in image_rows(data_dir, cfg.train_splits)}
     fingerprint = f"{file_sha256(model_dir / 'model.pt')[:16]}-{params.section_hash('sae')}"
-    write_sets("sae-inputs", {"train_inputs": lambda: shard_images(data_dir, cfg.train_splits, keys)},
-               IMAGE_COLUMNS, out_dir, fingerprint, {"model_dir": str(model_dir.resolve()), "kind": "image"},
-               params.extract, params.ray.task_cpus)
+    write_sets("sae-inputs", {"train_inputs": image_set(data_dir, cfg.train_splits, keys)},
+               out_dir, fingerprint, {"model_dir": str(model_dir.resolve())}, params.extract, params.ray.task_cpus)
     return out_dir / "train_inputs"
 
 

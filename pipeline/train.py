@@ -187,7 +187,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     step = _restore(ray.train.get_checkpoint(), model, optimizer)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-    objective = SparseClipObjective(model_params, rank, world)
+    objective = SparseClipObjective(model_params, rank, world, loss=train_params.loss,
+                                    sparse_transport_density=train_params.sparse_transport_density)
     autocast = _autocast(train_params.precision, device)
 
     total, per_epoch = config["total_steps"], config["steps_per_epoch"]

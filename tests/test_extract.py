@@ -2,29 +2,26 @@
 
 from __future__ import annotations
 
-
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.config import ExtractParams, MetricsParams, RayParams, ReferenceParams, VocabParams, load_params
+from pipeline.config import (
+    ExtractParams,
+    MetricsParams,
+    VocabParams,
+    load_params,
+)
 from pipeline.data.concepts import concept_words
 from pipeline.data.loading import ClipBatchPreprocessor
-from pipeline.data.sampling import run_sample
 from pipeline.data.shards import read_split
 from pipeline.evaluate import evaluate
 from pipeline.extract import run_extraction
-from pipeline.model import build_model, save_model
-from pipeline.reference import run_reference
 from pipeline.sparse_io import activation_table, read_activations, sparse_rows, to_csr
 from pipeline.vocab import build_vocabulary, merge
 
 from .conftest import REPO
-from .test_model_loss import MICRO
-
-TINY = {**MICRO, "text_cfg": {**MICRO["text_cfg"], "vocab_size": 49408}}
 
 
 def test_merge_lowercases_dedupes_and_keeps_first_order():
@@ -63,39 +60,6 @@ def test_sparse_layout_round_trips_and_grows_with_nnz(tmp_path):
     assert small * 10 < large, (small, large)  # bytes follow nnz, not the 4096 width
 
 
-@pytest.fixture(scope="module")
-def extracted(tmp_path_factory, ray_local):
-    """A sampled dataset, a tiny random sparse model and a dense one, extracted with 2 actors."""
-    root = tmp_path_factory.mktemp("extract")
-    params = load_params(REPO / "params.yaml", overrides={
-        "sample.source.generator.num_records": 120, "sample.shard_size": 40, "sample.out_dir": str(root / "data"),
-    })
-    run_sample(params.sample, RayParams(num_cpus=2))
-    vocab = root / "vocab"
-    vocab.mkdir()
-    words = merge(concept_words(), ["dog", "cat", "sun"])
-    (vocab / "words.txt").write_text("\n".join(words) + "\n")
-    sbert = np.random.default_rng(0).normal(size=(len(words), 16)).astype(np.float32)
-    pq.write_table(pa.table({"word": words, "embedding": pa.array(list(sbert), pa.list_(pa.float32()))}),
-                   vocab / "sbert.parquet")
-    folder = root / "imagenet_layout"  # class-named subfolders, as ImageNet-val is laid out
-    for record in list(read_split(root / "data", "train"))[:12]:
-        main = record.meta["truth"]["objects"][record.meta["truth"]["main"]]
-        (folder / main["shape"]).mkdir(parents=True, exist_ok=True)
-        (folder / main["shape"] / f"{record.key}.jpg").write_bytes(record.jpeg)
-    extract = ExtractParams(actors=2, batch_size=16, token_sample=4, labelled_folders={"shapes": str(folder)})
-    out = {}
-    for name, expansion, activation in [("sparse", 8, "relu"), ("dense", 0, "none")]:
-        torch.manual_seed(0)
-        model = build_model(params.train.model.model_copy(update={"inline": TINY, "expansion": expansion,
-                                                                  "activation": activation}))
-        save_model(model, root / "models" / name)
-        manifest = run_extraction(root / "models" / name, root / "data", vocab, root / "acts" / name, extract,
-                                  0.25, "test")
-        out[name] = (model.eval(), manifest)
-    reference = ReferenceParams(image_size=64, batch_size=32, out_dir=str(root / "reference"))
-    run_reference(reference, extract, root / "data", 0.25, "test")
-    return root, params, out
 
 
 @pytest.mark.slow

@@ -1,0 +1,42 @@
+"""DVC stage ``atlas``: concept naming, feature evolution, heatmaps + pointing game, figures and
+the HTML feature atlas of every model (``reports/atlas/index.html``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.atlas.build import build_atlas
+from pipeline.cli import run_stage, stage_parser
+from pipeline.config import load_params
+from pipeline.io import write_json
+from pipeline.tracking import flatten, stage_run
+
+
+def atlas(args) -> None:
+    params = load_params(args.params)
+    out_dir = Path(params.atlas.out_dir)
+    upstream = [Path(params.extract.out_dir) / v for v in params.atlas_variants()]
+    with stage_run(params, "atlas", section=params.atlas.model_dump(mode="json"), upstream=upstream,
+                   lineage_dir=out_dir) as run:
+        summary = build_atlas(params)
+        numbers = {k: v for k, v in flatten(summary).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics_path = write_json(Path(params.metrics.out_dir) / "atlas.json", numbers)
+        run.log_metrics(numbers)
+        figures = [out_dir / v / f for v in params.atlas_variants() for f in summary[v]["figures"]]
+        if summary["heatmap_panel"]:
+            figures.append(Path(summary["heatmap_panel"]))
+        run.log_outputs([metrics_path, out_dir / "index.html", *figures,
+                         *(out_dir / v / "features.parquet" for v in params.atlas_variants())])
+    for variant in params.atlas_variants():
+        pointing = summary[variant].get("pointing", {})
+        print(f"atlas[{variant}]: {summary[variant]['distinct_names']} distinct names, pointing game "
+              f"{pointing.get('accuracy', float('nan')):.3f} (chance {pointing.get('chance', float('nan')):.3f})")
+    print(f"atlas: open {out_dir / 'index.html'}")
+
+
+def main(argv=None) -> None:
+    run_stage(atlas, stage_parser("atlas", __doc__), argv)
+
+
+if __name__ == "__main__":
+    main()

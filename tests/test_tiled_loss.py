@@ -1,0 +1,192 @@
+"""TiledClipLoss equals open_clip's ClipLoss: value and gradients, in one process and on
+2 and 4 gloo workers, with blocks sent densely or as (index, value) pairs; the
+single-process simulation equals brute force on the concatenated batch."""
+
+from __future__ import annotations
+
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+from pipeline.loss import SparseClipObjective, TiledClipLoss, tiled_clip_loss
+from pipeline.model import build_model
+from tests.test_model_loss import batch, micro
+
+WIDTH = 32
+
+
+def features(n: int, seed: int, sparse: bool, dtype=torch.float32) -> torch.Tensor:
+    """Unit rows; ``sparse``: ReLU(x - 1), about 16% non-zero, like a sparse head."""
+    x = torch.randn(
+        n, WIDTH, generator=torch.Generator().manual_seed(seed), dtype=dtype
+    )
+    return F.normalize(F.relu(x - 1) if sparse else x, dim=-1)
+
+
+def loss_and_grads(loss_fn, image, text, scale):
+    """Loss value and gradients w.r.t. fresh leaf copies of the inputs."""
+    leaves = [t.detach().clone().requires_grad_() for t in (image, text, scale)]
+    loss = loss_fn(*leaves)
+    loss.backward()
+    return loss.detach(), [leaf.grad for leaf in leaves]
+
+
+def assert_close(actual, expected, what: str, atol: float = 1e-6) -> None:
+    assert torch.allclose(actual, expected, atol=atol, rtol=1e-5), (
+        what,
+        (actual - expected).abs().max().item(),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_single_process_equals_clip_loss(dtype, sparse):
+    image, text = features(8, 0, sparse, dtype), features(8, 1, sparse, dtype)
+    scale = torch.tensor(20.0, dtype=dtype)
+    expected = loss_and_grads(ClipLoss(), image, text, scale)
+    actual = loss_and_grads(TiledClipLoss(), image, text, scale)
+    assert_close(actual[0], expected[0], "loss")
+    for name, a, e in zip(("image", "text", "scale"), actual[1], expected[1]):
+        assert_close(a, e, name)
+
+
+def test_output_dict_and_unsupported_combinations():
+    image, text = features(4, 0, False), features(4, 1, False)
+    out = TiledClipLoss()(image, text, 10.0, output_dict=True)
+    assert torch.allclose(out["contrastive_loss"], ClipLoss()(image, text, 10.0))
+    with pytest.raises(NotImplementedError, match="local_loss=True"):
+        TiledClipLoss(local_loss=False, world_size=2)
+    with pytest.raises(NotImplementedError, match="horovod"):
+        TiledClipLoss(local_loss=True, use_horovod=True)
+    with pytest.raises(NotImplementedError, match="logit_bias"):
+        TiledClipLoss()(image, text, 10.0, torch.tensor(1.0))
+    with pytest.raises(RuntimeError, match="torch.distributed"):
+        TiledClipLoss(local_loss=True, gather_with_grad=True, rank=0, world_size=2)(
+            image, text, 10.0
+        )
+
+
+def test_simulated_helper_equals_brute_force_on_the_concatenated_batch():
+    local = [features(4, s, True).requires_grad_() for s in (0, 1)]
+    others = [
+        (features(4, 2 * k + 2, True), features(4, 2 * k + 3, True)) for k in range(3)
+    ]
+    others = [(i.requires_grad_(), t.requires_grad_()) for i, t in others]
+    scale = torch.tensor(15.0, requires_grad=True)
+
+    all_img = torch.cat([local[0]] + [i for i, _ in others])
+    all_txt = torch.cat([local[1]] + [t for _, t in others])
+    labels = torch.arange(4)
+    brute = (
+        F.cross_entropy(scale * local[0] @ all_txt.T, labels)
+        + F.cross_entropy(scale * local[1] @ all_img.T, labels)
+    ) / 2
+    leaves = [*local, scale, *[t for pair in others for t in pair]]
+    expected = torch.autograd.grad(brute, leaves)
+
+    remote = {}
+    loss = tiled_clip_loss(
+        *local,
+        scale,
+        lambda: iter([(i.detach(), t.detach()) for i, t in others]),  # read twice
+        remote_grad=lambda k, d_img, d_txt: remote.update({k: (d_img, d_txt)}),
+    )
+    actual = torch.autograd.grad(loss, [*local, scale])
+    assert_close(loss, brute, "loss")
+    actual += tuple(g for k in range(3) for g in remote[k])
+    for k, (a, e) in enumerate(zip(actual, expected)):
+        assert_close(a, e, f"gradient {k}")
+
+
+def test_objective_selects_the_loss():
+    torch.manual_seed(0)
+    params = micro(expansion=4)
+    out = build_model(params)(*batch(6))
+    clip = SparseClipObjective(params)(out)["loss"]
+    tiled_objective = SparseClipObjective(
+        params, loss="tiled", sparse_transport_density=0.05
+    )
+    assert isinstance(tiled_objective.contrastive, TiledClipLoss)
+    assert torch.allclose(tiled_objective(out)["loss"], clip)
+    with pytest.raises(ValueError, match="loss"):
+        SparseClipObjective(params, loss="siglip")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# (features sparse?, sparse_transport_density, gather_with_grad)
+MODES = {
+    "dense": (False, None, True),
+    "sparse_features_dense_grads": (True, 0.3, True),  # features as COO, grads dense
+    "coo_everything": (True, 2.0, True),  # every block as COO, gradients too
+    "no_gather_grad": (False, None, False),
+}
+
+
+def _worker(rank: int, world: int, port: int, out_dir) -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # open_clip's all_gather
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    results = {}
+    for mode, (sparse, density, with_grad) in MODES.items():
+        image, text = features(3, 2 * rank, sparse), features(3, 2 * rank + 1, sparse)
+        scale = torch.tensor(12.0)
+        flags = {"local_loss": True, "gather_with_grad": with_grad}
+        clip = ClipLoss(**flags, rank=rank, world_size=world)
+        tiled = TiledClipLoss(
+            **flags, rank=rank, world_size=world, sparse_transport_density=density
+        )
+        results[mode] = {
+            "clip": loss_and_grads(clip, image, text, scale),
+            "tiled": loss_and_grads(tiled, image, text, scale),
+            "stats": dict(tiled.transport.stats),
+        }
+    torch.save(results, out_dir / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_workers(world: int, tmp_path) -> list[dict]:
+    """Fork the workers from a forkserver that imported this module (torch, open_clip)
+    once for the session: spawning would pay those imports in every worker."""
+    mp.set_forkserver_preload([__name__])
+    mp.start_processes(
+        _worker,
+        args=(world, _free_port(), tmp_path),
+        nprocs=world,
+        start_method="forkserver",
+    )  # raises if a rank fails
+    return [
+        torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)
+    ]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gloo_workers_match_clip_loss_with_gather_with_grad(world, tmp_path):
+    for rank, results in enumerate(run_workers(world, tmp_path)):
+        for mode, result in results.items():
+            (clip_loss, clip_grads), (tiled_loss, tiled_grads) = (
+                result["clip"],
+                result["tiled"],
+            )
+            assert_close(tiled_loss, clip_loss, f"rank {rank} {mode} loss")
+            for name, a, e in zip(("image", "text", "scale"), tiled_grads, clip_grads):
+                assert_close(a, e, f"rank {rank} {mode} d{name}")
+        stats = {mode: result["stats"] for mode, result in results.items()}
+        assert stats["dense"]["sparse_blocks"] == 0
+        # each pass sends W - 1 feature blocks (as COO here); W gradient accumulators
+        sparse_run = stats["sparse_features_dense_grads"]
+        assert sparse_run["sparse_blocks"] + sparse_run["dense_blocks"] == 3 * world - 2
+        assert sparse_run["sparse_blocks"] >= 2 * (world - 1)
+        assert stats["coo_everything"]["dense_blocks"] == 0
