@@ -336,6 +336,47 @@ class AtlasParams(Section):
     out_dir: str = "reports/atlas"
 
 
+class VLMParams(Section):
+    """The VLM on a frozen encoder (paper §4): adapter + LM, two-stage training, QA evaluation."""
+
+    variants: list[str] = Field(["sparse", "dense"], min_length=1, description="encoders to build a VLM on")
+    language_model: str = Field("smollm2-135m-instruct", description="smollm2-135m-instruct (packaged) or a local "
+                                "Hugging Face model folder, e.g. Llama-3.1-8B-Instruct")
+    lm_cache: str = Field(".cache/lm", description="where the packaged GGUF model is converted to, once")
+    features: Literal["pooled", "tokens"] = Field("pooled", description="pooled embedding (1 visual token) or "
+                                                  "every spatial token's sparse features")
+    adapter_hidden: int = Field(1024, ge=1)
+    question_types: list[str] = Field(["subject", "colour", "count", "text"], min_length=1)
+    qa_path: str | None = Field(None, description="JSONL {key, type, question, answer} instead of ground truth")
+    stage1_steps: int = Field(40, ge=0, description="adapter only")
+    stage2_steps: int = Field(40, ge=0, description="adapter + LM top lm_layers blocks")
+    stage1_lr: float = Field(1e-3, gt=0)
+    stage2_lr: float = Field(5e-5, gt=0)
+    lm_layers: int | None = Field(4, ge=0, description="LM blocks trained in stage 2, from the top (None: all)")
+    batch_size: int = Field(16, ge=1)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers")
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 0.5})
+    threads_per_worker: int = Field(2, ge=1, description="torch threads per worker")
+    log_every: int = Field(5, ge=1)
+    eval_images: int = Field(64, ge=1, description="held-out test images for QA evaluation")
+    eval_batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
+    out_dir: str = "vlm"
+
+
+class SteerParams(Section):
+    """Steering evaluation (Fig 8b): suppress the true label's features, boost another label's."""
+
+    variant: str = Field("sparse", description="whose VLM is steered (one of vlm.variants)")
+    question_type: str = Field("colour", description="question asked; its answers are the labels")
+    ks: list[int] = Field([1, 4], min_length=1, description="features per concept word (K)")
+    strengths: list[float] = Field([2.0, 5.0], min_length=1, description="steering strengths (SS)")
+    images: int = Field(48, ge=1, description="test images")
+    max_words: int = Field(6, ge=1, description="an answer longer than this counts as corrupted")
+    out_dir: str = "metrics"
+
+
 class Params(Section):
     project: ProjectParams = ProjectParams()
     ray: RayParams = RayParams()
@@ -347,15 +388,19 @@ class Params(Section):
     metrics: MetricsParams = MetricsParams()
     sae: SAEParams = SAEParams()
     atlas: AtlasParams = AtlasParams()
+    vlm: VLMParams = VLMParams()
+    steer: SteerParams = SteerParams()
 
     @model_validator(mode="after")
     def _sae_source_is_a_variant(self) -> Params:
         if self.sae.source_variant not in self.train.variants:
             raise ValueError(f"sae.source_variant {self.sae.source_variant!r} is not one of train.variants "
                              f"({', '.join(self.train.variants)})")
-        unknown = [v for v in self.atlas.variants or [] if v not in self.train.variants]
+        unknown = [v for v in [*(self.atlas.variants or []), *self.vlm.variants] if v not in self.train.variants]
         if unknown:
-            raise ValueError(f"atlas.variants {unknown} are not train.variants ({', '.join(self.train.variants)})")
+            raise ValueError(f"atlas/vlm variants {unknown} are not train.variants ({', '.join(self.train.variants)})")
+        if self.steer.variant not in self.vlm.variants:
+            raise ValueError(f"steer.variant {self.steer.variant!r} is not one of vlm.variants {self.vlm.variants}")
         return self
 
     def atlas_variants(self) -> list[str]:

@@ -1,0 +1,54 @@
+"""QA evaluation (paper Tab 3 shape): exact match after normalisation and SBERT similarity to
+the reference answer, per question type, on held-out images; for the subject question also
+whether the colour and the shape are each named."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.vlm.model import FeatureEdit, VisionLanguageModel
+from pipeline.vlm.questions import normalise
+
+
+def sbert_similarity(answers: Sequence[str], references: Sequence[str]) -> np.ndarray:
+    """Cosine similarity of SBERT (all-MiniLM-L6-v2) embeddings, pairwise by position."""
+    from pipeline.vocab import sbert_embeddings
+
+    a = sbert_embeddings([x or " " for x in answers])
+    b = sbert_embeddings(list(references))
+    a, b = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
+    return np.sum(a * b, axis=1)
+
+
+def answer_all(vlm: VisionLanguageModel, images: torch.Tensor, rows: Sequence[dict[str, Any]], batch_size: int,
+               max_new_tokens: int, edits: Sequence[FeatureEdit | None] | None = None, desc: str = "answering") -> list[str]:
+    """Answers for rows of {image, question}, batched; ``edits`` gives one edit per batch."""
+    out = []
+    starts = range(0, len(rows), batch_size)
+    for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", mininterval=5)):
+        chunk = rows[start : start + batch_size]
+        out += vlm.answer(images[[r["image"] for r in chunk]], [r["question"] for r in chunk],
+                          edits[b] if edits else None, max_new_tokens)
+    return out
+
+
+def qa_metrics(answers: Sequence[str], examples: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per question type: exact match, SBERT similarity, n; subject also colour/shape named."""
+    similarity = sbert_similarity(answers, [e["answer"] for e in examples])
+    out: dict[str, float] = {}
+    for qtype in sorted({e["type"] for e in examples}):
+        idx = [i for i, e in enumerate(examples) if e["type"] == qtype]
+        exact = [normalise(answers[i]) == normalise(examples[i]["answer"]) for i in idx]
+        out[f"{qtype}.exact"] = float(np.mean(exact))
+        out[f"{qtype}.sbert"] = float(np.mean(similarity[idx]))
+        out[f"{qtype}.n"] = len(idx)
+        if qtype == "subject":
+            for j, part in enumerate(("colour", "shape")):
+                out[f"subject.{part}_named"] = float(np.mean(
+                    [examples[i]["answer"].split()[j] in normalise(answers[i]).split() for i in idx]))
+    return out

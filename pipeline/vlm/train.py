@@ -1,0 +1,178 @@
+"""Two-stage VLM training with Ray Train (paper §4): stage 1 trains the adapter alone (encoder
+and LM frozen), stage 2 the adapter and the LM's top ``lm_layers`` blocks (all with None).
+
+Each worker holds the frozen encoder, the LM and its shard of the question-answer pairs; with
+several workers the gradients of the trainable parameters are averaged by an explicit
+all-reduce (the trainable set changes between stages, which DDP's static buckets do not allow).
+Only the trained parameters are saved (``adapter.pt``, ``lm_trained.pt``), not the whole LM.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Params, VLMParams
+from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
+from pipeline.model import load_model
+from pipeline.vlm.language_model import load_language_model, prepare_language_model
+from pipeline.vlm.model import VisionLanguageModel
+from pipeline.vlm.questions import qa_from_jsonl, qa_from_truth
+
+
+def build_vlm(encoder_dir: str | Path, lm_dir: str | Path, cfg: VLMParams) -> VisionLanguageModel:
+    lm, tokenizer = load_language_model(lm_dir)
+    return VisionLanguageModel(load_model(encoder_dir), lm, tokenizer, cfg.features, cfg.adapter_hidden)
+
+
+def lm_trainable(vlm: VisionLanguageModel, layers: int | None) -> list[torch.nn.Parameter]:
+    """Stage 2's LM parameters: the top ``layers`` decoder blocks and the final norm (None: all)."""
+    if layers is None:
+        return list(vlm.lm.parameters())
+    blocks = vlm.lm.model.layers[len(vlm.lm.model.layers) - layers:] if layers else []
+    return [p for block in blocks for p in block.parameters()] + list(vlm.lm.model.norm.parameters())
+
+
+def trained_lm_state(vlm: VisionLanguageModel, layers: int | None) -> dict[str, torch.Tensor]:
+    ids = {id(p) for p in lm_trainable(vlm, layers)}
+    return {name: p.detach().clone() for name, p in vlm.lm.named_parameters() if id(p) in ids}
+
+
+def qa_examples(data_dir: str, split: str, cfg: VLMParams, preprocessor: ClipBatchPreprocessor,
+                limit: int | None = None):
+    """(images [N, 3, H, W], examples) of one split: pairs from ground truth or ``vlm.qa_path``."""
+    arrays, metas = load_split_arrays(data_dir, split, preprocessor, limit=limit)
+    if cfg.qa_path:
+        keys = [m.get("key", "") for m in metas]
+        examples = qa_from_jsonl(cfg.qa_path, keys)
+    else:
+        examples = qa_from_truth(metas, cfg.question_types)
+    if not examples:
+        raise ValueError(f"no question-answer pairs for the {split} split: the embedded data carries ground "
+                         "truth; other data needs vlm.qa_path (JSONL of key, question, answer)")
+    return torch.from_numpy(arrays["image"]), examples, metas
+
+
+def train_vlm_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: both stages on this rank's share of the pairs; rank 0 reports weights."""
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.train import MetricSink
+
+    cfg = VLMParams.model_validate(config["vlm"])
+    torch.set_num_threads(cfg.threads_per_worker)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(config["seed"])  # the same adapter init on every rank
+    vlm = build_vlm(config["encoder_dir"], config["lm_dir"], cfg)
+    device = ray.train.torch.get_device()
+    vlm.to(device)
+    images, examples, _ = qa_examples(config["data_dir"], "train", cfg,
+                                      ClipBatchPreprocessor(vlm.encoder.image_size, vlm.encoder.context_length))
+    examples = examples[rank::world]
+    sink = MetricSink(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
+    loss = two_stage_training(vlm, images, examples, cfg, config["seed"] + rank, world, device,
+                              sink.log if sink else None)
+    step = cfg.stage1_steps + cfg.stage2_steps
+    metrics = {"step": step, "loss": loss.item()}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(vlm.adapter.state_dict(), Path(tmp) / "adapter.pt")
+        torch.save(trained_lm_state(vlm, cfg.lm_layers), Path(tmp) / "lm_trained.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def two_stage_training(vlm: VisionLanguageModel, images: torch.Tensor, examples: list[dict[str, Any]],
+                       cfg: VLMParams, seed: int, world: int = 1, device: torch.device | str = "cpu",
+                       log=None) -> torch.Tensor:
+    """Stage 1: adapter only; stage 2: adapter + the LM's top blocks. Returns the last loss."""
+    generator = torch.Generator().manual_seed(seed)
+    step, local_batch, loss = 0, max(1, cfg.batch_size // world), torch.tensor(float("nan"))
+    for stage, steps, lr in ((1, cfg.stage1_steps, cfg.stage1_lr), (2, cfg.stage2_steps, cfg.stage2_lr)):
+        vlm.lm.requires_grad_(False)
+        trainable = list(vlm.adapter.parameters()) + (lm_trainable(vlm, cfg.lm_layers) if stage == 2 else [])
+        for p in trainable:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+        start = time.perf_counter()
+        for i in range(steps):
+            batch = [examples[j] for j in torch.randint(len(examples), (local_batch,), generator=generator).tolist()]
+            loss = vlm.loss(images[[e["image"] for e in batch]].to(device), [e["question"] for e in batch],
+                            [e["answer"] for e in batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            _average_gradients(trainable, world)
+            optimizer.step()
+            step += 1
+            if log and (step % cfg.log_every == 0 or i == steps - 1):
+                log({"vlm/loss": loss.item(), "vlm/stage": stage,
+                     "vlm/samples_per_s": (i + 1) * cfg.batch_size / (time.perf_counter() - start)}, step)
+    return loss
+
+
+def _average_gradients(parameters: list[torch.nn.Parameter], world: int) -> None:
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def run_vlm_training(params: Params, variant: str, *, run_id: str | None = None,
+                     tracking_uri: str | None = None) -> Path:
+    """Train the VLM on one encoder variant; write ``<vlm.out_dir>/<variant>/`` and return it."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.cluster import connect
+    from pipeline.train import _storage_path
+
+    cfg = params.vlm
+    lm_dir = prepare_language_model(cfg.language_model, cfg.lm_cache)
+    encoder_dir = Path(params.train.out_dir, variant).resolve()
+    connect(params.ray)
+    trainer = TorchTrainer(
+        train_vlm_worker,
+        train_loop_config={"vlm": cfg.model_dump(mode="json"), "seed": params.project.seed,
+                           "encoder_dir": str(encoder_dir), "lm_dir": str(Path(lm_dir).resolve()),
+                           "data_dir": str(Path(params.sample.out_dir).resolve()),
+                           "run_id": run_id, "tracking_uri": tracking_uri},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker=dict(cfg.resources_per_worker)),
+        run_config=ray.train.RunConfig(name=f"vlm-{variant}-{run_id or int(time.time())}",
+                                       storage_path=_storage_path(params.ray.storage_path)),
+    )
+    result = trainer.fit()
+    out = Path(cfg.out_dir) / variant
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    with result.checkpoint.as_directory() as folder:
+        for name in ("adapter.pt", "lm_trained.pt"):
+            shutil.copy(Path(folder) / name, out / name)
+    (out / "vlm.json").write_text(json.dumps({"encoder_dir": str(encoder_dir), "lm_dir": str(lm_dir),
+                                              "vlm": cfg.model_dump(mode="json"), "final_loss": result.metrics["loss"]},
+                                             indent=2))
+    return out
+
+
+def load_vlm(vlm_dir: str | Path) -> VisionLanguageModel:
+    """A trained VLM from its folder (encoder and LM from the paths it recorded)."""
+    spec = json.loads((Path(vlm_dir) / "vlm.json").read_text())
+    vlm = build_vlm(spec["encoder_dir"], spec["lm_dir"], VLMParams.model_validate(spec["vlm"]))
+    vlm.adapter.load_state_dict(torch.load(Path(vlm_dir) / "adapter.pt", weights_only=True))
+    missing = vlm.lm.load_state_dict(torch.load(Path(vlm_dir) / "lm_trained.pt", weights_only=True), strict=False)
+    if missing.unexpected_keys:
+        raise ValueError(f"{vlm_dir}/lm_trained.pt has parameters the LM lacks: {missing.unexpected_keys[:3]}")
+    return vlm.eval()

@@ -1,0 +1,118 @@
+"""The VLM: feature edits reach the adapter exactly, stage 1 freezes the LM, training lowers the
+answer loss, QA pairs from ground truth; on a tiny Llama with SmolLM2's real tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import VLMParams
+from pipeline.data.generator import render_record
+from pipeline.data.loading import ClipBatchPreprocessor
+from pipeline.model import build_model
+from pipeline.vlm.language_model import load_language_model, prepare_language_model
+from pipeline.vlm.model import FeatureEdit, VisionLanguageModel, edit_features
+from pipeline.vlm.questions import QUESTIONS, answers_from_truth, normalise, qa_from_truth
+from pipeline.vlm.train import lm_trainable, two_stage_training
+
+from .test_model_loss import micro
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """SmolLM2-135M-Instruct's own tokenizer (chat tokens included), converted once."""
+    _, tokenizer = load_language_model(prepare_language_model("smollm2-135m-instruct",
+                                                              tmp_path_factory.mktemp("lm")))
+    return tokenizer
+
+
+def tiny_vlm(tokenizer, features="pooled") -> VisionLanguageModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                                      tie_word_embeddings=True))
+    encoder = build_model(micro(expansion=4))
+    return VisionLanguageModel(encoder, lm, tokenizer, features, hidden=16)
+
+
+def test_qa_pairs_from_ground_truth():
+    record = render_record(5, seed=1)
+    answers = answers_from_truth(record.truth)
+    main = record.truth["objects"][record.truth["main"]]
+    assert answers["subject"] == f"{main['colour']} {main['shape']}" and answers["colour"] == main["colour"]
+    examples = qa_from_truth([{"truth": record.truth}], ["subject", "colour"])
+    assert [e["question"] for e in examples] == [QUESTIONS["subject"], QUESTIONS["colour"]]
+    assert normalise("A Red circle.") == "red circle"
+    with pytest.raises(ValueError, match="unknown"):
+        qa_from_truth([{"truth": record.truth}], ["smell"])
+
+
+def test_edit_features_sets_exactly_the_named_features():
+    features = torch.rand(2, 3, 10) + 0.1
+    edit = FeatureEdit(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[5, 6], [7, 8]]), strength=2.5)
+    out = edit_features(features, edit)
+    for b, (suppressed, boosted) in enumerate([([1, 2], [5, 6]), ([3, 4], [7, 8])]):
+        assert (out[b, :, suppressed] == 0).all() and (out[b, :, boosted] == 2.5).all()
+        untouched = [f for f in range(10) if f not in suppressed + boosted]
+        assert torch.equal(out[b, :, untouched], features[b, :, untouched])
+    assert torch.equal(edit_features(features, None), features)
+
+
+@pytest.mark.parametrize("features", ["pooled", "tokens"])
+def test_the_adapter_sees_the_edited_features(tokenizer, features):
+    vlm = tiny_vlm(tokenizer, features)
+    seen = []
+    vlm.adapter.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    images = torch.randn(2, 3, 32, 32)
+    original = vlm.sparse_features(images)
+    edit = FeatureEdit(torch.tensor([[0, 1]] * 2), torch.tensor([[5, 9]] * 2), strength=3.0)
+    answers = vlm.answer(images, [QUESTIONS["colour"]] * 2, edit, max_new_tokens=2)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    adapter_input = seen[0]
+    assert (adapter_input[..., [0, 1]] == 0).all() and (adapter_input[..., [5, 9]] == 3.0).all()
+    rest = [f for f in range(vlm.encoder.width) if f not in (0, 1, 5, 9)]
+    assert torch.equal(adapter_input[..., rest], original[..., rest])
+    assert adapter_input.shape[1] == (16 if features == "tokens" else 1)
+
+
+def _data(n=12):
+    pre = ClipBatchPreprocessor(32, 8)
+    records = [render_record(i, seed=2) for i in range(n)]
+    images = torch.from_numpy(pre({"jpg": [r.jpeg for r in records], "txt": [r.caption for r in records]})["image"])
+    return images, qa_from_truth([{"truth": r.truth} for r in records], ["colour", "subject"])
+
+
+def test_stage_one_trains_the_adapter_and_leaves_the_lm_unchanged(tokenizer):
+    vlm = tiny_vlm(tokenizer)
+    images, examples = _data()
+    lm_before = {k: v.clone() for k, v in vlm.lm.state_dict().items()}
+    adapter_before = {k: v.clone() for k, v in vlm.adapter.state_dict().items()}
+    cfg = VLMParams(stage1_steps=3, stage2_steps=0, batch_size=4)
+    two_stage_training(vlm, images, examples, cfg, seed=0)
+    assert all(torch.equal(v, lm_before[k]) for k, v in vlm.lm.state_dict().items())
+    assert not all(torch.equal(v, adapter_before[k]) for k, v in vlm.adapter.state_dict().items())
+
+    cfg = VLMParams(stage1_steps=0, stage2_steps=3, batch_size=4, lm_layers=1)
+    two_stage_training(vlm, images, examples, cfg, seed=0)
+    trained = {id(p) for p in lm_trainable(vlm, 1)}
+    for name, p in vlm.lm.named_parameters():
+        changed = not torch.equal(p, lm_before[name])
+        assert changed == (id(p) in trained), name  # stage 2: exactly the top block (+ final norm) moves
+
+
+def test_training_lowers_the_answer_loss(tokenizer):
+    vlm = tiny_vlm(tokenizer)
+    images, examples = _data(8)
+    cfg = VLMParams(stage1_steps=0, stage2_steps=0)
+    with torch.no_grad():
+        before = vlm.loss(images[[e["image"] for e in examples]], [e["question"] for e in examples],
+                          [e["answer"] for e in examples]).item()
+    two_stage_training(vlm, images, examples, cfg.model_copy(update={"stage1_steps": 15, "stage2_steps": 15,
+                                                                      "batch_size": 8, "lm_layers": None,
+                                                                      "stage2_lr": 3e-3}), seed=0)
+    with torch.no_grad():
+        after = vlm.loss(images[[e["image"] for e in examples]], [e["question"] for e in examples],
+                         [e["answer"] for e in examples]).item()
+    assert after < before - 1.0, (before, after)  # more than a nat lower on the answers it trained on
