@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -140,7 +142,7 @@ def atlas(extracted, tmp_path_factory):
 
 def test_atlas_tables_figures_and_pointing_game(atlas):
     params, summary, models = atlas
-    out = params.atlas.out_dir
+    out = Path(params.atlas.out_dir)
     width = models["sparse"][1]["width"]
     features = pq.read_table(f"{out}/sparse/features.parquet")
     assert features.num_rows == width and {"name", "words", "images", "modality", "density", "clarity"} <= set(
@@ -150,15 +152,12 @@ def test_atlas_tables_figures_and_pointing_game(atlas):
     assert set(summary["sparse"]["evolution"]) == {"1pct", "100pct"}
     pointing = summary["sparse"]["pointing"]
     token_keys = {k for k in pq.read_table(f"{params.extract.out_dir}/sparse/tokens").column("key").to_pylist()}
-    truths = {}
-    for record in pq.read_table(f"{params.extract.out_dir}/sparse/images", columns=["key", "meta"]).to_pylist():
-        import json
-
-        truths[record["key"]] = json.loads(record["meta"])["truth"]
+    truths = {r["key"]: json.loads(r["meta"])["truth"]
+              for r in pq.read_table(f"{params.extract.out_dir}/sparse/images", columns=["key", "meta"]).to_pylist()}
     expected = sum(len({o[f] for o in truths[k]["objects"]}) for k in token_keys for f in ("shape", "colour"))
     assert pointing["trials"] == expected and 0 <= pointing["accuracy"] <= 1 and 0 < pointing["chance"] < 1
     for name in ("sparse/features.png", "sparse/evolution.png", "heatmaps.png", "index.html"):
-        assert (out / name if hasattr(out, "joinpath") else __import__("pathlib").Path(out) / name).is_file(), name
+        assert (out / name).is_file(), name
 
 
 @pytest.fixture
@@ -173,8 +172,6 @@ def browser():
 
 
 def test_atlas_in_headless_chromium(atlas, browser, tmp_path):
-    from pathlib import Path
-
     params, _, models = atlas
     out = Path(params.atlas.out_dir)
     browser.open(out / "sparse" / "index.html")

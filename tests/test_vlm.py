@@ -12,7 +12,12 @@ from pipeline.data.loading import ClipBatchPreprocessor
 from pipeline.model import build_model
 from pipeline.vlm.language_model import load_language_model, prepare_language_model
 from pipeline.vlm.model import FeatureEdit, VisionLanguageModel, edit_features
-from pipeline.vlm.questions import QUESTIONS, answers_from_truth, normalise, qa_from_truth
+from pipeline.vlm.questions import (
+    QUESTIONS,
+    answers_from_truth,
+    normalise,
+    qa_from_truth,
+)
 from pipeline.vlm.train import lm_trainable, two_stage_training
 
 from .test_model_loss import micro
@@ -116,3 +121,42 @@ def test_training_lowers_the_answer_loss(tokenizer):
         after = vlm.loss(images[[e["image"] for e in examples]], [e["question"] for e in examples],
                          [e["answer"] for e in examples]).item()
     assert after < before - 1.0, (before, after)  # more than a nat lower on the answers it trained on
+
+
+def test_ray_train_vlm_on_two_workers_and_steering_api(extracted, ray_local, workdir):
+    """The real path: SmolLM2 on a trained-model folder, 2 Ray Train workers (gradients
+    all-reduced), weights exported, reloaded, answering, and the steering API on one image."""
+    from pipeline.config import load_params
+    from pipeline.data.shards import read_split
+    from pipeline.vlm.evaluate import answer_all, qa_metrics
+    from pipeline.vlm.steering import Steerer
+    from pipeline.vlm.train import load_vlm, qa_examples, run_vlm_training
+
+    from .conftest import REPO
+
+    root, _, _ = extracted
+    params = load_params(REPO / "params.yaml", overrides={
+        "sample.out_dir": str(root / "data"), "train.out_dir": str(root / "models"),
+        "train.variants": {"sparse": {}, "dense": {"expansion": 0, "activation": "none"}},
+        "sae.source_variant": "dense", "atlas.variants": ["sparse"], "atlas.heatmap_models": [],
+        "vlm.stage1_steps": 2, "vlm.stage2_steps": 2, "vlm.batch_size": 4, "vlm.num_workers": 2,
+        "vlm.threads_per_worker": 1, "vlm.lm_layers": 1, "vlm.lm_cache": str(REPO / ".cache" / "lm"),
+        "vlm.out_dir": str(workdir / "vlm"), "ray.storage_path": str(workdir / "ray_results"),
+    })
+    out = run_vlm_training(params, "sparse")
+    assert {p.name for p in out.iterdir()} >= {"adapter.pt", "lm_trained.pt", "vlm.json"}
+    vlm = load_vlm(out)
+    saved = torch.load(out / "adapter.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in vlm.adapter.state_dict().items())
+    assert set(torch.load(out / "lm_trained.pt", weights_only=True)) == {
+        n for n, p in vlm.lm.named_parameters() if id(p) in {id(q) for q in lm_trainable(vlm, 1)}}
+    images, examples, _ = qa_examples(params.sample.out_dir, "test", params.vlm, ClipBatchPreprocessor(
+        vlm.encoder.image_size, vlm.encoder.context_length), limit=4)
+    answers = answer_all(vlm, images, examples[:8], batch_size=8, max_new_tokens=3)
+    scores = qa_metrics(answers, examples[:8])
+    assert all(0 <= v <= 1 for k, v in scores.items() if k.endswith((".exact", "_named")))
+    jpeg = next(read_split(params.sample.out_dir, "test")).jpeg
+    steerer = Steerer(vlm)
+    edit = steerer.edit(["red"], ["blue"], k=3, strength=4.0)
+    assert edit.suppress.shape == edit.boost.shape == (1, 3)
+    assert isinstance(steerer(jpeg, suppress=["red"], boost=["blue"], k=3, strength=4.0, max_new_tokens=3), str)
