@@ -3,10 +3,14 @@
 A local cluster binds to 127.0.0.1, starts no dashboard and sends no usage statistics, so the
 embedded run makes no network traffic beyond loopback. On a cluster the same code joins the
 existing head node (``ray job submit`` sets ``RAY_ADDRESS``) and inherits its resources.
+
+Inside a Ray job the driver's ``runtime_env`` is merged with the job's, and Ray refuses the merge
+when both set the same environment variable, so variables the job already sets are not repeated.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -37,12 +41,13 @@ def connect(params: RayParams) -> dict:
     """Initialise Ray once per process and return the cluster's resources."""
     if not ray.is_initialized():
         address = params.address or os.environ.get("RAY_ADDRESS")
-        env = {"env_vars": {**WORKER_ENV, **_forwarded_env()}}
+        env = {"env_vars": _worker_env()}
         if address:
             log.info("joining Ray cluster at %s", address)
             ray.init(address=address, runtime_env=env, log_to_driver=True)
         else:
             ray.init(
+                address="local",  # a new cluster: never silently join one `ray start` left on this machine
                 num_cpus=params.num_cpus,
                 include_dashboard=False,
                 _node_ip_address="127.0.0.1",
@@ -51,6 +56,20 @@ def connect(params: RayParams) -> dict:
                 configure_logging=False,
             )
     return ray.cluster_resources()
+
+
+def _worker_env() -> dict[str, str]:
+    """What workers need, minus what the enclosing Ray job (if any) already gives them."""
+    wanted = {**WORKER_ENV, **_forwarded_env()}
+    return {k: v for k, v in wanted.items() if k not in _job_env_vars()}
+
+
+def _job_env_vars() -> dict[str, str]:
+    """The env_vars of the Ray job this driver runs in (``ray job submit``); empty outside a job."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
 
 
 def _forwarded_env() -> dict[str, str]:

@@ -192,6 +192,9 @@ class TrainParams(Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a cluster)")
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 0.5})
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="where Ray puts the workers: PACK fills a node first (NCCL stays on NVLink); "
+        "SPREAD puts them on different nodes when it can")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU")
     grad_checkpointing: bool = False
     loss: Literal["clip", "tiled"] = Field(
@@ -370,11 +373,28 @@ class SteerParams(Section):
 
     variant: str = Field("sparse", description="whose VLM is steered (one of vlm.variants)")
     question_type: str = Field("colour", description="question asked; its answers are the labels")
-    ks: list[int] = Field([1, 4], min_length=1, description="features per concept word (K)")
+    ks: list[int] = Field([16, 32], min_length=1, description="features per concept word (K)")
     strengths: list[float] = Field([2.0, 5.0], min_length=1, description="steering strengths (SS)")
     images: int = Field(48, ge=1, description="test images")
     max_words: int = Field(6, ge=1, description="an answer longer than this counts as corrupted")
     out_dir: str = "metrics"
+
+
+class ReportParams(Section):
+    """The comparison report (``reports/comparison``): paper-shaped tables and overlaid training
+    curves. By default the latest FINISHED run of each stage and variant in the experiment."""
+
+    experiment: str | None = Field(None, description="MLflow experiment to read (None: project.experiment)")
+    runs: list[str] = Field(default_factory=list, description="MLflow run ids to compare instead")
+    dvc_exps: list[str] = Field(default_factory=list, description="DVC experiments to compare instead "
+                                "(names or revs; their stage runs carry the tag dvc_exp)")
+    out_dir: str = "reports/comparison"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ReportParams:
+        if self.runs and self.dvc_exps:
+            raise ValueError("give runs or dvc_exps, not both")
+        return self
 
 
 class Params(Section):
@@ -390,6 +410,7 @@ class Params(Section):
     atlas: AtlasParams = AtlasParams()
     vlm: VLMParams = VLMParams()
     steer: SteerParams = SteerParams()
+    report: ReportParams = ReportParams()
 
     @model_validator(mode="after")
     def _sae_source_is_a_variant(self) -> Params:

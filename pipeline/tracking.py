@@ -41,24 +41,32 @@ def tracking_uri() -> str:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """Get or create the pipeline's experiment; embedded stores keep artifacts in ``mlartifacts/``."""
+    """Get or create the pipeline's experiment; a SQLite store keeps artifacts in ``mlartifacts/``
+    beside its database file (so a store on shared storage has its artifacts there too)."""
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        location = Path("mlartifacts").resolve().as_uri()
+    if (uri := tracking_uri()).startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 
-def git_commit() -> str:
-    """The commit the code ran at, with '-dirty' when the work tree differs; 'unknown' outside git."""
+def git_commit(cwd: str | Path | None = None) -> str:
+    """The commit the code ran at, with '-dirty' when the work tree differs; 'unknown' outside git.
+
+    ``$SPARSECLIP_GIT_COMMIT`` wins: a cluster job runs an uploaded copy of the code without
+    ``.git``, so the submitter (``pipeline.submit``) passes the commit along.
+    """
+    if commit := os.environ.get("SPARSECLIP_GIT_COMMIT"):
+        return commit
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=cwd
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=cwd,
+            check=False,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -170,6 +178,7 @@ def stage_run(
         "params_hash": params.section_hash(section_name) if section_name in Params.model_fields else "",
         "upstream_run_ids": json.dumps(upstream_runs, sort_keys=True),
         **{f"upstream.{key}": run_id for key, run_id in upstream_runs.items()},
+        **dvc_experiment_tags(),
     }
     run = client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
     handle = StageRun(client, run.info.run_id, stage, variant)
@@ -183,6 +192,13 @@ def stage_run(
     if lineage_dir is not None:
         write_lineage(lineage_dir, handle, exp_id, upstream_runs)
     client.set_terminated(handle.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def dvc_experiment_tags() -> dict[str, str]:
+    """The DVC experiment this stage runs in (``dvc exp run`` sets these variables), so runs of one
+    experiment can be found again: its metrics files are not committed to Git, its runs are here."""
+    names = {"dvc_exp": "DVC_EXP_NAME", "dvc_exp_baseline": "DVC_EXP_BASELINE_REV"}
+    return {tag: os.environ[var] for tag, var in names.items() if os.environ.get(var)}
 
 
 def write_lineage(out_dir: str | Path, run: StageRun, exp_id: str, upstream: Mapping[str, str]) -> None:

@@ -10,6 +10,10 @@ straight into the stage's MLflow run, and checkpoints through ``ray.train.report
 - the paper's evolution snapshots at 1/3/10/30/100% of training, kept for good through a score
   that ranks them above every resume checkpoint.
 
+Where each worker ran (its Ray node) is gathered once per attempt and reported by rank 0 with
+every checkpoint; the driver writes it to ``models/<variant>/workers.json``, the record that a
+multi-node run really spread over the nodes.
+
 Metrics are written to MLflow as they happen; after a restart, steps already in the run are not
 written again, so nothing logged is lost or duplicated.
 """
@@ -33,6 +37,7 @@ import torch
 from pipeline.config import ModelParams, Params, TrainParams
 from pipeline.data.evalsets import load_zero_shot_tasks, zero_shot_label
 from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
+from pipeline.io import write_json
 from pipeline.loss import SparseClipObjective
 from pipeline.model import SparseCLIP, build_model, save_model
 from pipeline.zeroshot import class_embeddings, topk_accuracy
@@ -175,6 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    placement = worker_placement(context)
     torch.manual_seed(config["seed"])  # same init on every rank; DDP also broadcasts rank 0's
 
     model = build_model(model_params)
@@ -237,7 +243,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if metrics:
                     sink.log({"epoch": epoch, **metrics}, step)
             if step % train_params.checkpoint_every == 0 or step in snapshots or step == total:
-                _report(model, optimizer, step, snapshots.get(step), rank)
+                _report(model, optimizer, step, snapshots.get(step), rank, placement)
             if step >= total:
                 break
 
@@ -276,12 +282,26 @@ def _maybe_fail(config: dict[str, Any], step: int, rank: int) -> None:
         raise RuntimeError(f"injected worker failure at step {step} on rank {rank}")
 
 
-def _report(model: SparseCLIP, optimizer, step: int, evolution: list[float] | None, rank: int) -> None:
-    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
+def worker_placement(context) -> list[dict[str, Any]]:
+    """Every worker's rank and Ray node, gathered on all ranks (a collective: call on every rank)."""
+    import ray
+
+    mine = {"rank": context.get_world_rank(), "local_rank": context.get_local_rank(),
+            "node_rank": context.get_node_rank(), "node_id": ray.get_runtime_context().get_node_id()}
+    if context.get_world_size() == 1 or not torch.distributed.is_initialized():
+        return [mine]
+    everyone: list[Any] = [None] * context.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    return sorted(everyone, key=lambda w: w["rank"])
+
+
+def _report(model: SparseCLIP, optimizer, step: int, evolution: list[float] | None, rank: int,
+            placement: list[dict[str, Any]]) -> None:
+    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint and the placement."""
     import ray.train
 
     score = EVOLUTION_SCORE + step if evolution else float(step)
-    metrics = {"step": step, "keep_score": score, "evolution": list(evolution or [])}
+    metrics = {"step": step, "keep_score": score, "evolution": list(evolution or []), "workers": placement}
     if rank != 0:
         ray.train.report(metrics)
         return
@@ -310,6 +330,7 @@ class TrainOutcome:
     model_dir: Path
     total_steps: int
     snapshots: dict[str, str]
+    workers: list[dict[str, Any]]
 
 
 def run_training(params: Params, variant: str, *, run_id: str | None = None, tracking_uri: str | None = None,
@@ -333,7 +354,7 @@ def run_training(params: Params, variant: str, *, run_id: str | None = None, tra
     connect(params.ray)
     probe = build_model(model_params)
     dataset = ray_split_dataset(data_dir, "train", ClipBatchPreprocessor(probe.image_size, probe.context_length),
-                                params.ray.task_cpus).select_columns(["image", "text"])
+                                params.ray.task_cpus).select_columns(["image", "text"], num_cpus=params.ray.task_cpus)
     storage = _storage_path(params.ray.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -345,6 +366,7 @@ def run_training(params: Params, variant: str, *, run_id: str | None = None, tra
         scaling_config=ray.train.ScalingConfig(
             num_workers=train_params.num_workers, use_gpu=train_params.use_gpu,
             resources_per_worker=dict(train_params.resources_per_worker),
+            placement_strategy=train_params.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=f"{variant}-{run_id or int(time.time())}",
@@ -380,7 +402,9 @@ def _export(result, model_dir: Path, total: int) -> TrainOutcome:
                 shutil.copy(Path(folder) / "config.json", model_dir / "config.json")
     if not (model_dir / "model.pt").is_file():
         raise RuntimeError(f"training ended without a final checkpoint at step {total}")
-    return TrainOutcome(model_dir, total, dict(sorted(snapshots.items())))
+    workers = list(result.metrics.get("workers", []))
+    write_json(model_dir / "workers.json", workers)
+    return TrainOutcome(model_dir, total, dict(sorted(snapshots.items())), workers)
 
 
 def _storage_path(path: str) -> str:

@@ -38,6 +38,7 @@ def train(args) -> None:
         csv_path = write_curve_csv(curves, Path("plots/train") / f"{variant}.csv")
         png_path = plot_curves(curves, PANELS, Path("plots/train") / f"{variant}.png", title=f"train {variant}")
         run.log_dict(outcome.snapshots, "evolution_snapshots.json")
+        run.set_tags({"ray_nodes": len({w["node_id"] for w in outcome.workers})})
         run.log_outputs([model_dir, metrics_path, csv_path, png_path])
     print(f"train[{variant}]: {outcome.total_steps} steps -> {model_dir}; "
           f"zero-shot shape top1 {final.get('zeroshot/shape/top1', float('nan')):.3f}, "

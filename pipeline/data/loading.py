@@ -54,7 +54,7 @@ def ray_split_dataset(data_dir: str | Path, split: str, preprocessor: ClipBatchP
     """A Ray Dataset of one split, decoded and tokenised by CPU tasks."""
     import ray.data
 
-    return ray.data.read_webdataset(split_paths(data_dir, split), decoder=None).map_batches(
+    return ray.data.read_webdataset(split_paths(data_dir, split), decoder=None, num_cpus=task_cpus).map_batches(
         preprocessor, batch_size=64, num_cpus=task_cpus
     )
 

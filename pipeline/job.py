@@ -1,0 +1,138 @@
+"""The driver of a pipeline job on a Ray cluster: ``dvc repro`` in a workspace every node sees.
+
+``python -m pipeline.submit`` uploads the project's code, params and DVC files -- never its
+outputs -- as the job's ``working_dir``; Ray unpacks it on every node, so every worker imports
+the same code. Stage outputs are another matter: a train worker on one node reads the
+``data/sample`` shards that Ray Data tasks on other nodes wrote, so outputs must live on storage
+all nodes mount. This driver therefore copies the code into a *workspace* on shared storage (an
+NFS path) and runs ``dvc repro`` there. Reusing a workspace makes the next job incremental,
+exactly as ``dvc repro`` is on a laptop.
+
+The cluster's values reach the stages the same way as on a laptop, through ``params.yaml``: an
+override file (``deploy/params.paper.yaml``) is merged into the workspace's copy, and
+``$SPARSECLIP_STORAGE_PATH`` sets ``ray.storage_path``; DVC then records them in ``dvc.lock``.
+
+    python -m pipeline.job --workspace /mnt/shared/sparseclip [--params-override FILE] [-- ARGS]
+
+``ARGS`` go to ``dvc repro`` (stage names, ``-s``, ``-f``); none reproduces the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Top-level paths that are never code: environments, caches, the DVC cache and every stage's
+# outputs. Not uploaded with a job, and not copied into a workspace (which keeps its own).
+NOT_CODE = (
+    ".git", ".venv", ".whl", ".gl", ".dvc/cache", ".dvc/tmp", ".pytest_cache", ".ruff_cache", ".cache",
+    "data", "models", "activations", "metrics", "plots", "reports", "vlm",
+    "ray_results", "mlruns", "mlartifacts", "mlflow.db", "dvc_plots",
+)
+STORAGE_ENV = "SPARSECLIP_STORAGE_PATH"
+
+
+def ray_excludes() -> list[str]:
+    """``NOT_CODE`` as the gitignore-style, root-anchored patterns of a runtime_env's ``excludes``."""
+    return [f"/{name}" for name in NOT_CODE] + ["__pycache__/", "*.egg-info/"]
+
+
+def dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: an override file as the dotted keys ``load_params`` takes.
+
+    Mappings merge key by key and everything else replaces, so an override file only names
+    what changes (``train.resources_per_worker: {GPU: 1}`` keeps the base's ``CPU``).
+    """
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def read_override(path: str | Path | None) -> dict[str, Any]:
+    """The dotted overrides of a params override file (none without a file)."""
+    if not path:
+        return {}
+    from pipeline.config import ParamsError
+
+    tree = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(tree, Mapping):
+        raise ParamsError(f"{path}: a params override file is a mapping of sections")
+    return dotted(tree)
+
+
+def apply_overrides(params_file: Path, overrides: Mapping[str, Any]) -> None:
+    """Write ``overrides`` into a params file, then validate it as every stage will read it."""
+    from pipeline.config import load_params
+
+    tree = yaml.safe_load(params_file.read_text()) or {}
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    params_file.write_text(yaml.safe_dump(tree, sort_keys=False))
+    load_params(params_file)
+
+
+def materialise(source: Path, workspace: Path) -> None:
+    """Copy the job's code into the workspace; outputs (and dvc.lock) already there stay."""
+    workspace.mkdir(parents=True, exist_ok=True)
+    keep_lock = (workspace / "dvc.lock").is_file()
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        rel = Path(folder).resolve().relative_to(source)
+        return {n for n in names if (rel / n).as_posix() in NOT_CODE or n == "__pycache__"
+                or (keep_lock and rel == Path(".") and n == "dvc.lock")}
+
+    shutil.copytree(source, workspace, ignore=ignore, dirs_exist_ok=True)
+
+
+def run_job(workspace: Path, repro_args: list[str], params_override: str | None = None,
+            dvc_push: bool = False) -> int:
+    """Materialise the workspace, set its params, run ``dvc repro``; return its exit status."""
+    source, workspace = Path.cwd().resolve(), workspace.resolve()
+    overrides = read_override(params_override)
+    if os.environ.get(STORAGE_ENV):
+        overrides["ray.storage_path"] = os.environ[STORAGE_ENV]
+    if workspace != source:
+        materialise(source, workspace)
+    apply_overrides(workspace / "params.yaml", overrides)
+    if not (workspace / ".git").exists():  # an uploaded copy: DVC works without Git this way
+        _dvc(workspace, "config", "--local", "core.no_scm", "true")
+    print(f"[job] workspace {workspace}: dvc repro {' '.join(repro_args)}", flush=True)
+    status = _dvc(workspace, "repro", *repro_args)
+    if status == 0 and dvc_push:
+        status = _dvc(workspace, "push")
+    return status
+
+
+def _dvc(workspace: Path, *args: str) -> int:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, check=False).returncode
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.job", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workspace", required=True, help="shared folder (NFS) where the stages run")
+    parser.add_argument("--params-override", help="params file merged into params.yaml (path in the project)")
+    parser.add_argument("--dvc-push", action="store_true", help="`dvc push` the outputs after a successful repro")
+    parser.add_argument("repro_args", nargs=argparse.REMAINDER, help="after --: arguments of `dvc repro`")
+    args = parser.parse_args(argv)
+    repro_args = args.repro_args[1:] if args.repro_args[:1] == ["--"] else args.repro_args
+    raise SystemExit(run_job(Path(args.workspace), repro_args, args.params_override, args.dvc_push))
+
+
+if __name__ == "__main__":
+    main()

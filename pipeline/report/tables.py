@@ -1,0 +1,185 @@
+"""The paper's tables from :class:`~pipeline.report.sources.Model` rows, as plain cells.
+
+Each table is a list of columns (a header, the stage that measured the value, its metric key, and
+how to show it); a model appears in a table when it has any of its values, and a table with no
+rows is left out, so a pipeline without the VLM stages simply has no VLM table. Columns that
+depend on the data (zero-shot tasks, QA question types, steering grid points) are found from the
+metric keys themselves.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pipeline.report.sources import Comparison, Model
+
+MISSING = "–"
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    stage: str
+    key: str
+    kind: str = "pct"  # pct: a fraction shown as %; pct100: already a %; num; num1; int
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    note: str
+    header: list[str]
+    rows: list[list[str]]
+
+
+def fmt(value: float | None, kind: str) -> str:
+    if value is None or math.isnan(value):
+        return MISSING
+    return {"pct": f"{100 * value:.1f}", "pct100": f"{value:.1f}", "num": f"{value:.3f}", "num1": f"{value:.1f}",
+            "int": f"{value:.0f}"}[kind]
+
+
+def metric_table(name: str, title: str, note: str, columns: list[Column], models: Iterable[Model]) -> Table:
+    rows = []
+    for model in models:
+        values = [model.value(c.stage, c.key) for c in columns]
+        if any(v is not None for v in values):
+            rows.append([model.label, *(fmt(v, c.kind) for v, c in zip(values, columns))])
+    return Table(name, title, note, ["model", *(c.header for c in columns)], rows)
+
+
+def _keys(models: Iterable[Model], stage: str, pattern: str) -> list[str]:
+    """The first group of ``pattern`` over a stage's metric keys, in order of appearance."""
+    found: dict[str, None] = {}
+    for model in models:
+        for key in model.stages.get(stage, {}):
+            if match := re.fullmatch(pattern, key):
+                found.setdefault(match.group(1))
+    return list(found)
+
+
+# --------------------------------------------------------------------------- the tables
+
+
+def zero_shot(models: list[Model]) -> Table:
+    tasks = [t for t in _keys(models, "metrics", r"zeroshot\.(\w+)\.top1") if t != "box_classification"]
+    columns = [Column(f"{t} top-{k}", "metrics", f"zeroshot.{t}.top{k}") for t in tasks for k in (1, 5)]
+    return metric_table("zeroshot", "Tab 1 · Zero-shot classification", "Accuracy (%) on the test split's labelled "
+                        "sets, one prompt-ensembled classifier per task.", columns, models)
+
+
+def box_and_retrieval(models: list[Model]) -> Table:
+    columns = [Column("box top-1", "metrics", "zeroshot.box_classification.top1"),
+               Column("box top-5", "metrics", "zeroshot.box_classification.top5"),
+               *(Column(f"{d} R@{k}", "metrics", f"retrieval.{d}_retrieval_r{k}") for d in ("image", "text")
+                 for k in (1, 5))]
+    return metric_table("box_retrieval", "Tab 2 · Box classification and retrieval", "Object-crop classification "
+                        "accuracy and retrieval recall (%), test split.", columns, models)
+
+
+def sparsity(models: list[Model]) -> Table:
+    columns = [Column("width", "metrics", "width", "int"), Column("L0 image", "metrics", "image.l0", "num1"),
+               Column("L0 image %", "metrics", "image.l0_pct", "pct100"), Column("L0 text", "metrics", "text.l0", "num1"),
+               Column("active %", "metrics", "image.active_fraction"), Column("dead %", "metrics", "image.dead_fraction"),
+               Column("Clarity", "metrics", "clarity", "num"), Column("Clarity baseline", "metrics", "clarity_baseline", "num"),
+               Column("multimodal %", "metrics", "modality.multimodal"),
+               Column("monosemantic %", "metrics", "recovery.monosemantic_fraction")]
+    return metric_table("sparsity", "Tab 3a · Interpretability and sparsity", "L0: mean active features per image "
+                        "(text); active/dead: share of features that ever/never fire on images; Clarity (Eq. 2) "
+                        "against the dataset baseline.", columns, models)
+
+
+def sae(models: list[Model]) -> Table:
+    columns = [Column("FVU", "sae", "reconstruction.all.fvu", "num"), Column("cosine", "sae", "reconstruction.all.cosine", "num"),
+               Column("L0", "sae", "reconstruction.all.l0", "num1"), Column("dead %", "sae", "reconstruction.all.dead_fraction"),
+               Column("outlier FVU", "sae", "reconstruction.outlier.fvu", "num"),
+               Column("outlier cosine", "sae", "reconstruction.outlier.cosine", "num")]
+    for task in _keys(models, "sae", r"zeroshot_reconstruction\.(\w+)\.dense\.top1"):
+        columns += [Column(f"{task} top-1 dense", "sae", f"zeroshot_reconstruction.{task}.dense.top1"),
+                    Column(f"{task} top-1 via SAE", "sae", f"zeroshot_reconstruction.{task}.sae_reconstruction.top1")]
+    return metric_table("sae", "Post-hoc SAE baseline", "Reconstruction of the dense model's image embeddings "
+                        "(all rows and high-norm outliers), and zero-shot accuracy (%) when the embeddings are "
+                        "replaced by their SAE reconstruction.", columns, models)
+
+
+def training(models: list[Model]) -> Table:
+    columns = [Column("loss", "train", "train.loss", "num"), Column("L0 image %", "train", "train.l0_image_pct", "pct100"),
+               Column("L0 text %", "train", "train.l0_text_pct", "pct100"),
+               Column("dead %", "train", "train.dead_fraction"), Column("logit scale", "train", "train.logit_scale", "num1")]
+    columns += [Column(f"val {t} top-1", "train", f"zeroshot.{t}.top1")
+                for t in _keys(models, "train", r"zeroshot\.(\w+)\.top1")]
+    columns.append(Column("samples/s", "train", "train.samples_per_s", "int"))
+    return metric_table("training", "Training · final values", "Last logged value of each training metric; "
+                        "zero-shot on the val split during training.", columns, models)
+
+
+def atlas(models: list[Model]) -> Table:
+    columns = [Column("pointing %", "atlas", "pointing.accuracy"), Column("chance %", "atlas", "pointing.chance"),
+               Column("shape %", "atlas", "pointing.shape.accuracy"), Column("colour %", "atlas", "pointing.colour.accuracy"),
+               Column("distinct names", "atlas", "distinct_names", "int"),
+               Column("concepts named %", "atlas", "naming.in_top_words")]
+    return metric_table("atlas", "Feature atlas · pointing game and naming", "Pointing game: the named feature's "
+                        "heatmap peak falls in the object's box (%), against the box-area chance.", columns, models)
+
+
+def vlm(models: list[Model]) -> Table:
+    kinds = _keys(models, "vlm", r"qa\.(\w+)\.exact")
+    columns = [c for q in kinds for c in (Column(f"{q} exact %", "vlm", f"qa.{q}.exact"),
+                                          Column(f"{q} SBERT", "vlm", f"qa.{q}.sbert", "num"))]
+    return metric_table("vlm", "VLM · question answering", "Exact-match accuracy (%) and SBERT similarity of the "
+                        "answers on held-out images, per question type.", columns, models)
+
+
+STEER_COLUMNS = [("sim to true", "sim_true", "num"), ("sim to boosted", "sim_boosted", "num"),
+                 ("boosted %", "boosted_rate", "pct"), ("corrupted %", "corruption", "pct"),
+                 ("random: sim to boosted", "random.sim_boosted", "num"), ("random: boosted %", "random.boosted_rate", "pct")]
+
+
+def steering(models: list[Model]) -> Table:
+    rows = []
+    for model in models:
+        metrics = model.stages.get("steer", {})
+        points = sorted({k.split(".")[1] for k in metrics if k.startswith("grid.")},
+                        key=lambda p: (metrics.get(f"grid.{p}.k", 0), metrics.get(f"grid.{p}.strength", 0)))
+        if any(k.startswith("baseline.") for k in metrics):
+            rows.append([model.label, "none", MISSING, *(fmt(metrics.get(f"baseline.{key}"), kind)
+                                                         for _, key, kind in STEER_COLUMNS)])
+        for point in points:
+            rows.append([model.label, fmt(metrics.get(f"grid.{point}.k"), "int"),
+                         f"{metrics.get(f'grid.{point}.strength', float('nan')):g}",
+                         *(fmt(metrics.get(f"grid.{point}.{key}"), kind) for _, key, kind in STEER_COLUMNS)])
+    return Table("steering", "Steering (Fig 8b)", "Answers after suppressing the true label's top-K text features "
+                 "and boosting another label's at strength SS, against random edits of the same size.",
+                 ["model", "K", "SS", *(h for h, _, _ in STEER_COLUMNS)], rows)
+
+
+def models_table(models: list[Model]) -> Table:
+    keys = [("arch", "model.arch"), ("expansion", "model.expansion"), ("activation", "model.activation"),
+            ("pooling", "model.pooling"), ("logit scale cap", "model.logit_scale_cap")]
+    rows = []
+    for model in models:
+        if model.params:
+            arch = model.params.get("model.arch")
+            shown = {**model.params, "model.arch": "inline" if arch in (None, "None") else arch}
+            width = model.value("metrics", "width") or model.value("train", "width")
+            rows.append([model.label, *(shown.get(k, MISSING) for _, k in keys), fmt(width, "int")])
+    return Table("models", "Models compared", "From each model's training run.",
+                 ["model", *(h for h, _ in keys), "width"], rows)
+
+
+def params_diff(comparison: Comparison) -> Table:
+    rows = [[key, *(values.get(s, MISSING) for s in comparison.sources)] for key, values in comparison.params_diff.items()]
+    return Table("params", "Params that differ", "params.yaml values that differ between the experiments.",
+                 ["param", *comparison.sources], rows)
+
+
+def build_tables(comparison: Comparison) -> list[Table]:
+    """Every table that has rows, in the paper's order."""
+    models = comparison.models
+    tables = [params_diff(comparison), models_table(models), zero_shot(models), box_and_retrieval(models),
+              sparsity(models), sae(models), training(models), atlas(models), vlm(models), steering(models)]
+    return [t for t in tables if t.rows]

@@ -1,0 +1,67 @@
+"""DVC stage ``report`` (and ``python -m pipeline.report``): the paper's tables and overlaid
+training curves comparing models, runs or DVC experiments, in ``reports/comparison/``, logged to
+MLflow as a ``report`` run whose description is the Markdown report.
+
+    python -m pipeline.report                          # latest run of each stage+variant
+    python -m pipeline.report --runs RUN_ID [RUN_ID ...]
+    python -m pipeline.report --experiment NAME
+    python -m pipeline.report --dvc-exps EXP [EXP ...]  # experiments of `dvc exp run`
+"""
+
+from __future__ import annotations
+
+import json
+
+from mlflow.tracking import MlflowClient
+
+from pipeline.cli import run_stage, stage_parser
+from pipeline.config import ReportParams, load_params
+from pipeline.report import collect, describe, write_report
+from pipeline.tracking import stage_run, tracking_uri
+
+NOTE_CHARS = 7500  # MLflow tag values stop at 8000 characters
+
+
+def report(args) -> None:
+    params = load_params(args.params)
+    cfg = with_options(params.report, args)
+    client = MlflowClient(tracking_uri())
+    comparison = collect(client, cfg, params.project.experiment, args.repo)
+    sources = describe(comparison, cfg, cfg.experiment or params.project.experiment)
+    if args.no_mlflow:
+        paths = write_report(comparison, cfg.out_dir, sources)
+    else:
+        with stage_run(params, "report", section=cfg.model_dump(mode="json")) as run:
+            paths = write_report(comparison, cfg.out_dir, sources)
+            run.set_tags({"report.run_ids": json.dumps(comparison.run_ids())[:NOTE_CHARS],
+                          "mlflow.note.content": paths["markdown"].read_text()[:NOTE_CHARS]})
+            run.log_outputs([cfg.out_dir])
+    print(f"report: {len(comparison.models)} models from {len(comparison.run_ids())} runs -> "
+          f"{paths['markdown']}, {paths['html']}")
+
+
+def with_options(cfg: ReportParams, args) -> ReportParams:
+    """The params section with the command line's choices on top (validated the same way)."""
+    chosen = {"experiment": args.experiment, "runs": args.runs, "dvc_exps": args.dvc_exps, "out_dir": args.out_dir}
+    if args.runs or args.dvc_exps:  # one source replaces the other
+        chosen.update(runs=args.runs or [], dvc_exps=args.dvc_exps or [])
+    return ReportParams.model_validate({**cfg.model_dump(), **{k: v for k, v in chosen.items() if v is not None}})
+
+
+def parser():
+    cli = stage_parser("report", __doc__)
+    cli.add_argument("--runs", nargs="+", metavar="RUN_ID", help="MLflow run ids to compare")
+    cli.add_argument("--experiment", help="MLflow experiment (default: report.experiment or project.experiment)")
+    cli.add_argument("--dvc-exps", nargs="+", metavar="EXP", help="DVC experiments to compare")
+    cli.add_argument("--out-dir", help="where the report goes (default: report.out_dir)")
+    cli.add_argument("--repo", default=".", help="the DVC repository of --dvc-exps (default: here)")
+    cli.add_argument("--no-mlflow", action="store_true", help="write the files only; log no report run")
+    return cli
+
+
+def main(argv=None) -> None:
+    run_stage(report, parser(), argv)
+
+
+if __name__ == "__main__":
+    main()

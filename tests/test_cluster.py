@@ -1,0 +1,216 @@
+"""Running on a cluster: the job a submission builds, the paper-scale params and manifests, and,
+for real, a two-node Ray cluster on loopback that runs `dvc repro train@sparse` submitted through
+the Jobs API, with the two training workers on different nodes and every run in MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from ray.exceptions import AuthenticationError
+
+from pipeline.config import ParamsError, load_params
+from pipeline.job import apply_overrides, materialise, ray_excludes, read_override
+from pipeline.model import clip_config
+from pipeline.submit import build_job, client, ray_job_submit_command
+
+from .conftest import REPO
+
+PAPER = REPO / "deploy" / "params.paper.yaml"
+# The embedded pipeline at test size (tests/test_train.py's TINY_RUN), as an override file.
+TINY = {
+    "sample": {"source": {"generator": {"num_records": 180}}, "shard_size": 60},
+    "train": {
+        "model": {"inline": {"embed_dim": 16,
+                             "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
+                                            "head_width": 16},
+                             "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2,
+                                          "layers": 1}},
+                  "expansion": 8},
+        "optim": {"lr": 0.002, "warmup_steps": 2},
+        "global_batch_size": 32, "epochs": 2, "log_every": 1, "eval_every": 4, "checkpoint_every": 3,
+        "placement_strategy": "SPREAD",
+    },
+}
+
+
+# --------------------------------------------------------------------------- the job, without a cluster
+
+
+def test_job_uploads_code_only_and_carries_storage_mlflow_and_commit():
+    spec = build_job(REPO, ["train@sparse"], workspace="/mnt/shared/ws", params_override="deploy/params.paper.yaml",
+                     storage_path="s3://bucket/ray", mlflow_uri="http://mlflow:5000", git_commit="abc123",
+                     submission_id="sc-1")
+    assert spec.entrypoint == ("python -m pipeline.job --workspace /mnt/shared/ws "
+                               "--params-override deploy/params.paper.yaml -- train@sparse")
+    assert spec.runtime_env["working_dir"] == str(REPO)
+    assert {"/.venv", "/.git", "/.dvc/cache", "/data", "/models", "/mlruns", "/mlflow.db"} <= set(
+        spec.runtime_env["excludes"])
+    assert "/pipeline" not in spec.runtime_env["excludes"]  # pipeline/data is code, /data is output
+    assert spec.runtime_env["env_vars"] == {"SPARSECLIP_STORAGE_PATH": "s3://bucket/ray",
+                                            "SPARSECLIP_GIT_COMMIT": "abc123",
+                                            "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    command = ray_job_submit_command(spec, "http://head:8265")
+    assert command.startswith("ray job submit --address http://head:8265 --submission-id sc-1")
+    assert command.endswith("-- python -m pipeline.job --workspace /mnt/shared/ws "
+                            "--params-override deploy/params.paper.yaml -- train@sparse")
+
+
+def test_job_defaults_and_refusals(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = build_job(REPO, [], storage_path=str(tmp_path / "shared"), git_commit="c", submission_id="sc-2")
+    assert spec.metadata["workspace"] == f"{tmp_path}/shared/workspaces/sc-2"  # outputs beside the checkpoints
+    assert spec.entrypoint.endswith("--")  # no repro arguments: the whole pipeline
+    with pytest.raises(ValueError, match="give --workspace"):
+        build_job(REPO, [], storage_path="s3://bucket/ray", git_commit="c")
+    outside = tmp_path / "over.yaml"
+    outside.write_text("train: {epochs: 2}\n")
+    with pytest.raises(ValueError, match="outside the project"):
+        build_job(REPO, [], workspace="/ws", params_override=str(outside), git_commit="c")
+    inside = REPO / "deploy" / "params.paper.yaml"
+    with pytest.raises(ParamsError, match="not divisible by num_workers 255"):  # validated before anything is submitted
+        load_params(REPO / "params.yaml", {**read_override(inside), "train.num_workers": 255})
+
+
+def test_paper_params_are_valid_at_the_papers_scale():
+    for params in (load_params(REPO / "params.yaml", read_override(PAPER)), load_params(PAPER)):
+        model = params.train.model_for("sparse")
+        assert (model.arch, model.expansion) == ("ViT-L-14", 72)
+        assert clip_config(model)["embed_dim"] * model.expansion == 55296
+        assert (params.train.global_batch_size, params.train.num_workers) == (32768, 256)
+        assert params.train.use_gpu and params.train.resources_per_worker["GPU"] == 1
+        assert params.extract.actor_gpus == 1 and params.ray.storage_path.startswith("s3://")
+    merged = load_params(REPO / "params.yaml", read_override(PAPER))
+    assert merged.train.resources_per_worker == {"CPU": 8, "GPU": 1}
+    assert set(merged.train.variants) == set(load_params(REPO / "params.yaml").train.variants)
+
+
+def test_deploy_manifests_agree_with_the_paper_params():
+    params = load_params(REPO / "params.yaml", read_override(PAPER))
+    rayjob = yaml.safe_load((REPO / "deploy" / "rayjob.paper.yaml").read_text())
+    assert rayjob["kind"] == "RayJob" and rayjob["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
+    gpus = sum(int(g["replicas"]) * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+               for g in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"])
+    assert gpus == params.train.num_workers
+    assert "pipeline.job" in rayjob["spec"]["entrypoint"] and "deploy/params.paper.yaml" in rayjob["spec"]["entrypoint"]
+    assert yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["excludes"] == ray_excludes()
+    launcher = yaml.safe_load((REPO / "deploy" / "cluster.paper.yaml").read_text())
+    workers = launcher["available_node_types"]["gpu_8x"]
+    assert workers["min_workers"] * workers["resources"]["GPU"] == params.train.num_workers
+
+
+def test_workspace_keeps_outputs_and_gets_params(tmp_path):
+    source, workspace = tmp_path / "src", tmp_path / "ws"
+    for name in ("pipeline/data/x.py", "params.yaml", "dvc.lock", "data/big.tar", ".venv/bin/python"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text(name)
+    (source / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (workspace / "models").mkdir(parents=True)
+    (workspace / "models" / "m.pt").write_text("an earlier job's output")
+    (workspace / "dvc.lock").write_text("the workspace's own lock")
+    materialise(source, workspace)
+    assert (workspace / "pipeline/data/x.py").is_file() and not (workspace / "data").exists()
+    assert not (workspace / ".venv").exists() and (workspace / "models" / "m.pt").is_file()
+    assert (workspace / "dvc.lock").read_text() == "the workspace's own lock"
+    apply_overrides(workspace / "params.yaml", {**read_override(PAPER), "ray.storage_path": "/nfs/ray"})
+    params = load_params(workspace / "params.yaml")
+    assert params.train.num_workers == 256 and params.ray.storage_path == "/nfs/ray"
+
+
+def test_a_job_driver_does_not_repeat_the_jobs_env_vars(monkeypatch):
+    """Ray refuses to merge a driver's runtime_env with its job's when both set one variable."""
+    from pipeline import cluster
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////shared/mlflow.db")
+    assert cluster._worker_env()["MLFLOW_TRACKING_URI"] == "sqlite:////shared/mlflow.db"
+    job = {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"MLFLOW_TRACKING_URI": "sqlite:////x"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    env = cluster._worker_env()
+    assert "MLFLOW_TRACKING_URI" not in env and env["HF_HUB_OFFLINE"] == "1"
+
+
+# --------------------------------------------------------------------------- a real two-node cluster
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A head (dashboard + Jobs API on 127.0.0.1) and one more node, each 1 CPU, token auth on."""
+    bootstrap = Path.home() / "ray_bootstrap_config.yaml"
+    if not bootstrap.exists():  # without it the dashboard probes cloud metadata addresses
+        bootstrap.write_text("provider: {type: local}\n")
+    temp = tempfile.mkdtemp(prefix="scray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    token = secrets.token_hex(16)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
+    with open(Path(temp) / "cluster.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.local_cluster", temp, "2"], cwd=REPO, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                start_new_session=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline() if ready else ""
+        if not line:
+            pytest.fail(f"the local cluster did not start:\n{(Path(temp) / 'cluster.log').read_text()[-3000:]}")
+        yield {**json.loads(line), "token": token}
+    finally:
+        proc.stdin.close()  # the helper shuts its nodes down when its stdin closes
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_submitted_pipeline_trains_on_both_nodes_and_logs_to_mlflow(two_nodes, repo_copy, tmp_path):
+    (repo_copy / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    workspace, storage, db = tmp_path / "ws", tmp_path / "shared", tmp_path / "mlflow" / "mlflow.db"
+    db.parent.mkdir()
+    with pytest.raises(AuthenticationError):  # token auth is on: a wrong token is refused
+        client(two_nodes["dashboard"], token="not-the-token").list_jobs()
+
+    env = {**os.environ, "RAY_AUTH_TOKEN": two_nodes["token"], "SPARSECLIP_GIT_COMMIT": "cafe1234"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.submit", "--address", two_nodes["dashboard"], "--project", str(repo_copy),
+         "--workspace", str(workspace), "--storage-path", str(storage), "--mlflow-uri", f"sqlite:///{db}",
+         "--params-override", "tiny.yaml", "--submission-id", "sc-two-nodes", "--timeout", "420",
+         "--", "train@sparse"],
+        cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        client(two_nodes["dashboard"], token=two_nodes["token"]).stop_job("sc-two-nodes")
+    assert done.returncode == 0, f"job failed:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
+
+    assert (workspace / "models" / "sparse" / "model.pt").is_file()
+    assert "train@sparse" in yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
+    params = load_params(workspace / "params.yaml")
+    assert params.train.global_batch_size == 32 and params.ray.storage_path == str(storage)
+    workers = json.loads((workspace / "models" / "sparse" / "workers.json").read_text())
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert {w["node_id"] for w in workers} == set(two_nodes["node_ids"]), "the workers shared a node"
+
+    mlflow = MlflowClient(f"sqlite:///{db}")
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("sparseclip").experiment_id])
+    by_stage = {r.data.tags["stage"]: r for r in runs}
+    assert set(by_stage) == {"sample", "train"} and all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.tags["git_commit"] for r in runs} == {"cafe1234"}
+    train = by_stage["train"]
+    assert train.data.tags["ray_nodes"] == "2" and train.data.tags["upstream.sample"] == by_stage["sample"].info.run_id
+    n_train = json.loads((workspace / "data/sample/manifest.json").read_text())["records_by_split"]["train"]
+    steps = [m.step for m in mlflow.get_metric_history(train.info.run_id, "train/loss")]
+    assert steps == list(range(1, n_train // 32 * 2 + 1))  # every step of 2 epochs, once
+    assert (db.parent / "mlartifacts").is_dir()  # artifacts beside the shared store
+    assert storage.is_dir()  # Ray Train's checkpoints went to the shared storage path
