@@ -32,14 +32,14 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 from unittest import mock
 
+from benchmarks.child import DOES_NOT_FIT, run_child
+
 RESULTS = Path(__file__).resolve().parent / "results"
-REPO = RESULTS.parent.parent
 SMALL = {
     "global_batch": 1024,
     "local_batch": 128,
@@ -52,7 +52,6 @@ FULL = {
     "base": 768,
     "expansions": "32,72,128,256",
 }
-DOES_NOT_FIT = "does not fit"
 
 
 def make_block(index: int, rows: int, width: int, density: float, device: str):
@@ -164,7 +163,7 @@ def _peak(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_child(loss: str, width: int, args) -> dict:
+def run_config(loss: str, width: int, args) -> dict:
     """One configuration in a fresh process: its own peak, and an OOM kills only it."""
     cmd = [sys.executable, "-m", "benchmarks.loss_memory", "--one", f"{loss}:{width}"]
     for key in ("global_batch", "local_batch", "density", "repeats", "device"):
@@ -172,15 +171,7 @@ def run_child(loss: str, width: int, args) -> dict:
     # glibc keeps freed heap memory resident, so the peak RSS would count fragmentation;
     # serving every allocation over 128 KiB with mmap makes frees return memory at once
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    done = subprocess.run(
-        cmd, check=False, capture_output=True, text=True, cwd=REPO, env=env
-    )
-    if done.returncode == 0:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    row = {"loss": loss, "width": width}
-    if done.returncode in (-9, 137) or "out of memory" in done.stderr.lower():
-        return {**row, "status": DOES_NOT_FIT}
-    return {**row, "status": "error: " + done.stderr.strip().splitlines()[-1]}
+    return run_child(cmd, {"loss": loss, "width": width}, env)
 
 
 def main(argv=None) -> dict:
@@ -225,7 +216,7 @@ def main(argv=None) -> dict:
     for expansion in (int(e) for e in args.expansions.split(",")):
         for loss in args.losses.split(","):
             rows.append(
-                {"expansion": expansion, **run_child(loss, args.base * expansion, args)}
+                {"expansion": expansion, **run_config(loss, args.base * expansion, args)}
             )
             print(_line(rows[-1]), flush=True)
     _add_ratios(rows)

@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.child import DOES_NOT_FIT, run_child
+
 RESULTS = Path(__file__).resolve().parent / "results"
-REPO = RESULTS.parent.parent
-DOES_NOT_FIT = "does not fit"
 TINY = "tiny"  # --cpu-smoke: the embedded inline ViT of ModelParams
 
 
@@ -91,18 +90,12 @@ def measure(arch: str, expansion: int, loss: str, args) -> dict:
     }
 
 
-def run_child(arch: str, expansion: int, loss: str, args) -> dict:
+def run_config(arch: str, expansion: int, loss: str, args) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.train_step_gpu", "--one"]
     cmd += [f"{arch}:{expansion}:{loss}", "--device", args.device]
     cmd += ["--batch", str(args.batch), "--steps", str(args.steps)]
     cmd += ["--warmup", str(args.warmup)]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=REPO)
-    if done.returncode == 0:
-        return json.loads(done.stdout.strip().splitlines()[-1])
-    row = {"arch": arch, "expansion": expansion, "loss": loss, "batch": args.batch}
-    if done.returncode in (-9, 137) or "out of memory" in done.stderr.lower():
-        return {**row, "status": DOES_NOT_FIT}
-    return {**row, "status": "error: " + done.stderr.strip().splitlines()[-1]}
+    return run_child(cmd, {"arch": arch, "expansion": expansion, "loss": loss, "batch": args.batch})
 
 
 def main(argv=None) -> dict:
@@ -144,7 +137,7 @@ def main(argv=None) -> dict:
     for arch in args.archs.split(","):
         for expansion in (int(e) for e in args.expansions.split(",")):
             for loss in args.losses.split(","):
-                rows.append(run_child(arch, expansion, loss, args))
+                rows.append(run_config(arch, expansion, loss, args))
                 print(_line(rows[-1]), flush=True)
     _add_ratios(rows)
     result = {

@@ -331,8 +331,7 @@ def run_extraction(model_dir: str | Path, data_dir: str | Path, vocab_dir: str |
     if token_keys:
         sets["tokens"] = image_set(data_dir, ["test"], token_keys, kind="tokens")
     snapshots = evolution_weights(model_dir) if params.evolution_vocab else {}
-    for tag in snapshots:
-        sets.update(evolution_sets(tag, data_dir, words[: params.evolution_vocab], test_keys))
+    sets.update(evolution_sets(list(snapshots), data_dir, words[: params.evolution_vocab], test_keys))
 
     counts = write_sets(f"extract-{model_dir.name}", sets, out_dir, fingerprint,
                         {"model_dir": str(model_dir), "weights": {FINAL: "model.pt", **snapshots}}, params, task_cpus)
@@ -343,14 +342,18 @@ def run_extraction(model_dir: str | Path, data_dir: str | Path, vocab_dir: str |
     return manifest
 
 
-def evolution_sets(tag: str, data_dir: Path, words: list[str], test_keys: set[str]) -> dict[str, InputSet]:
-    """Test images, their captions and the head of the vocabulary, encoded by one snapshot: what
-    feature naming and the modality split need at each point of training (paper Fig 5, 6)."""
-    return {
-        evolution_set(tag, "images"): image_set(data_dir, ["test"], test_keys, checkpoint=tag),
-        evolution_set(tag, "texts"): text_set(caption_rows(data_dir, ["test"]), checkpoint=tag),
-        evolution_set(tag, "vocab"): text_set([{"key": w, "text": w} for w in words], checkpoint=tag),
-    }
+def evolution_sets(tags: list[str], data_dir: Path, words: list[str], test_keys: set[str]) -> dict[str, InputSet]:
+    """Test images, their captions and the head of the vocabulary, encoded by every snapshot:
+    what feature naming and the modality split need at each point of training (paper Fig 5, 6)."""
+    if not tags:
+        return {}
+    captions, word_rows = caption_rows(data_dir, ["test"]), [{"key": w, "text": w} for w in words]
+    sets = {}
+    for tag in tags:
+        sets[evolution_set(tag, "images")] = image_set(data_dir, ["test"], test_keys, checkpoint=tag)
+        sets[evolution_set(tag, "texts")] = text_set(captions, checkpoint=tag)
+        sets[evolution_set(tag, "vocab")] = text_set(word_rows, checkpoint=tag)
+    return sets
 
 
 def _crop_columns(batch: dict[str, Any]) -> dict[str, Any]:

@@ -1,12 +1,26 @@
-"""Small file helpers shared by every stage: atomic JSON writes and content hashes."""
+"""Small helpers shared by every stage: atomic JSON writes, content hashes, flat keys."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> {'a.b.c': value}: MLflow params and metrics, and ``load_params``
+    overrides, are flat."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.io import flatten
+
 # Top-level paths that are never code: environments, caches, the DVC cache and every stage's
 # outputs. Not uploaded with a job, and not copied into a workspace (which keeps its own).
 NOT_CODE = (
@@ -45,23 +47,12 @@ def ray_excludes() -> list[str]:
     return [f"/{name}" for name in NOT_CODE] + ["__pycache__/", "*.egg-info/"]
 
 
-def dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}: an override file as the dotted keys ``load_params`` takes.
+def read_override(path: str | Path | None) -> dict[str, Any]:
+    """The dotted overrides of a params override file (none without a file).
 
     Mappings merge key by key and everything else replaces, so an override file only names
     what changes (``train.resources_per_worker: {GPU: 1}`` keeps the base's ``CPU``).
     """
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(dotted(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def read_override(path: str | Path | None) -> dict[str, Any]:
-    """The dotted overrides of a params override file (none without a file)."""
     if not path:
         return {}
     from pipeline.config import ParamsError
@@ -69,7 +60,7 @@ def read_override(path: str | Path | None) -> dict[str, Any]:
     tree = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(tree, Mapping):
         raise ParamsError(f"{path}: a params override file is a mapping of sections")
-    return dotted(tree)
+    return flatten(tree)
 
 
 def apply_overrides(params_file: Path, overrides: Mapping[str, Any]) -> None:

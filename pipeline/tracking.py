@@ -28,7 +28,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline.config import Params  # noqa: E402
-from pipeline.io import file_sha256, write_json  # noqa: E402
+from pipeline.io import file_sha256, flatten, write_json  # noqa: E402  (flatten: re-exported)
 
 LINEAGE_FILE = "lineage.json"
 SMALL_ARTIFACT_BYTES = 2 * 1024 * 1024  # larger outputs are logged as path + sha256, not copied
@@ -71,18 +71,6 @@ def git_commit(cwd: str | Path | None = None) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mapping -> {'a.b.c': value}: MLflow params and metrics are flat."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def read_lineage(out_dir: str | Path) -> dict[str, Any] | None:

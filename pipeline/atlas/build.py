@@ -8,6 +8,7 @@ dict for every model. Nothing here touches Ray, DVC or MLflow.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -101,13 +102,15 @@ def naming_agreement(features: pa.Table, truths: Mapping[str, dict]) -> dict[str
     return out
 
 
-def seen_words(data_dir: str | Path, split: str = "train", min_count: int = 1, limit: int = 200_000) -> set[str]:
-    """Lower-case words used at least ``min_count`` times in (up to ``limit``) training captions."""
+@functools.lru_cache(maxsize=4)
+def seen_words(data_dir: str, split: str = "train", min_count: int = 1, limit: int = 200_000) -> frozenset[str]:
+    """Lower-case words used at least ``min_count`` times in (up to ``limit``) training captions;
+    read once per process, however many models and snapshots are named."""
     counts: dict[str, int] = {}
     for row in caption_rows(data_dir, [split])[:limit]:
         for word in re.findall(r"[a-z][a-z'-]*", row["text"].lower()):
             counts[word] = counts.get(word, 0) + 1
-    return {w for w, c in counts.items() if c >= min_count}
+    return frozenset(w for w, c in counts.items() if c >= min_count)
 
 
 def naming_vocabulary(words: Sequence[str], params: Params) -> np.ndarray:
@@ -116,7 +119,7 @@ def naming_vocabulary(words: Sequence[str], params: Params) -> np.ndarray:
     activates arbitrary features for words it never saw; the paper's web-scale model saw them all."""
     if not params.atlas.min_word_count:
         return np.arange(len(words))
-    seen = seen_words(params.sample.out_dir, min_count=params.atlas.min_word_count)
+    seen = seen_words(str(params.sample.out_dir), min_count=params.atlas.min_word_count)
     rows = np.asarray([i for i, w in enumerate(words) if w.lower() in seen], dtype=np.int64)
     if rows.size == 0:
         raise ValueError(f"no vocabulary word occurs {params.atlas.min_word_count}+ times in the training captions: "
@@ -124,9 +127,8 @@ def naming_vocabulary(words: Sequence[str], params: Params) -> np.ndarray:
     return rows
 
 
-def _name(acts: ActivationSet, vocab: str, images: str, params: Params) -> pa.Table:
-    vocab_meta, vocab_acts = acts.load(vocab)
-    image_meta, image_acts = acts.load(images)
+def _name(vocab_meta: pa.Table, vocab_acts: sp.csr_matrix, image_meta: pa.Table, image_acts: sp.csr_matrix,
+          params: Params) -> pa.Table:
     words = vocab_meta.column("key").to_pylist()
     rows = naming_vocabulary(words, params)
     return name_features([words[i] for i in rows], vocab_acts[rows], image_meta.column("key").to_pylist(),
@@ -135,15 +137,12 @@ def _name(acts: ActivationSet, vocab: str, images: str, params: Params) -> pa.Ta
 
 def map_model(variant: str, params: Params) -> ModelMap:
     """Name, measure, follow and locate every feature of one extracted model."""
-    cfg = params.atlas
     acts = ActivationSet(Path(params.extract.out_dir) / variant)
     images_meta, images = acts.load("images")
     _, texts = acts.load("texts")
     vocab_meta, vocab = acts.load("vocab")
     words = vocab_meta.column("key").to_pylist()
-    naming_rows = naming_vocabulary(words, params)
-    named = name_features([words[i] for i in naming_rows], vocab[naming_rows], images_meta.column("key").to_pylist(),
-                          images, cfg.top_words, cfg.top_images)
+    named = _name(vocab_meta, vocab, images_meta, images, params)
     _, clarity = M.clarity(images, aligned_reference(images_meta, params.reference.out_dir),
                            tau=params.metrics.clarity_tau, n_min=params.metrics.n_min, per_feature=True)
     named = (named.append_column("modality", pa.array(M.modality_scores(images, texts)))
@@ -156,6 +155,7 @@ def map_model(variant: str, params: Params) -> ModelMap:
                      word_features={w: [(int(f), float(v)) for f, v in zip(t, x) if f >= 0]
                                     for w, t, x in zip(words, top, values)})
     model.splits = set(images_meta.column("split").to_pylist())
+    model.metrics["l0"] = M.l0(images)
     model.metrics["named_features"] = int(sum(n is not None for n in named.column("name").to_pylist()))
     model.metrics["distinct_names"] = len({n for n in named.column("name").to_pylist() if n})
     if model.truths:
@@ -179,9 +179,9 @@ def _evolution(acts: ActivationSet, params: Params) -> pa.Table | None:
         return None
     snapshots = []
     for tag in tqdm(tags, desc="evolution", unit="snapshot"):
-        named = _name(acts, evolution_set(tag, "vocab"), evolution_set(tag, "images"), params)
-        modality = M.modality_scores(acts.load(evolution_set(tag, "images"))[1],
-                                     acts.load(evolution_set(tag, "texts"))[1])
+        image_meta, images = acts.load(evolution_set(tag, "images"))
+        named = _name(*acts.load(evolution_set(tag, "vocab")), image_meta, images, params)
+        modality = M.modality_scores(images, acts.load(evolution_set(tag, "texts"))[1])
         snapshots.append((tag, named, modality))
     return evolution_table(snapshots)
 
@@ -296,9 +296,7 @@ def build_atlas(params: Params) -> dict[str, Any]:
     models = []
     for variant in params.atlas_variants():
         log.info("atlas: mapping %s", variant)
-        model = map_model(variant, params)
-        model.metrics["l0"] = M.l0(ActivationSet(Path(params.extract.out_dir) / variant).load("images")[1])
-        models.append(model)
+        models.append(map_model(variant, params))
     store = ImageStore(params.sample.out_dir, sorted(set().union(*(m.splits for m in models))),
                        set().union(*map(referenced_keys, models)))
     store.write(out_dir / "images")

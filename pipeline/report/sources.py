@@ -20,6 +20,8 @@ from pathlib import Path
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from pipeline.io import flatten
+
 # Training curves kept per train run: sparsity, zero-shot during training, loss.
 CURVE_PREFIXES = ("train/l0_image_pct", "train/l0_text_pct", "train/loss", "zeroshot/")
 SKIPPED_STAGES = {"report", "sample", "vocab", "reference", "extract"}
@@ -134,7 +136,7 @@ def models_from_metric_files(files: Mapping[str, Mapping], source: str, steer_va
     models: dict[str, Model] = {}
 
     def add(name: str, stage: str, metrics: Mapping) -> None:
-        numbers = {k: float(v) for k, v in _flat(metrics).items() if isinstance(v, (int, float))}
+        numbers = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
         _add(models.setdefault(name, Model(source, name)), stage, numbers, None)
 
     for path, metrics in files.items():
@@ -144,11 +146,11 @@ def models_from_metric_files(files: Mapping[str, Mapping], source: str, steer_va
         elif parts == ("metrics", "sae"):
             add(SAE, "sae", metrics)
         elif parts == ("metrics", "atlas"):
-            for name, numbers in _split_by_model("atlas", "", _flat(metrics)).items():
+            for name, numbers in _split_by_model("atlas", "", flatten(metrics)).items():
                 add(name, "atlas", numbers)
         elif parts == ("metrics", "vlm"):
             for name, numbers in metrics.items():
-                add(name, "vlm", {f"qa.{k}": v for k, v in _flat(numbers).items()})
+                add(name, "vlm", {f"qa.{k}": v for k, v in flatten(numbers).items()})
         elif parts == ("metrics", "steering"):
             add(steer_variant, "steer", metrics)
         elif len(parts) == 2 and parts[0] == "metrics" and parts[1] != "sample":
@@ -170,18 +172,8 @@ def dvc_exp_show(repo: str | Path = ".") -> list[dict]:
             params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
             metrics = {path: m["data"] for path, m in (data.get("metrics") or {}).items() if "data" in m}
             records.append({"name": item.get("name") or item.get("rev"), "rev": item.get("rev"),
-                            "params": _flat(params), "metrics": metrics})
+                            "params": flatten(params), "metrics": metrics})
     return records
-
-
-def _flat(tree: Mapping, prefix: str = "") -> dict:
-    out: dict = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 # --------------------------------------------------------------------------- the three ways to choose
