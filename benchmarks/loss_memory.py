@@ -1,18 +1,10 @@
 """The contrastive loss alone: open_clip's ClipLoss vs TiledClipLoss at a simulated global batch.
 
-One process plays rank 0 of ``global_batch / local_batch`` workers: it owns ``local_batch``
-image and text embeddings and the other workers' embeddings are fed in, so the loss sees
-the memory and compute of a real worker without a cluster:
-
-* ``clip``: ``ClipLoss(local_loss=True, gather_with_grad=True)`` itself, with its
-  all_gather replaced by a concatenation of the other workers' blocks (the gathered
-  ``global x width`` matrices, and their gradients in backward, live as they would);
-* ``tiled``: :func:`pipeline.loss.tiled_clip_loss`, the same code as TiledClipLoss's
-  ring, with blocks made one at a time, in forward and again in backward, and the
-  gradients of the other workers' blocks computed and then dropped (a ring sends them).
-
-Every block is a seeded function of its index (ReLU'd Gaussians, ``--density`` non-zero,
-L2-normalised), so both losses see the same batch and their values are printed side by
+One process plays rank 0 of ``global_batch / local_batch`` workers, the other workers'
+embeddings fed in (:mod:`benchmarks.simulated`): ``clip`` is open_clip's
+``ClipLoss(local_loss=True, gather_with_grad=True)`` with its all_gather replaced by a
+concatenation, ``tiled`` is TiledClipLoss's own computation with the blocks made one at a time.
+Both see the same seeded blocks (``--density`` non-zero), so their values are printed side by
 side. Forward + backward; peak memory is the rise above what was allocated before the
 step: ``torch.cuda.max_memory_allocated`` on CUDA, the child's peak resident set on CPU
 (each configuration runs in its own subprocess, with glibc told to mmap every allocation
@@ -35,7 +27,6 @@ import resource
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 from benchmarks.child import DOES_NOT_FIT, run_child
 
@@ -54,47 +45,34 @@ FULL = {
 }
 
 
-def make_block(index: int, rows: int, width: int, density: float, device: str):
-    """Image and text embeddings of worker ``index``: sparse, unit rows, reproducible."""
-    import torch
-    import torch.nn.functional as F
-
-    gen = torch.Generator(device).manual_seed(index)
-    cut = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - density)).item()
-    pair = []
-    for _ in range(2):
-        x = torch.randn(rows, width, generator=gen, device=device)
-        pair.append(F.normalize(F.relu(x - cut) if density < 1 else x, dim=-1))
-    return tuple(pair)
-
-
 def measure(loss: str, width: int, args) -> dict:
     """Peak memory and time of one forward + backward (run inside a fresh subprocess)."""
-    import open_clip.loss  # noqa: F401  (imported before the peak is measured)
     import torch
 
-    import pipeline.loss  # noqa: F401
+    from benchmarks.simulated import loss_fn, make_block, other_blocks
 
     workers = args.global_batch // args.local_batch
-
-    def others():
-        for index in range(1, workers):
-            yield make_block(index, args.local_batch, width, args.density, args.device)
-
-    local = make_block(0, args.local_batch, width, args.density, args.device)
-    image, text = (t.requires_grad_() for t in local)
+    others = other_blocks(workers, args.local_batch, width, args.density, args.device)
+    image, text = (t.requires_grad_() for t in make_block(0, args.local_batch, width, args.density, args.device))
     scale = torch.tensor(50.0, device=args.device, requires_grad=True)
-    step = _clip_step if loss == "clip" else _tiled_step
+    contrastive = loss_fn(loss)
+
+    def step() -> float:
+        image.grad = text.grad = scale.grad = None
+        value = contrastive(image, text, scale, others, workers)
+        value.backward()
+        return value.item()
+
     row = {"loss": loss, "width": width, "workers": workers}
     sync = torch.cuda.synchronize if args.device == "cuda" else lambda: None
     try:
         before = _reset_peak(args.device)
-        value = step(image, text, scale, others, workers)
+        value = step()
         sync()
         row["peak_memory_mib"] = max(0, _peak(args.device) - before) / 2**20
         start = time.perf_counter()
         for _ in range(args.repeats):
-            step(image, text, scale, others, workers)
+            step()
         sync()
         row["ms"] = 1000 * (time.perf_counter() - start) / args.repeats
     except (torch.OutOfMemoryError, MemoryError):
@@ -113,34 +91,6 @@ def measure(loss: str, width: int, args) -> dict:
     row["generate_ms"] = 1000 * (time.perf_counter() - start)
     row["net_ms"] = row["ms"] - row["generate_ms"] * (1 if loss == "clip" else 2)
     return {**row, "status": "ok"}
-
-
-def _clip_step(image, text, scale, others, workers: int) -> float:
-    """open_clip's ClipLoss, its all_gather replaced by a concatenation of the blocks."""
-    import torch
-    from open_clip.loss import ClipLoss
-
-    def gather(image_features, text_features, **_):
-        blocks = [(image_features, text_features), *others()]
-        return tuple(torch.cat(column) for column in zip(*blocks, strict=True))
-
-    loss_fn = ClipLoss(
-        local_loss=True, gather_with_grad=True, rank=0, world_size=workers
-    )
-    image.grad = text.grad = scale.grad = None
-    with mock.patch("open_clip.loss.gather_features", gather):
-        loss = loss_fn(image, text, scale)
-        loss.backward()
-    return loss.item()
-
-
-def _tiled_step(image, text, scale, others, workers: int) -> float:
-    from pipeline.loss import tiled_clip_loss
-
-    image.grad = text.grad = scale.grad = None
-    loss = tiled_clip_loss(image, text, scale, others)
-    loss.backward()
-    return loss.item()
 
 
 def _reset_peak(device: str) -> int:
@@ -229,7 +179,9 @@ def main(argv=None) -> dict:
         },
         "repeats": args.repeats,
         "host": platform.node(),
+        "gpu": _gpu(args.device),
         "python": platform.python_version(),
+        "torch": _torch_version(),
         "rows": rows,
     }
     RESULTS.mkdir(exist_ok=True)
@@ -237,6 +189,22 @@ def main(argv=None) -> dict:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return result
+
+
+def _gpu(device: str) -> dict | None:
+    """The GPU's name and memory: what "does not fit" is relative to."""
+    import torch
+
+    if device != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1)}
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def _default_device() -> str:

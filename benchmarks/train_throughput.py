@@ -28,16 +28,16 @@ def measure(arch: str | None, expansion: int, batch: int, steps: int, warmup: in
     """Time ``steps`` optimiser steps of one configuration (run inside a fresh subprocess)."""
     import torch
 
-    from pipeline.config import ModelParams
+    from pipeline.config import ModelParams, OptimParams
     from pipeline.loss import SparseClipObjective
     from pipeline.model import build_model
-    from pipeline.train import param_groups
+    from pipeline.train import make_optimizer
 
     params = ModelParams(arch=arch, expansion=expansion, activation="none" if expansion == 0 else "relu",
                          logit_scale_cap=50)
     model = build_model(params).to(device)
     objective = SparseClipObjective(params)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.2), lr=1e-4)
+    optimizer = make_optimizer(model, OptimParams(lr=1e-4), torch.device(device))
     images = torch.randn(batch, 3, model.image_size, model.image_size, device=device)
     texts = torch.randint(1, 49000, (batch, model.context_length), device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)

@@ -27,7 +27,7 @@ from pipeline.submit import build_job, client, ray_job_submit_command
 from .conftest import REPO
 
 PAPER = REPO / "deploy" / "params.paper.yaml"
-# The embedded pipeline at test size (tests/test_train.py's TINY_RUN), as an override file.
+# The embedded pipeline at test size (tests/tiny.py's TINY_RUN), as an override file.
 TINY = {
     "sample": {"source": {"generator": {"num_records": 180}}, "shard_size": 60},
     "train": {

@@ -64,10 +64,12 @@ def pipeline_runs(workdir):
                                      "zeroshot_reconstruction.shape.sae_reconstruction.top1": 0.147})
     log_run(params, "atlas", None, {"dense.pointing.accuracy": 0.167, "dense.pointing.chance": 0.126,
                                     "sparse.pointing.accuracy": 0.325, "sparse.pointing.chance": 0.126})
-    log_run(params, "vlm", "sparse", {"qa.colour.exact": 0.594, "qa.colour.sbert": 0.864})
+    log_run(params, "vlm", "sparse", {"qa.colour.exact": 0.594, "qa.colour.chance": 0.131,
+                                       "qa.colour.sbert": 0.864})
     log_run(params, "steer", "sparse", {"baseline.sim_true": 0.851, "grid.k4_ss2.k": 4, "grid.k4_ss2.strength": 2.0,
                                         "grid.k4_ss2.sim_boosted": 0.661, "grid.k16_ss5.k": 16,
-                                        "grid.k16_ss5.strength": 5.0, "grid.k16_ss5.sim_boosted": 0.696})
+                                        "grid.k16_ss5.strength": 5.0, "grid.k16_ss5.sim_boosted": 0.696,
+                                        "grid.k16_ss5.p_named_beats_random": 2.4e-6})
     with pytest.raises(RuntimeError), stage_run(params, "metrics", variant="sparse"):
         raise RuntimeError("a failed run is not a result")
     return params, ids
@@ -99,9 +101,10 @@ def test_tables_from_the_latest_finished_run_of_each_stage(pipeline_runs):
     assert table(tables, "training").rows[1][:3] == ["sparse", "1.250", "40.0"]  # the last step, not the old run
     assert table(tables, "atlas").rows == [["dense", "16.7", "12.6", "–", "–", "–", "–"],
                                            ["sparse", "32.5", "12.6", "–", "–", "–", "–"]]
-    assert table(tables, "vlm").rows == [["sparse", "59.4", "0.864"]]
+    assert table(tables, "vlm").rows == [["sparse", "59.4", "13.1", "0.864"]]
     steering = table(tables, "steering").rows
     assert [row[1:3] for row in steering] == [["none", "–"], ["4", "2"], ["16", "5"]]
+    assert [row[-1] for row in steering] == ["–", "–", "2e-06"]
     assert table(tables, "models").rows[1] == ["sparse", "inline", "32", "relu", "cls", "50", "2048"]
 
 

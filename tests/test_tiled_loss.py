@@ -14,6 +14,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
+from benchmarks import simulated
+from benchmarks.simulated import make_block, other_blocks
 from pipeline.loss import SparseClipObjective, TiledClipLoss, tiled_clip_loss
 from pipeline.model import build_model
 from tests.test_model_loss import batch, micro
@@ -102,6 +104,27 @@ def test_simulated_helper_equals_brute_force_on_the_concatenated_batch():
     actual += tuple(g for k in range(3) for g in remote[k])
     for k, (a, e) in enumerate(zip(actual, expected)):
         assert_close(a, e, f"gradient {k}")
+
+
+def check_simulated_worker(device: str, workers: int, rows: int, width: int, atol: float = 1e-6) -> None:
+    """The benchmarks' rank-0 simulation: open_clip's ClipLoss (its gather a concatenation of the
+    fed-in blocks) and the tiled loss give the same value and gradients on the same blocks."""
+    others = other_blocks(workers, rows, width, 0.05, device)
+    local = make_block(0, rows, width, 0.05, device)
+    scale = torch.tensor(30.0, device=device)
+    results = [
+        loss_and_grads(lambda i, t, s, fn=fn: fn(i, t, s, others, workers), *local, scale)
+        for fn in (simulated.clip_loss, simulated.tiled_loss)
+    ]
+    (clip_value, clip_grads), (tiled_value, tiled_grads) = results
+    assert clip_value.item() > 0
+    assert_close(tiled_value, clip_value, "loss", atol)
+    for name, a, e in zip(("image", "text", "scale"), tiled_grads, clip_grads):
+        assert_close(a, e, name, atol)
+
+
+def test_simulated_worker_losses_agree():
+    check_simulated_worker("cpu", workers=6, rows=16, width=512)
 
 
 def test_objective_selects_the_loss():

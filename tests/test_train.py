@@ -3,48 +3,23 @@ is restarted from the latest checkpoint without losing or duplicating MLflow met
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import RayParams, load_params
-from pipeline.data.sampling import run_sample
 from pipeline.model import load_model
 from pipeline.tracking import stage_run, tracking_uri
 from pipeline.train import evolution_steps, lr_at, run_training
 
-from .conftest import REPO
-from .test_model_loss import MICRO
-
-TINY_RUN = {
-    "train.model.inline": {**MICRO, "text_cfg": {**MICRO["text_cfg"], "vocab_size": 49408}},
-    "train.model.expansion": 8,
-    "train.variants": {"sparse": {"logit_scale_cap": 50}},
-    "sae.source_variant": "sparse", "vlm.variants": ["sparse"],
-    "train.global_batch_size": 32,
-    "train.epochs": 3,
-    "train.optim": {"lr": 0.002, "warmup_steps": 2},
-    "train.log_every": 1,
-    "train.eval_every": 4,
-    "train.checkpoint_every": 3,
-    "train.resources_per_worker": {"CPU": 0.5},
-    "sample.source.generator.num_records": 180,
-    "sample.shard_size": 60,
-}
+from .tiny import sampled_tiny_params
 
 
 @pytest.fixture
 def tiny_params(workdir, ray_local):
-    params = load_params(REPO / "params.yaml", overrides={
-        **TINY_RUN,
-        "sample.out_dir": str(workdir / "data"),
-        "train.out_dir": str(workdir / "models"),
-        "ray.storage_path": str(workdir / "ray_results"),
-    })
-    run_sample(params.sample, RayParams(num_cpus=2))
-    return params
+    return sampled_tiny_params(workdir)
 
 
 def history(run_id: str, key: str) -> list[tuple[int, float]]:
@@ -77,6 +52,9 @@ def test_two_workers_train_resume_after_a_failure_and_log_each_step_once(tiny_pa
     assert all(0 < v < 100 for _, v in history(run.run_id, "train/l0_image_pct"))
     assert all(v <= 50 + 1e-3 for _, v in history(run.run_id, "train/logit_scale"))
 
+    assert [(w["rank"], w["device"], w["backend"], w["autocast"]) for w in outcome.workers] == [
+        (0, "cpu", "gloo", None), (1, "cpu", "gloo", None)]
+
     model_dir = outcome.model_dir
     names = {p.name for p in (model_dir / "evolution").iterdir()}
     assert names == {"1pct.pt", "3pct.pt", "10pct.pt", "30pct.pt", "100pct.pt"}
@@ -91,19 +69,15 @@ def test_two_workers_train_resume_after_a_failure_and_log_each_step_once(tiny_pa
 @pytest.mark.flickr
 def test_flickr_photos_train_by_params_override(workdir, ray_local, flickr_dir):
     """Real photos through sample + train: only the source params change."""
-    params = load_params(REPO / "params.yaml", overrides={
-        **TINY_RUN,
+    params = sampled_tiny_params(workdir, {
         "sample.source.kind": "csv",
         "sample.source.path": str(flickr_dir / "captions.csv"),
         "sample.source.image_root": str(flickr_dir / "images"),
         "sample.n": 400,
         "sample.shard_size": 200,
         "train.epochs": 2,
-        "sample.out_dir": str(workdir / "data"),
-        "train.out_dir": str(workdir / "models"),
-        "ray.storage_path": str(workdir / "ray_results"),
     })
-    manifest = run_sample(params.sample, RayParams(num_cpus=2))
+    manifest = json.loads((workdir / "data" / "manifest.json").read_text())
     assert manifest["written"] > 390 and manifest["eval_sets"]["zeroshot_tasks"] == []
     with stage_run(params, "train", variant="sparse") as run:
         outcome = run_training(params, "sparse", run_id=run.run_id, tracking_uri=tracking_uri())

@@ -54,6 +54,25 @@ def test_qa_pairs_from_ground_truth():
         qa_from_truth([{"truth": record.truth}], ["smell"])
 
 
+def test_chance_level_and_p_values_against_brute_force():
+    from itertools import permutations
+    from math import comb
+
+    from pipeline.vlm.evaluate import chance_exact, p_above
+    from pipeline.vlm.steering import _named_vs_random
+
+    answers, truth = ["Red.", "red", "blue", "green"], ["red", "blue", "blue", "white"]
+    shuffled = [sum(normalise(a) == t for a, t in zip(answers, order)) / 4 for order in permutations(truth)]
+    assert chance_exact(answers, truth) == pytest.approx(sum(shuffled) / len(shuffled))
+    assert chance_exact(["red"] * 4, truth) == pytest.approx(0.25)  # always the commonest-ish answer: chance
+    assert p_above(5, 8, 0.5) == pytest.approx(sum(comb(8, i) for i in range(5, 9)) / 2**8)
+    assert p_above(0, 0, 0.5) == 1.0
+    paired = _named_vs_random(["blue", "blue", "red", "blue"], ["red", "blue", "blue", "red"],
+                              ["blue", "blue", "blue", "red"])
+    assert (paired["named_only"], paired["random_only"]) == (1, 2)
+    assert paired["p_named_beats_random"] == pytest.approx(7 / 8)
+
+
 def test_edit_features_sets_exactly_the_named_features():
     features = torch.rand(2, 3, 10) + 0.1
     edit = FeatureEdit(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[5, 6], [7, 8]]), strength=2.5)
@@ -160,3 +179,57 @@ def test_ray_train_vlm_on_two_workers_and_steering_api(extracted, ray_local, wor
     edit = steerer.edit(["red"], ["blue"], k=3, strength=4.0)
     assert edit.suppress.shape == edit.boost.shape == (1, 3)
     assert isinstance(steerer(jpeg, suppress=["red"], boost=["blue"], k=3, strength=4.0, max_new_tokens=3), str)
+
+
+@pytest.mark.slow
+def test_on_embedded_data_the_vlm_answers_above_chance_and_named_boosts_beat_random_edits(workdir, ray_local):
+    """The issue's claim, measured end to end on the embedded data at reduced size: a Sparse CLIP
+    trained by Ray Train (60 steps), a SmolLM2 VLM trained on the subject and colour questions
+    (40 + 40 steps), then 96 held-out images. The subject's exact match must beat its chance level
+    (the same answers given to the images in random order) with one-sided binomial p < 1e-3;
+    suppressing the true colour's top-64 text features and boosting another colour's must turn
+    answers to the boosted colour on more images than random edits of the same size do, by a
+    paired sign test with p < 1e-3. Measured while writing this test: subject 7-8 of 64 right
+    against ~1 by chance; boosted colour named on 20-36 of 64 images against 2-4 for random edits."""
+    from pipeline.config import RayParams, load_params
+    from pipeline.data.sampling import run_sample
+    from pipeline.train import run_training
+    from pipeline.vlm.evaluate import answer_all, qa_metrics
+    from pipeline.vlm.steering import steering_evaluation
+    from pipeline.vlm.train import build_vlm, qa_examples
+
+    from .conftest import REPO
+
+    params = load_params(REPO / "params.yaml", overrides={
+        "sample.source.generator.num_records": 2400, "sample.out_dir": str(workdir / "data"),
+        "train.variants": {"sparse": {"logit_scale_cap": 50}}, "train.epochs": 4,
+        "train.out_dir": str(workdir / "models"), "ray.storage_path": str(workdir / "ray_results"),
+        "sae.source_variant": "sparse", "vlm.variants": ["sparse"], "vlm.question_types": ["subject", "colour"],
+        "vlm.stage1_steps": 40, "vlm.stage2_steps": 40,
+    })
+    run_sample(params.sample, RayParams(num_cpus=2))
+    encoder_dir = run_training(params, "sparse").model_dir
+    torch.manual_seed(0)
+    vlm = build_vlm(encoder_dir, prepare_language_model(params.vlm.language_model, REPO / ".cache" / "lm"),
+                    params.vlm)
+    preprocessor = ClipBatchPreprocessor(vlm.encoder.image_size, vlm.encoder.context_length)
+    images, examples, _ = qa_examples(params.sample.out_dir, "train", params.vlm, preprocessor)
+    two_stage_training(vlm, images, examples, params.vlm, seed=0)
+    vlm.eval()
+
+    images, examples, metas = qa_examples(params.sample.out_dir, "test", params.vlm, preprocessor, limit=96)
+    scores = qa_metrics(answer_all(vlm, images, examples, batch_size=32, max_new_tokens=8), examples)
+    assert scores["subject.n"] == 96
+    assert scores["subject.exact"] > 2 * scores["subject.chance"], scores
+    assert scores["subject.p_above_chance"] < 1e-3, scores
+    assert scores["colour.p_above_chance"] < 1e-3, scores
+
+    labels = [answers_from_truth(m["truth"])["colour"] for m in metas]
+    result = steering_evaluation(vlm, images, labels, sorted(set(labels)), QUESTIONS["colour"], ks=[64],
+                                 strengths=[5.0], seed=0)
+    grid = result["grid"]["k64_ss5"]
+    print({k: v for k, v in scores.items() if k.startswith("subject")}, {k: v for k, v in grid.items()
+                                                                         if k != "examples"})  # shown with -s
+    assert grid["boosted_rate"] > grid["random.boosted_rate"], grid
+    assert grid["sim_boosted"] > grid["random.sim_boosted"], grid
+    assert grid["p_named_beats_random"] < 1e-3, grid

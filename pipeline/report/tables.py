@@ -24,7 +24,7 @@ class Column:
     header: str
     stage: str
     key: str
-    kind: str = "pct"  # pct: a fraction shown as %; pct100: already a %; num; num1; int
+    kind: str = "pct"  # pct: a fraction shown as %; pct100: already a %; num; num1; int; p: a p-value
 
 
 @dataclass
@@ -40,7 +40,7 @@ def fmt(value: float | None, kind: str) -> str:
     if value is None or math.isnan(value):
         return MISSING
     return {"pct": f"{100 * value:.1f}", "pct100": f"{value:.1f}", "num": f"{value:.3f}", "num1": f"{value:.1f}",
-            "int": f"{value:.0f}"}[kind]
+            "int": f"{value:.0f}", "p": f"{value:.0e}" if value < 0.001 else f"{value:.3f}"}[kind]
 
 
 def metric_table(name: str, title: str, note: str, columns: list[Column], models: Iterable[Model]) -> Table:
@@ -129,14 +129,17 @@ def atlas(models: list[Model]) -> Table:
 def vlm(models: list[Model]) -> Table:
     kinds = _keys(models, "vlm", r"qa\.(\w+)\.exact")
     columns = [c for q in kinds for c in (Column(f"{q} exact %", "vlm", f"qa.{q}.exact"),
+                                          Column(f"{q} chance %", "vlm", f"qa.{q}.chance"),
                                           Column(f"{q} SBERT", "vlm", f"qa.{q}.sbert", "num"))]
     return metric_table("vlm", "VLM · question answering", "Exact-match accuracy (%) and SBERT similarity of the "
-                        "answers on held-out images, per question type.", columns, models)
+                        "answers on held-out images, per question type; chance: the exact match of the same answers "
+                        "given to the images in random order.", columns, models)
 
 
 STEER_COLUMNS = [("sim to true", "sim_true", "num"), ("sim to boosted", "sim_boosted", "num"),
                  ("boosted %", "boosted_rate", "pct"), ("corrupted %", "corruption", "pct"),
-                 ("random: sim to boosted", "random.sim_boosted", "num"), ("random: boosted %", "random.boosted_rate", "pct")]
+                 ("random: sim to boosted", "random.sim_boosted", "num"), ("random: boosted %", "random.boosted_rate", "pct"),
+                 ("p (named > random)", "p_named_beats_random", "p")]
 
 
 def steering(models: list[Model]) -> Table:
@@ -153,7 +156,8 @@ def steering(models: list[Model]) -> Table:
                          f"{metrics.get(f'grid.{point}.strength', float('nan')):g}",
                          *(fmt(metrics.get(f"grid.{point}.{key}"), kind) for _, key, kind in STEER_COLUMNS)])
     return Table("steering", "Steering (Fig 8b)", "Answers after suppressing the true label's top-K text features "
-                 "and boosting another label's at strength SS, against random edits of the same size.",
+                 "and boosting another label's at strength SS, against random edits of the same size; p: paired sign "
+                 "test that named edits give the boosted label on more images than random ones.",
                  ["model", "K", "SS", *(h for h, _, _ in STEER_COLUMNS)], rows)
 
 

@@ -1,14 +1,20 @@
 """QA evaluation (paper Tab 3 shape): exact match after normalisation and SBERT similarity to
 the reference answer, per question type, on held-out images; for the subject question also
-whether the colour and the shape are each named."""
+whether the colour and the shape are each named.
+
+"Above chance" is measured, not assumed: chance is the exact-match rate the same answers would
+get on the images in a random order (so a model that always says the commonest answer is at
+chance), and a one-sided binomial test gives the p-value of the observed hits against it."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 from tqdm import tqdm
 
 from pipeline.vlm.model import FeatureEdit, VisionLanguageModel
@@ -37,14 +43,32 @@ def answer_all(vlm: VisionLanguageModel, images: torch.Tensor, rows: Sequence[di
     return out
 
 
+def chance_exact(answers: Sequence[str], references: Sequence[str]) -> float:
+    """Expected exact-match rate of these answers given to the images in a random order:
+    sum over answers a of P(answer = a) * P(reference = a)."""
+    answered = Counter(normalise(a) for a in answers)
+    expected = Counter(normalise(r) for r in references)
+    return sum(n * expected[a] for a, n in answered.items()) / (len(answers) * len(references))
+
+
+def p_above(hits: int, n: int, chance: float) -> float:
+    """One-sided binomial p-value of ``hits`` in ``n`` trials when each succeeds with ``chance``."""
+    if n == 0:
+        return 1.0
+    return float(binomtest(hits, n, min(max(chance, 1e-12), 1.0), alternative="greater").pvalue)
+
+
 def qa_metrics(answers: Sequence[str], examples: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Per question type: exact match, SBERT similarity, n; subject also colour/shape named."""
+    """Per question type: exact match, its chance level and p-value, SBERT similarity, n; subject
+    also colour/shape named."""
     similarity = sbert_similarity(answers, [e["answer"] for e in examples])
     out: dict[str, float] = {}
     for qtype in sorted({e["type"] for e in examples}):
         idx = [i for i, e in enumerate(examples) if e["type"] == qtype]
         exact = [normalise(answers[i]) == normalise(examples[i]["answer"]) for i in idx]
         out[f"{qtype}.exact"] = float(np.mean(exact))
+        out[f"{qtype}.chance"] = chance_exact([answers[i] for i in idx], [examples[i]["answer"] for i in idx])
+        out[f"{qtype}.p_above_chance"] = p_above(sum(exact), len(idx), out[f"{qtype}.chance"])
         out[f"{qtype}.sbert"] = float(np.mean(similarity[idx]))
         out[f"{qtype}.n"] = len(idx)
         if qtype == "subject":

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from pipeline.data.loading import ClipBatchPreprocessor
-from pipeline.vlm.evaluate import answer_all, sbert_similarity
+from pipeline.vlm.evaluate import answer_all, p_above, sbert_similarity
 from pipeline.vlm.model import FeatureEdit, VisionLanguageModel
 from pipeline.vlm.questions import QUESTIONS, normalise
 
@@ -72,7 +72,8 @@ def steering_evaluation(vlm: VisionLanguageModel, images: torch.Tensor, labels: 
     """Fig 8b: per image suppress its true label and boost a random other label, for every
     (K, SS); SBERT similarity of the answer to the true and to the boosted label, how often the
     answer is the boosted label, the corruption rate (empty or more than ``max_words`` words),
-    and the same for random feature edits of the same size (the control)."""
+    the same for random feature edits of the same size (the control), and a paired sign test of
+    named against random edits (``p_named_beats_random``)."""
     rng = random.Random(seed)
     boosted = [rng.choice([c for c in classes if c != label]) for label in labels]
     rows = [{"image": i, "question": question} for i in range(len(labels))]
@@ -92,6 +93,7 @@ def steering_evaluation(vlm: VisionLanguageModel, images: torch.Tensor, labels: 
             results["grid"][f"k{k}_ss{strength:g}"] = {
                 "k": k, "strength": strength, **_scores(steered, labels, boosted, max_words),
                 **{f"random.{m}": v for m, v in _scores(control, labels, boosted, max_words).items()},
+                **_named_vs_random(steered, control, boosted),
                 "examples": [{"true": t, "boosted": b, "before": a0, "after": a1}
                              for t, b, a0, a1 in list(zip(labels, boosted, baseline, steered))[:8]],
             }
@@ -102,6 +104,18 @@ def _edits(rows, batch_size: int, suppress: Sequence[torch.Tensor], boost: Seque
            strength: float) -> list[FeatureEdit]:
     return [FeatureEdit(torch.stack(list(suppress[s : s + batch_size])), torch.stack(list(boost[s : s + batch_size])),
                         strength) for s in range(0, len(rows), batch_size)]
+
+
+def _named_vs_random(named: Sequence[str], control: Sequence[str], boosted: Sequence[str]) -> dict[str, float]:
+    """Paired per image: does the named edit give the boosted label where the random edit does not,
+    and vice versa; a one-sided sign test on those discordant images says whether named edits
+    move answers to the boosted label more often than random edits of the same size."""
+    hit_named = [normalise(a) == b for a, b in zip(named, boosted)]
+    hit_random = [normalise(a) == b for a, b in zip(control, boosted)]
+    named_only = sum(n and not r for n, r in zip(hit_named, hit_random))
+    random_only = sum(r and not n for n, r in zip(hit_named, hit_random))
+    return {"named_only": named_only, "random_only": random_only,
+            "p_named_beats_random": p_above(named_only, named_only + random_only, 0.5)}
 
 
 def _scores(answers: Sequence[str], labels: Sequence[str], boosted: Sequence[str], max_words: int) -> dict[str, float]:

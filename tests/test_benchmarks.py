@@ -1,0 +1,30 @@
+"""The GPU benchmarks' machinery, on CPU: the simulated-global-batch training step runs with both
+losses, and the fit table reads the right expansions off measured peaks."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import fit_table, train_step_gpu
+
+
+def test_fit_table_finds_the_largest_expansion_on_the_line():
+    intercept, slope = fit_table.line_fit([(72, 10.0 + 72 * 0.25), (128, 10.0 + 128 * 0.25)])
+    assert intercept == pytest.approx(10.0) and slope == pytest.approx(0.25)
+    # 10 + 0.25 e <= 80 - 1  ->  e <= 276: beyond the measured x128, so a forecast
+    assert fit_table.largest_expansion([(72, 28.0), (128, 42.0)], [], 80) == "x276 (forecast)"
+    assert fit_table.largest_expansion([(72, 28.0), (128, 42.0)], [], 40) == "x116"
+    assert fit_table.largest_expansion([(72, 28.0), (128, 42.0)], [200], 80) == "x199 (forecast)"
+    assert fit_table.largest_expansion([(72, 28.0), (128, 42.0)], [], 10) == "none (the dense step alone is larger)"
+    assert fit_table.largest_expansion([(72, 10.0), (128, 10.1)], [], 80) == "> x512 (forecast)"
+
+
+@pytest.mark.slow
+def test_simulated_global_step_runs_both_losses_on_cpu():
+    result = train_step_gpu.main(["--cpu-smoke", "--losses", "clip,tiled", "--expansions", "0,8",
+                                  "--batch", "128", "--global-batch", "512"])
+    rows = {(r["expansion"], r["loss"]): r for r in result["rows"]}
+    assert set(rows) == {(0, "clip"), (0, "tiled"), (8, "clip"), (8, "tiled")}
+    assert all(r["status"] == "ok" and r["workers"] == 4 and r["samples_per_s"] > 0 for r in rows.values())
+    assert rows[(8, "clip")]["width"] == 8 * rows[(0, "clip")]["width"]
+    assert rows[(8, "tiled")]["throughput_vs_dense"] > 0
