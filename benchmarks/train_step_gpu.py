@@ -40,7 +40,7 @@ def measure(arch: str, expansion: int, loss: str, args) -> dict:
     """Time ``args.steps`` optimiser steps of one configuration (inside a subprocess)."""
     import torch
 
-    from benchmarks.simulated import SimulatedContrastive, other_blocks
+    from benchmarks.simulated import SimulatedContrastive, generation_ms, other_blocks
     from pipeline.config import ModelParams, OptimParams
     from pipeline.loss import SparseClipObjective
     from pipeline.model import build_model
@@ -89,8 +89,8 @@ def measure(arch: str, expansion: int, loss: str, args) -> dict:
         elapsed = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         features = outputs["image_features"]
-        generate_ms = _generate_ms(other_blocks(workers, args.batch, model.width, args.density,
-                                                args.device, features.dtype), cuda)
+        generate_ms = generation_ms(other_blocks(workers, args.batch, model.width, args.density,
+                                                 args.device, features.dtype), args.device)
     except torch.OutOfMemoryError:
         return {**row, "status": DOES_NOT_FIT}
     step_ms = 1000 * elapsed / args.steps
@@ -108,18 +108,6 @@ def measure(arch: str, expansion: int, loss: str, args) -> dict:
         "image_l0": (outputs["image_raw"] != 0).float().sum(-1).mean().item(),
         "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6,
     }
-
-
-def _generate_ms(blocks, cuda: bool) -> float:
-    """Time to make the other workers' blocks once (0 with no other workers)."""
-    import torch
-
-    start = time.perf_counter()
-    for _ in blocks():
-        pass
-    if cuda:
-        torch.cuda.synchronize()
-    return 1000 * (time.perf_counter() - start)
 
 
 def run_config(arch: str, expansion: int, loss: str, args) -> dict:
@@ -201,11 +189,13 @@ def main(argv=None) -> dict:
 
 
 def _median_run(runs: list[dict]) -> dict:
-    """The run with the median throughput, and every run's throughput beside it."""
+    """The run with the median throughput, every run's throughput beside it, and how many runs
+    failed (a configuration that fits only sometimes must not pass for one that fits)."""
     ok = sorted((r for r in runs if r["status"] == "ok"), key=lambda r: r["samples_per_s"])
+    failed = {"failed_runs": len(runs) - len(ok)}
     if not ok:
-        return runs[0]
-    return {**ok[(len(ok) - 1) // 2], "samples_per_s_runs": [r["samples_per_s"] for r in ok]}
+        return {**runs[0], **failed}
+    return {**ok[(len(ok) - 1) // 2], "samples_per_s_runs": [r["samples_per_s"] for r in ok], **failed}
 
 
 def _cuda_available() -> bool:

@@ -71,9 +71,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimParams, device: torch.device) -> torch.optim.AdamW:
-    """open_clip's AdamW on :func:`param_groups`; on GPU the fused kernel (same update, one launch:
-    the sparse heads add 2 x embed_dim x width parameters, whose update would otherwise be a
-    visible share of a ViT-B-32 step)."""
+    """torch's AdamW with open_clip's parameter groups and hyperparameters; on GPU its fused
+    implementation (the same update in a few kernels instead of one per tensor and operation: the
+    sparse heads add 2 x embed_dim x width parameters, whose update was otherwise a visible share
+    of a ViT-B-32 step)."""
     return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2),
                              eps=optim.eps, fused=device.type == "cuda")
 

@@ -11,13 +11,16 @@ from benchmarks import fit_table, train_step_gpu
 def test_fit_table_finds_the_largest_expansion_on_the_line():
     intercept, slope = fit_table.line_fit([(72, 10.0 + 72 * 0.25), (128, 10.0 + 128 * 0.25)])
     assert intercept == pytest.approx(10.0) and slope == pytest.approx(0.25)
-    # 10 + 0.25 e <= 80 - 1  ->  e <= 276: beyond the measured x128, so a forecast
-    assert fit_table.largest_expansion([(72, 28.0), (128, 42.0)], [], 80) == "x276 (forecast)"
-    assert fit_table.largest_expansion([(72, 28.0), (128, 42.0)], [], 40) == "x116"
+    # 10 + 0.25 e <= 80 - 2  ->  e <= 272: beyond the measured x128, so a forecast
+    assert fit_table.largest_expansion([(72, 28.0), (128, 42.0)], [], 80) == "x272 (forecast)"
+    assert fit_table.largest_expansion([(72, 28.0), (128, 42.0)], [], 40) == "x112"
     assert fit_table.largest_expansion([(72, 28.0), (128, 42.0)], [200], 80) == "x199 (forecast)"
-    assert fit_table.largest_expansion([(72, 28.0), (128, 42.0)], [], 10) == "none (the dense step alone is larger)"
+    assert fit_table.largest_expansion([(72, 28.0), (128, 42.0)], [], 80, dense_gib=79.0) == (
+        "none (the dense step alone needs 79 GiB)")
+    assert fit_table.largest_expansion([(72, 28.0), (128, 42.0)], [], 10) == "none"  # 10 GiB dense + margin
     assert fit_table.largest_expansion([(72, 10.0), (128, 10.1)], [], 80) == "> x512 (forecast)"
-
+    assert fit_table.largest_expansion([(72, 10.0), (128, 10.0)], [], 80) == "> x512 (forecast)"  # flat
+    assert fit_table.largest_expansion([(72, 10.1), (128, 10.0)], [256], 80) == "x255"  # falling, then OOM
 
 @pytest.mark.slow
 def test_simulated_global_step_runs_both_losses_on_cpu():
