@@ -26,13 +26,28 @@ def write_curve_csv(rows: Mapping[int, Mapping[str, float]], path: str | Path) -
     return path
 
 
+def panel_row(panels: int, width: float = 4.2):
+    """A figure with one row of ``panels`` axes, ``width`` inches each: (figure, axes)."""
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels, 3.4), squeeze=False)
+    return fig, axes[0]
+
+
+def save_figure(fig, path: str | Path, title: str = "") -> Path:
+    """Title it, lay it out, write the PNG (making its folder) and free the figure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(rows: Mapping[int, Mapping[str, float]], panels: Sequence[Sequence[str]], path: str | Path,
                 title: str = "", xlabel: str = "step") -> Path:
     """One subplot per panel (a list of metric names sharing axes) against the row key."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, names in zip(axes[0], panels):
+    fig, axes = panel_row(len(panels))
+    for ax, names in zip(axes, panels):
         for name in names:
             points = [(s, v[name]) for s, v in rows.items() if name in v]
             if points:
@@ -41,8 +56,4 @@ def plot_curves(rows: Mapping[int, Mapping[str, float]], panels: Sequence[Sequen
         ax.grid(alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)

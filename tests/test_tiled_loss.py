@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from benchmarks import simulated
-from benchmarks.simulated import make_block, other_blocks
 from pipeline.loss import SparseClipObjective, TiledClipLoss, tiled_clip_loss
 from pipeline.model import build_model
 from tests.test_model_loss import batch, micro
@@ -109,8 +108,8 @@ def test_simulated_helper_equals_brute_force_on_the_concatenated_batch():
 def check_simulated_worker(device: str, workers: int, rows: int, width: int, atol: float = 1e-6) -> None:
     """The benchmarks' rank-0 simulation: open_clip's ClipLoss (its gather a concatenation of the
     fed-in blocks) and the tiled loss give the same value and gradients on the same blocks."""
-    others = other_blocks(workers, rows, width, 0.05, device)
-    local = make_block(0, rows, width, 0.05, device)
+    others = simulated.other_blocks(workers, rows, width, 0.05, device)
+    local = simulated.make_block(0, rows, width, 0.05, device)
     scale = torch.tensor(30.0, device=device)
     results = [
         loss_and_grads(lambda i, t, s, fn=fn: fn(i, t, s, others, workers), *local, scale)

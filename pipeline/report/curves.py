@@ -5,11 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
+from pipeline.plots import panel_row, save_figure
 from pipeline.report.sources import Model
 
 STYLES = ["-", "--", ":", "-."]
@@ -33,9 +29,8 @@ def plot_overlays(models: list[Model], out_dir: str | Path) -> dict[str, Path]:
 
 
 def _overlay(models: list[Model], panels: list[str], title: str, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], panels):
+    fig, axes = panel_row(len(panels), width=4.6)
+    for ax, key in zip(axes, panels):
         drawn = [m for m in models if m.curves.get(key)]
         for i, model in enumerate(drawn):  # dashes and thinning lines keep identical curves visible
             points = model.curves[key]
@@ -45,8 +40,4 @@ def _overlay(models: list[Model], panels: list[str], title: str, path: Path) -> 
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
