@@ -133,18 +133,22 @@ class ModelParams(Section):
     pooling: Literal["cls", "avg"] = "cls"
     logit_scale_cap: float = Field(100.0, gt=1.0, description="max of exp(logit_scale): 100 CLIP, 50 Sparse, 40 Sparse+")
     init_logit_scale: float | None = Field(
-        math.log(1 / 0.07), ge=0.0, description="initial ln(scale); None: start at the cap, ln(logit_scale_cap)"
+        math.log(1 / 0.07), ge=0.0, description="initial ln(scale), clamped to the cap as open_clip clamps after "
+        "each step; None: start at the cap, ln(logit_scale_cap)"
     )
+    logit_scale_mode: Literal["learnable", "fixed"] = Field(
+        "learnable", description="learnable (the paper: trained, clamped to the cap) | fixed (held at its start value)")
+    head_bias_init: float | None = Field(
+        None, description="constant start value of the wide heads' biases; None: torch's default uniform init "
+        "(the paper's recipe). Negative values start the ReLU head sparser")
 
     @property
     def initial_logit_scale(self) -> float:
-        return math.log(self.logit_scale_cap) if self.init_logit_scale is None else self.init_logit_scale
+        cap = math.log(self.logit_scale_cap)
+        return cap if self.init_logit_scale is None else min(self.init_logit_scale, cap)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelParams:
-        if self.init_logit_scale is not None and self.init_logit_scale > math.log(self.logit_scale_cap):
-            raise ValueError(f"init_logit_scale {self.init_logit_scale:.3f} exceeds ln(logit_scale_cap) "
-                             f"= {math.log(self.logit_scale_cap):.3f}")
         if self.arch is None and not {"embed_dim", "vision_cfg", "text_cfg"} <= set(self.inline):
             raise ValueError("inline needs embed_dim, vision_cfg and text_cfg (or set arch)")
         return self
@@ -160,6 +164,8 @@ class VariantParams(Section):
     l1_lambda: float | None = Field(None, ge=0.0)
     pooling: Literal["cls", "avg"] | None = None
     logit_scale_cap: float | None = Field(None, gt=1.0)
+    logit_scale_mode: Literal["learnable", "fixed"] | None = None
+    head_bias_init: float | None = None
 
 
 # The paper's models: the dense baseline, Sparse (cap 50), Sparse+ (cap 40), Sparse-Avg.
@@ -181,6 +187,16 @@ class OptimParams(Section):
     eps: float = Field(1e-6, gt=0)
     warmup_steps: int = Field(50, ge=0)
     grad_clip_norm: float | None = Field(None, gt=0)
+    head_lr_multiplier: float = Field(
+        1.0, gt=0, description="learning rate of the wide sparse heads = lr x this (1: the paper's recipe)")
+    head_weight_decay: float | None = Field(
+        None, ge=0, description="AdamW weight decay of the heads' weights (None: weight_decay). torch's AdamW "
+        "decays by lr x decay, so the multiplier scales the heads' decay per step too")
+
+    @property
+    def neutral_heads(self) -> bool:
+        """True when the heads are optimised exactly like every other weight (the paper's recipe)."""
+        return self.head_lr_multiplier == 1.0 and self.head_weight_decay in (None, self.weight_decay)
 
 
 class TrainParams(Section):
@@ -397,6 +413,39 @@ class ReportParams(Section):
         return self
 
 
+class AblationParams(Section):
+    """The paper's small-scale ablation (Fig 2a-c, :mod:`pipeline.ablation`): many short in-process
+    trainings of the base ``train.model`` / ``train.optim``, each panel varying one choice."""
+
+    steps: int = Field(300, ge=1, description="training steps per point")
+    batch_size: int = Field(128, ge=2)
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="every point is trained once per seed")
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(50, ge=1)
+    val_images: int = Field(500, ge=1, description="val images scored at each eval")
+    expansions: list[int] = Field([1, 2, 4, 8, 16, 32], description="Fig 2a: head widths (x embed_dim); [] skips it")
+    expansion_activations: list[Literal["relu", "none"]] = Field(["relu", "none"], description="Fig 2a: lines")
+    activations: list[Literal["relu", "topk", "l1"]] = Field(["relu", "topk", "l1"],
+                                                             description="Fig 2b: sparsity methods; [] skips it")
+    scale_caps: list[float] = Field([5, 10, 15, 20, 30, 50, 100], description="Fig 2c: logit scale caps; [] skips it")
+    scale_mode: Literal["learnable", "fixed"] = Field(
+        "learnable", description="Fig 2c: the paper's learnable scale under each cap, or a scale fixed at it")
+    task_cpus: float = Field(1.0, gt=0, description="CPUs per point (a Ray task); points run side by side")
+    threads_per_task: int = Field(1, ge=1, description="torch threads inside each point")
+    use_gpu: bool = Field(False, description="one GPU per point (task_cpus then also applies)")
+    out_dir: str = "plots/ablation"
+
+    @model_validator(mode="after")
+    def _something_to_run(self) -> AblationParams:
+        if not (self.expansions or self.activations or self.scale_caps):
+            raise ValueError("ablation: expansions, activations and scale_caps are all empty")
+        if any(e < 1 for e in self.expansions):
+            raise ValueError(f"ablation.expansions must be >= 1 (1 = the embed_dim itself), got {self.expansions}")
+        if any(c <= 1 for c in self.scale_caps):
+            raise ValueError(f"ablation.scale_caps must be > 1, got {self.scale_caps}")
+        return self
+
+
 class Params(Section):
     project: ProjectParams = ProjectParams()
     ray: RayParams = RayParams()
@@ -411,6 +460,7 @@ class Params(Section):
     vlm: VLMParams = VLMParams()
     steer: SteerParams = SteerParams()
     report: ReportParams = ReportParams()
+    ablation: AblationParams = AblationParams()
 
     @model_validator(mode="after")
     def _sae_source_is_a_variant(self) -> Params:

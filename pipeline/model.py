@@ -57,6 +57,8 @@ class SparseHead(nn.Module):
         super().__init__()
         self.width = embed_dim * params.expansion if params.expansion else embed_dim
         self.linear = nn.Linear(embed_dim, self.width) if params.expansion else nn.Identity()
+        if params.expansion and params.head_bias_init is not None:
+            nn.init.constant_(self.linear.bias, params.head_bias_init)  # draws no random numbers
         self.activation = make_activation(params)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +66,10 @@ class SparseHead(nn.Module):
 
 
 class SparseCLIP(nn.Module):
-    """open_clip's CLIP with a sparse head on each tower and a capped, learnable logit scale."""
+    """open_clip's CLIP with a sparse head on each tower and a capped logit scale (learnable, as in
+    the paper, or fixed)."""
+
+    HEAD_PREFIXES = ("image_head.", "text_head.")  # the wide layers that ``head_lr_multiplier`` reaches
 
     def __init__(self, clip_cfg: dict[str, Any], params: ModelParams):
         super().__init__()
@@ -77,6 +82,9 @@ class SparseCLIP(nn.Module):
         self.text_head = SparseHead(embed_dim, params)
         self.width = self.image_head.width
         self.logit_scale_max = math.log(params.logit_scale_cap)
+        # A fixed scale is a constant temperature (as in non-negative contrastive learning): the
+        # optimiser never sees it, so it stays at its start value.
+        self.logit_scale.requires_grad_(params.logit_scale_mode == "learnable")
 
     @property
     def logit_scale(self) -> nn.Parameter:

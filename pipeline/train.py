@@ -32,6 +32,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.config import ModelParams, OptimParams, Params, TrainParams
@@ -39,6 +40,7 @@ from pipeline.data.evalsets import load_zero_shot_tasks, zero_shot_label
 from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
 from pipeline.io import write_json
 from pipeline.loss import SparseClipObjective
+from pipeline.metrics.retrieval import retrieval_recall
 from pipeline.model import SparseCLIP, build_model, save_model
 from pipeline.zeroshot import class_embeddings, topk_accuracy
 
@@ -59,15 +61,26 @@ def lr_at(step: int, total: int, warmup: int, base_lr: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * base_lr
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """open_clip's split: no weight decay on gains, biases, embeddings' 1-d params, logit scale."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, optim: OptimParams) -> list[dict[str, Any]]:
+    """open_clip's split (no weight decay on gains, biases, 1-d params and the logit scale), and,
+    when ``head_lr_multiplier`` / ``head_weight_decay`` are set, the wide heads in groups of their
+    own. Each group carries ``lr_scale``: the schedule's lr times it is the group's lr. With the
+    knobs neutral the groups are exactly open_clip's two, so training is the paper's recipe."""
+    heads = not optim.neutral_heads
+    head_decay = optim.weight_decay if optim.head_weight_decay is None else optim.head_weight_decay
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         exclude = param.ndim < 2 or any(t in name for t in ("bn", "ln", "bias", "logit_scale"))
-        (no_decay if exclude else decay).append(param)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+        is_head = heads and name.startswith(SparseCLIP.HEAD_PREFIXES)
+        groups.setdefault((is_head, not exclude), []).append(param)
+    out = []
+    for (is_head, decays), params in sorted(groups.items()):
+        decay = (head_decay if is_head else optim.weight_decay) if decays else 0.0
+        scale = optim.head_lr_multiplier if is_head else 1.0
+        out.append({"params": params, "weight_decay": decay, "lr_scale": scale})
+    return out
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimParams, device: torch.device) -> torch.optim.AdamW:
@@ -75,8 +88,14 @@ def make_optimizer(model: torch.nn.Module, optim: OptimParams, device: torch.dev
     implementation (the same update in a few kernels instead of one per tensor and operation: the
     sparse heads add 2 x embed_dim x width parameters, whose update was otherwise a visible share
     of a ViT-B-32 step)."""
-    return torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=(optim.beta1, optim.beta2),
+    return torch.optim.AdamW(param_groups(model, optim), lr=optim.lr, betas=(optim.beta1, optim.beta2),
                              eps=optim.eps, fused=device.type == "cuda")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's lr, scaled per group (the heads' multiplier)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def evolution_steps(fractions: list[float], total: int) -> dict[int, list[float]]:
@@ -149,14 +168,15 @@ class MetricSink:
 
 
 @torch.no_grad()
-def zero_shot_eval(model: SparseCLIP, val: dict[str, Any], device: torch.device) -> dict[str, float]:
-    """Top-1/top-5 zero-shot accuracy on the val split for every labelled task (shape, colour)."""
-    if not val["tasks"]:
-        return {}
+def validation_eval(model: SparseCLIP, val: dict[str, Any], device: torch.device) -> dict[str, float]:
+    """On the val split: top-1/top-5 zero-shot accuracy for every labelled task (shape, colour)
+    and image<->caption retrieval recall (each val image against its own caption)."""
     model.eval()
     tokenize = val["preprocessor"].tokens
     features = model.encode_image(torch.as_tensor(val["images"]).to(device)).float()
-    out = {}
+    captions = model.encode_text(torch.as_tensor(val["texts"]).to(device)).float()
+    out = {f"val/{k}": v for k, v in retrieval_recall(features.cpu().numpy(), captions.cpu().numpy(),
+                                                       np.arange(len(captions))).items()}
     for task, spec in val["tasks"].items():
         classifier = class_embeddings(
             lambda t: model.encode_text(torch.as_tensor(t).to(device)).float(), tokenize,
@@ -169,14 +189,74 @@ def zero_shot_eval(model: SparseCLIP, val: dict[str, Any], device: torch.device)
     return out
 
 
-def load_val(data_dir: str, preprocessor: ClipBatchPreprocessor) -> dict[str, Any]:
+def load_val(data_dir: str, preprocessor: ClipBatchPreprocessor, limit: int = VAL_EVAL_LIMIT) -> dict[str, Any]:
+    """The val split decoded once: images, captions, zero-shot tasks and each image's labels."""
     tasks = load_zero_shot_tasks(data_dir)
-    arrays, metas = load_split_arrays(data_dir, "val", preprocessor, limit=VAL_EVAL_LIMIT)
+    arrays, metas = load_split_arrays(data_dir, "val", preprocessor, limit=limit)
     labels = {task: [zero_shot_label(m, task) for m in metas] for task in tasks}
-    return {"tasks": tasks, "images": arrays["image"], "labels": labels, "preprocessor": preprocessor}
+    return {"tasks": tasks, "images": arrays["image"], "texts": arrays["text"], "labels": labels,
+            "preprocessor": preprocessor}
 
 
 # --------------------------------------------------------------------------- the worker loop
+
+
+class RecipeStep:
+    """One optimisation step of the paper's recipe: the scheduled lr (scaled per group), forward
+    under autocast, the objective, backward, optional clipping, AdamW, then the logit-scale cap.
+    Shared by the Ray Train workers and the in-process ablation runs, so both train the same way."""
+
+    def __init__(self, model: SparseCLIP, optimizer: torch.optim.Optimizer, objective: SparseClipObjective,
+                 optim: OptimParams, total: int, autocast_dtype: torch.dtype | None = None, forward=None):
+        self.model, self.optimizer, self.objective, self.optim, self.total = model, optimizer, objective, optim, total
+        self.forward = forward or model
+        device_type = next(model.parameters()).device.type
+        self.autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+
+    def __call__(self, batch: dict[str, torch.Tensor], step: int):
+        """Train on ``batch`` as step ``step`` (0-based); returns (losses, outputs, lr)."""
+        lr = lr_at(step, self.total, self.optim.warmup_steps, self.optim.lr)
+        set_lr(self.optimizer, lr)
+        with self.autocast:
+            outputs = self.forward(batch["image"], batch["text"])
+            losses = self.objective(outputs)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if self.optim.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip_norm)
+        self.optimizer.step()
+        self.model.clamp_logit_scale_()
+        return losses, outputs, lr
+
+
+class ProgressLog:
+    """What rank 0 logs after each step: losses, the sparsity window, the logit scale and throughput
+    every ``log_every`` steps, validation zero-shot and retrieval every ``eval_every`` (and at the end)."""
+
+    def __init__(self, model: SparseCLIP, train_params: TrainParams, total: int, val: dict[str, Any] | None,
+                 device: torch.device):
+        self.model, self.params, self.total, self.val, self.device = model, train_params, total, val, device
+        self.window = SparsityWindow(model.width)
+        self.started, self.steps = time.perf_counter(), 0
+
+    def after_step(self, step: int, losses: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
+                   lr: float) -> dict[str, float]:
+        """Metrics due at ``step`` (1-based count of steps done); empty when none are."""
+        self.window.update(outputs["image_raw"], outputs["text_raw"])
+        self.steps += 1
+        metrics: dict[str, float] = {}
+        if step % self.params.log_every == 0 or step == self.total:
+            elapsed = time.perf_counter() - self.started
+            metrics.update({f"train/{k}": v.item() for k, v in losses.items()})
+            metrics.update({f"train/{k}": v for k, v in self.window.summary().items()})
+            metrics["train/logit_scale"] = self.model.logit_scale.exp().item()
+            metrics["train/lr"] = lr
+            metrics["train/samples_per_s"] = self.steps * self.params.global_batch_size / elapsed
+            self.window.reset()
+            self.started, self.steps = time.perf_counter(), 0
+        if self.val is not None and (step % self.params.eval_every == 0 or step == self.total):
+            metrics.update(validation_eval(self.model, self.val, self.device))
+        return metrics
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -201,54 +281,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     objective = SparseClipObjective(model_params, rank, world, loss=train_params.loss,
                                     sparse_transport_density=train_params.sparse_transport_density)
     autocast_dtype = _autocast_dtype(train_params.precision, device)
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     placement = worker_placement(context, device, autocast_dtype)
 
     total, per_epoch = config["total_steps"], config["steps_per_epoch"]
-    local_batch = train_params.global_batch_size // world
+    train_step = RecipeStep(model, optimizer, objective, train_params.optim, total, autocast_dtype, ddp_model)
     snapshots = evolution_steps(train_params.evolution, total)
-    sink = MetricSink(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
-    val = load_val(config["data_dir"], ClipBatchPreprocessor(model.image_size, model.context_length)) if rank == 0 else None
-    window = SparsityWindow(model.width)
-    epoch_batches = _batch_source(ray.train.get_dataset_shard("train"), train_params.cache_data, local_batch,
-                                  config["seed"] + 7919 * rank, device)
-    window_start, window_steps = time.perf_counter(), 0
+    progress = sink = None
+    if rank == 0:
+        sink = MetricSink(config.get("tracking_uri"), config.get("run_id"))
+        val = load_val(config["data_dir"], ClipBatchPreprocessor(model.image_size, model.context_length))
+        progress = ProgressLog(model, train_params, total, val, device)
+    epoch_batches = _batch_source(ray.train.get_dataset_shard("train"), train_params.cache_data,
+                                  train_params.global_batch_size // world, config["seed"] + 7919 * rank, device)
 
     while step < total:
         epoch = step // per_epoch
-        batches = epoch_batches(epoch)
-        for batch in islice(batches, per_epoch - step % per_epoch):
-            lr = lr_at(step, total, train_params.optim.warmup_steps, train_params.optim.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast:
-                outputs = ddp_model(batch["image"], batch["text"])
-                losses = objective(outputs)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            if train_params.optim.grad_clip_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_params.optim.grad_clip_norm)
-            optimizer.step()
-            model.clamp_logit_scale_()
+        for batch in islice(epoch_batches(epoch), per_epoch - step % per_epoch):
+            losses, outputs, lr = train_step(batch, step)
             step += 1
-            window_steps += 1
             _maybe_fail(config, step, rank)
-            if rank == 0:
-                window.update(outputs["image_raw"], outputs["text_raw"])
-                metrics = {}
-                if step % train_params.log_every == 0 or step == total:
-                    elapsed = time.perf_counter() - window_start
-                    metrics.update({f"train/{k}": v.item() for k, v in losses.items()})
-                    metrics.update({f"train/{k}": v for k, v in window.summary().items()})
-                    metrics["train/logit_scale"] = model.logit_scale.exp().item()
-                    metrics["train/lr"] = lr
-                    metrics["train/samples_per_s"] = window_steps * train_params.global_batch_size / elapsed
-                    window.reset()
-                    window_start, window_steps = time.perf_counter(), 0
-                if step % train_params.eval_every == 0 or step == total:
-                    metrics.update(zero_shot_eval(model, val, device))
-                if metrics:
-                    sink.log({"epoch": epoch, **metrics}, step)
+            if progress is not None and (metrics := progress.after_step(step, losses, outputs, lr)):
+                sink.log({"epoch": epoch, **metrics}, step)
             if step % train_params.checkpoint_every == 0 or step in snapshots or step == total:
                 _report(model, optimizer, step, snapshots.get(step), rank, placement)
             if step >= total:
@@ -266,14 +319,16 @@ def _batch_source(shard, cache: bool, batch_size: int, seed: int, device: torch.
         )
     parts = list(shard.iter_torch_batches(batch_size=1024))
     data = {key: torch.cat([p[key] for p in parts]).to(device) for key in ("image", "text")}
+    return lambda epoch: shuffled_batches(data, batch_size, seed + epoch)
 
-    def shuffled(epoch: int):
-        order = torch.randperm(len(data["text"]), generator=torch.Generator().manual_seed(seed + epoch))
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            idx = order[start : start + batch_size].to(device)
-            yield {key: value[idx] for key, value in data.items()}
 
-    return shuffled
+def shuffled_batches(data: dict[str, torch.Tensor], batch_size: int, seed: int):
+    """One epoch of in-memory data in a seeded random order, in full batches."""
+    order = torch.randperm(len(data["text"]), generator=torch.Generator().manual_seed(seed))
+    device = data["text"].device
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        idx = order[start : start + batch_size].to(device)
+        yield {key: value[idx] for key, value in data.items()}
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -421,3 +476,37 @@ def _export(result, model_dir: Path, total: int) -> TrainOutcome:
 
 def _storage_path(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
+
+
+# --------------------------------------------------------------------------- one process, no Ray
+
+
+def train_in_process(model_params: ModelParams, train_params: TrainParams, data: dict[str, np.ndarray],
+                     val: dict[str, Any] | None, steps: int, seed: int,
+                     device: torch.device = torch.device("cpu")) -> tuple[SparseCLIP, dict[int, dict[str, float]]]:
+    """The same recipe as the Ray Train workers (:class:`RecipeStep`, :class:`ProgressLog`), in this
+    process on in-memory arrays, for ``steps`` steps of ``train_params.global_batch_size``: what the
+    ablation sweep runs many times side by side. Returns the model and its logged curves."""
+    torch.manual_seed(seed)
+    model = build_model(model_params).to(device)
+    optimizer = make_optimizer(model, train_params.optim, device)
+    objective = SparseClipObjective(model_params)
+    train_step = RecipeStep(model, optimizer, objective, train_params.optim, steps,
+                            _autocast_dtype(train_params.precision, device))
+    progress = ProgressLog(model, train_params, steps, val, device)
+    tensors = {key: torch.as_tensor(data[key]).to(device) for key in ("image", "text")}
+    if len(tensors["text"]) < train_params.global_batch_size:
+        raise ValueError(f"{len(tensors['text'])} training pairs are fewer than one batch of "
+                         f"{train_params.global_batch_size}")
+    curves: dict[int, dict[str, float]] = {}
+    step, epoch = 0, 0
+    while step < steps:
+        for batch in shuffled_batches(tensors, train_params.global_batch_size, seed * 100_003 + epoch):
+            losses, outputs, lr = train_step(batch, step)
+            step += 1
+            if metrics := progress.after_step(step, losses, outputs, lr):
+                curves[step] = {"epoch": epoch, **metrics}
+            if step >= steps:
+                break
+        epoch += 1
+    return model.eval(), curves

@@ -11,12 +11,14 @@ MLflow as a ``report`` run whose description is the Markdown report.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from pipeline.cli import run_stage, stage_parser
 from pipeline.config import ReportParams, load_params
 from pipeline.report import collect, describe, write_report
+from pipeline.report.ablation import fetch_ablation
 from pipeline.tracking import stage_run, tracking_uri
 
 NOTE_CHARS = 7500  # MLflow tag values stop at 8000 characters
@@ -28,11 +30,13 @@ def report(args) -> None:
     client = MlflowClient(tracking_uri())
     comparison = collect(client, cfg, params.project.experiment, args.repo)
     sources = describe(comparison, cfg, cfg.experiment or params.project.experiment)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    ablation = fetch_ablation(client, cfg.experiment or params.project.experiment, cfg.out_dir)
     if args.no_mlflow:
-        paths = write_report(comparison, cfg.out_dir, sources)
+        paths = write_report(comparison, cfg.out_dir, sources, ablation)
     else:
         with stage_run(params, "report", section=cfg.model_dump(mode="json")) as run:
-            paths = write_report(comparison, cfg.out_dir, sources)
+            paths = write_report(comparison, cfg.out_dir, sources, ablation)
             run.set_tags({"report.run_ids": json.dumps(comparison.run_ids())[:NOTE_CHARS],
                           "mlflow.note.content": paths["markdown"].read_text()[:NOTE_CHARS]})
             run.log_outputs([cfg.out_dir])

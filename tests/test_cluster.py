@@ -5,6 +5,7 @@ the Jobs API, with the two training workers on different nodes and every run in 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import select
@@ -93,6 +94,14 @@ def test_paper_params_are_valid_at_the_papers_scale():
     merged = load_params(REPO / "params.yaml", read_override(PAPER))
     assert merged.train.resources_per_worker == {"CPU": 8, "GPU": 1}
     assert set(merged.train.variants) == set(load_params(REPO / "params.yaml").train.variants)
+    # the paper's recipe exactly: none of the embedded default's knobs (README "Sparsity")
+    assert merged.train.optim.neutral_heads
+    caps = {name: merged.train.model_for(name).logit_scale_cap for name in merged.train.variants}
+    assert caps == {"dense": 100, "sparse": 50, "sparse_plus": 40, "sparse_avg": 50}
+    for name in merged.train.variants:
+        model = merged.train.model_for(name)
+        assert model.head_bias_init is None and model.logit_scale_mode == "learnable"
+        assert model.initial_logit_scale == pytest.approx(math.log(1 / 0.07), abs=1e-4)
 
 
 def test_deploy_manifests_agree_with_the_paper_params():

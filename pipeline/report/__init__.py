@@ -23,7 +23,7 @@ from pipeline.report.sources import (
     from_experiment,
     from_run_ids,
 )
-from pipeline.report.tables import build_tables
+from pipeline.report.tables import Table, build_tables
 
 
 def collect(client: MlflowClient, cfg: ReportParams, experiment: str, repo: str | Path = ".") -> Comparison:
@@ -44,14 +44,20 @@ def describe(comparison: Comparison, cfg: ReportParams, experiment: str) -> str:
             f"{cfg.experiment or experiment!r} ({len(comparison.run_ids())} runs).")
 
 
-def write_report(comparison: Comparison, out_dir: str | Path, sources: str) -> dict[str, Path]:
-    """Write the report files; return them by name (markdown, html, json, and one per figure)."""
+def write_report(comparison: Comparison, out_dir: str | Path, sources: str,
+                 ablation: tuple[Table | None, dict[str, Path]] | None = None) -> dict[str, Path]:
+    """Write the report files; return them by name (markdown, html, json, and one per figure).
+    ``ablation`` is :func:`~pipeline.report.ablation.fetch_ablation`'s table and figures, if any."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("curves_*.png"):
         stale.unlink()
     tables = build_tables(comparison)
     figures = plot_overlays(comparison.models, out_dir)
+    if ablation is not None:
+        table, ablation_figures = ablation
+        tables += [table] if table is not None else []
+        figures = {**figures, **ablation_figures}
     (out_dir / "comparison.md").write_text(to_markdown(tables, figures, sources))
     (out_dir / "comparison.html").write_text(to_html(tables, figures, sources))
     values = {m.label: {"run_ids": m.run_ids, **m.stages} for m in comparison.models}

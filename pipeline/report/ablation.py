@@ -1,0 +1,74 @@
+"""The Fig 2 ablation in the report: the latest FINISHED ``ablation`` run's panels and points.
+
+The sweep (:mod:`pipeline.ablation`) is one run of its own, not a model, so it is not a row of the
+model tables: its figures are fetched from the run's artifacts and its seed means become one table
+(panel, line, x: L0 of the image and text embeddings, accuracy, dead features), followed by the
+plain yes/no of each of the paper's observations.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from pipeline.report.tables import Table, fmt
+
+ARTIFACTS = "outputs/plots/ablation"
+
+
+def latest_ablation_run(client: MlflowClient, experiment: str):
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED' and tags.stage = 'ablation'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def fetch_ablation(client: MlflowClient, experiment: str, out_dir: str | Path) -> tuple[Table | None, dict[str, Path]]:
+    """The ablation table and its figures copied into ``out_dir``; (None, {}) when no run exists."""
+    out_dir = Path(out_dir)
+    for stale in out_dir.glob("ablation_*.png"):
+        stale.unlink()
+    run = latest_ablation_run(client, experiment)
+    if run is None:
+        return None, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(client.download_artifacts(run.info.run_id, ARTIFACTS, tmp))
+        except Exception:  # an ablation run without the artifacts (e.g. logged elsewhere): leave it out
+            return None, {}
+        figures = {}
+        for png in sorted(local.glob("fig2*.png")):
+            figures[f"ablation_{png.stem}"] = Path(shutil.copy(png, out_dir / f"ablation_{png.name}"))
+        points = json.loads((local / "points.json").read_text()) if (local / "points.json").is_file() else {}
+    return ablation_table(points, run.info.run_id), figures
+
+
+def ablation_table(points: dict[str, Any], run_id: str) -> Table:
+    rows = []
+    for panel, lines in points.get("summary", {}).items():
+        for label, entries in lines.items():
+            for row in entries:
+                rows.append([panel, label, f"{row['x']:g}", str(row["width"]),
+                             _mean_std(row, "train/l0_image_pct"), _mean_std(row, "train/l0_text_pct"),
+                             _mean_std(row, "accuracy", 100.0), _mean_std(row, "train/dead_fraction", 100.0),
+                             str(len(row.get("seeds", [])))])
+    checks = ", ".join(f"{k}: {v if isinstance(v, bool) else fmt(v, 'num')}"
+                       for k, v in points.get("checks", {}).items())
+    note = (f"Fig 2 ablation (run {run_id[:8]}): seed mean ± std at the last step; x is the expansion "
+            f"(2a), the activation (2b) or the logit scale cap (2c). Observations: {checks or 'none'}.")
+    return Table("ablation", "Small-scale ablation (Fig 2a-c)", note,
+                 ["panel", "line", "x", "width", "L0 image %", "L0 text %", "zero-shot top-1 %", "dead %", "seeds"],
+                 rows)
+
+
+def _mean_std(row: dict[str, Any], key: str, scale: float = 1.0) -> str:
+    if key not in row:
+        return "–"
+    return f"{row[key]['mean'] * scale:.1f} ± {row[key]['std'] * scale:.1f}"
