@@ -12,6 +12,8 @@ STYLES = ["-", "--", ":", "-."]
 FIGURES = {
     "l0": ("L0 (% of width)", ["train/l0_image_pct", "train/l0_text_pct"]),
     "loss": ("training loss", ["train/loss"]),
+    "scale": ("dead features and logit scale", ["train/dead_fraction", "train/logit_scale"]),
+    "retrieval": ("val retrieval R@5", ["val/image_retrieval_r5", "val/text_retrieval_r5"]),
 }
 
 

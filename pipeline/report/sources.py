@@ -23,7 +23,8 @@ from mlflow.tracking import MlflowClient
 from pipeline.io import flatten
 
 # Training curves kept per train run: sparsity, zero-shot during training, loss.
-CURVE_PREFIXES = ("train/l0_image_pct", "train/l0_text_pct", "train/loss", "zeroshot/")
+CURVE_PREFIXES = ("train/l0_image_pct", "train/l0_text_pct", "train/loss", "train/dead_fraction",
+                  "train/logit_scale", "zeroshot/", "val/")
 SKIPPED_STAGES = {"report", "sample", "vocab", "reference", "extract"}
 SAE = "sae"
 
