@@ -13,7 +13,8 @@ changed, once per seed:
 
 Points run as Ray tasks side by side (``task_cpus`` each), on the train split decoded once and
 shared through Ray's object store; every point scores the same val images. Accuracy is the mean
-top-1 zero-shot accuracy over the dataset's labelled tasks (the paper: ImageNet top-1), and L0 is
+top-1 zero-shot accuracy over the dataset's labelled tasks (the paper: ImageNet top-1; for data
+without such tasks, e.g. Flickr8k, the mean val retrieval R@5), and L0 is
 the mean number of non-zero features per input over the last logging window, in % of the width.
 """
 
@@ -99,14 +100,20 @@ def run_point(point: Point, base: ModelParams, train: TrainParams, params: Ablat
 
 
 def final_values(curves: dict[int, dict[str, float]]) -> dict[str, float]:
-    """The last value of every metric, with ``accuracy`` = mean top-1 zero-shot over the tasks."""
+    """The last value of every metric, with ``accuracy``: the mean top-1 zero-shot over the tasks,
+    or, for data without zero-shot tasks (real photos), the mean val retrieval R@5 of both directions."""
     last: dict[str, float] = {}
     for step in sorted(curves):
         last.update(curves[step])
-    top1 = [v for k, v in last.items() if k.startswith("zeroshot/") and k.endswith("/top1")]
-    if top1:
-        last["accuracy"] = float(np.mean(top1))
+    if (accuracy := _accuracy(last)) is not None:
+        last["accuracy"] = accuracy
     return last
+
+
+def _accuracy(metrics: dict[str, float]) -> float | None:
+    top1 = [v for k, v in metrics.items() if k.startswith("zeroshot/") and k.endswith("/top1")]
+    recall = [v for k, v in metrics.items() if k.startswith("val/") and k.endswith("_r5")]
+    return float(np.mean(top1 or recall)) if (top1 or recall) else None
 
 
 def run_ablation(params: Params, data_dir: str | Path) -> list[dict[str, Any]]:
@@ -222,7 +229,7 @@ def plot_panels(summary: dict[str, Any], results: list[dict[str, Any]], out_dir:
             widths = [r["width"] for r in rows]
             _errorbar(acc, widths, rows, "accuracy", label)
             _errorbar(l0, widths, rows, "train/l0_image", label)
-        _style(acc, "embedding width", "zero-shot top-1 (val)", log_x=True)
+        _style(acc, "embedding width", "accuracy (val)", log_x=True)
         _style(l0, "embedding width", "active features per image (L0)", log_x=True)
         paths.append(save_figure(fig, out_dir / "fig2a_expansion.png", PANELS["expansion"]))
     if summary.get("activation"):
@@ -230,9 +237,9 @@ def plot_panels(summary: dict[str, Any], results: list[dict[str, Any]], out_dir:
         for label in summary["activation"]:
             members = [r for r in results if r["panel"] == "activation" and r["label"] == label]
             _band(l0, members, "train/l0_image_pct", label)
-            _band(acc, members, "zeroshot_top1", label)
+            _band(acc, members, "accuracy", label)
         _style(l0, "step", "L0 (% of width)")
-        _style(acc, "step", "zero-shot top-1 (val)")
+        _style(acc, "step", "accuracy (val)")
         paths.append(save_figure(fig, out_dir / "fig2b_activation.png", PANELS["activation"]))
     if summary.get("scale"):
         fig, (l0, acc) = panel_row(2)
@@ -241,7 +248,7 @@ def plot_panels(summary: dict[str, Any], results: list[dict[str, Any]], out_dir:
             _errorbar(l0, caps, rows, "train/l0_image_pct", f"{label} scale")
             _errorbar(acc, caps, rows, "accuracy", f"{label} scale")
         _style(l0, "logit scale cap", "L0 (% of width)", log_x=True)
-        _style(acc, "logit scale cap", "zero-shot top-1 (val)", log_x=True)
+        _style(acc, "logit scale cap", "accuracy (val)", log_x=True)
         paths.append(save_figure(fig, out_dir / "fig2c_scale.png", PANELS["scale"]))
     return paths
 
@@ -253,7 +260,7 @@ def _errorbar(ax, xs, rows, key, label) -> None:
 
 
 def _band(ax, members: list[dict[str, Any]], key: str, label: str) -> None:
-    """Mean curve over seeds with a +-1 std band; ``zeroshot_top1`` averages the tasks' top-1."""
+    """Mean curve over seeds with a +-1 std band."""
     series = [_series(m["curves"], key) for m in members]
     steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
     if not steps:
@@ -265,14 +272,12 @@ def _band(ax, members: list[dict[str, Any]], key: str, label: str) -> None:
 
 
 def _series(curves: dict[int, dict[str, float]], key: str) -> dict[int, float]:
+    """One metric against the step; ``accuracy`` as :func:`final_values` defines it."""
     out = {}
     for step, metrics in curves.items():
-        if key == "zeroshot_top1":
-            top1 = [v for k, v in metrics.items() if k.startswith("zeroshot/") and k.endswith("/top1")]
-            if top1:
-                out[int(step)] = float(np.mean(top1))
-        elif key in metrics:
-            out[int(step)] = metrics[key]
+        value = _accuracy(metrics) if key == "accuracy" else metrics.get(key)
+        if value is not None:
+            out[int(step)] = value
     return out
 
 

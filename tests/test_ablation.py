@@ -106,3 +106,21 @@ def test_ablation_stage_trains_every_point_and_the_report_shows_it(workdir, ray_
     assert table is not None and len(table.rows) == 2 * 2 + 2 + 2
     assert {p.name for p in figures.values()} == {"ablation_fig2a_expansion.png", "ablation_fig2b_activation.png",
                                                   "ablation_fig2c_scale.png"}
+
+
+def test_gpu_ablation_is_one_override_file_away():
+    from pipeline.config import load_params
+    from pipeline.job import read_override
+
+    params = load_params(REPO / "params.yaml", read_override(REPO / "deploy" / "params.ablation-gpu.yaml"))
+    assert params.ablation.use_gpu and params.train.model.arch == "ViT-B-32" and params.sample.source.kind == "csv"
+    assert params.train.model.topk == 512 and len(grid(params.ablation)) == 66
+
+
+def test_accuracy_falls_back_to_retrieval_without_zero_shot_tasks():
+    from pipeline.ablation import final_values
+
+    assert final_values({5: {"zeroshot/a/top1": 0.2, "zeroshot/b/top1": 0.4, "val/x_r5": 0.9}})["accuracy"] == \
+        pytest.approx(0.3)
+    assert final_values({5: {"val/image_retrieval_r5": 0.2, "val/text_retrieval_r5": 0.4}})["accuracy"] == \
+        pytest.approx(0.3)
