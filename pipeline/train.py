@@ -170,13 +170,18 @@ class MetricSink:
 @torch.no_grad()
 def validation_eval(model: SparseCLIP, val: dict[str, Any], device: torch.device) -> dict[str, float]:
     """On the val split: top-1/top-5 zero-shot accuracy for every labelled task (shape, colour)
-    and image<->caption retrieval recall (each val image against its own caption)."""
+    and image<->caption retrieval recall (each val image against its own caption) when no val
+    embedding is all-zero."""
     model.eval()
     tokenize = val["preprocessor"].tokens
     features = model.encode_image(torch.as_tensor(val["images"]).to(device)).float()
     captions = model.encode_text(torch.as_tensor(val["texts"]).to(device)).float()
-    out = {f"val/{k}": v for k, v in retrieval_recall(features.cpu().numpy(), captions.cpu().numpy(),
-                                                       np.arange(len(captions))).items()}
+    out = {}
+    # An all-zero embedding (every ReLU off, possible early on) has no cosine similarity; retrieval
+    # is then skipped for this evaluation rather than scored on a subset of the val images.
+    if (features.abs().sum(-1) > 0).all() and (captions.abs().sum(-1) > 0).all():
+        out.update({f"val/{k}": v for k, v in retrieval_recall(features.cpu().numpy(), captions.cpu().numpy(),
+                                                                np.arange(len(captions))).items()})
     for task, spec in val["tasks"].items():
         classifier = class_embeddings(
             lambda t: model.encode_text(torch.as_tensor(t).to(device)).float(), tokenize,
