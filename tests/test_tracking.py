@@ -37,7 +37,7 @@ def test_stage_run_is_queryable_with_everything_it_logged(workdir):
     assert found.info.status == "FINISHED"
     assert found.data.tags["params_hash"] == params.section_hash("sample")
     assert found.data.tags["upstream.sample"] == "abc" and found.data.tags["git_commit"]
-    assert found.data.params["source.generator.num_records"] == "4000"
+    assert found.data.params["source.generator.num_records"] == str(params.sample.source.generator.num_records)
     assert [m.value for m in client.get_metric_history(found.info.run_id, "loss")] == [1.0, 0.5, pytest.approx(1 / 3)]
     assert found.data.metrics["final.acc"] == 0.5
     artifacts = {a.path for a in client.list_artifacts(found.info.run_id, "outputs/out")}

@@ -33,6 +33,7 @@ def latest_ablation_run(client: MlflowClient, experiment: str):
 def fetch_ablation(client: MlflowClient, experiment: str, out_dir: str | Path) -> tuple[Table | None, dict[str, Path]]:
     """The ablation table and its figures copied into ``out_dir``; (None, {}) when no run exists."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("ablation_*.png"):
         stale.unlink()
     run = latest_ablation_run(client, experiment)
