@@ -74,7 +74,13 @@ def grid(params: AblationParams) -> list[Point]:
 
 
 def point_model(base: ModelParams, point: Point) -> ModelParams:
-    return ModelParams.model_validate({**base.model_dump(), **point.overrides})
+    """The base model with the point's overrides. A negative head bias start is a ReLU sparsity
+    knob: a TopK point starts from torch's init instead, as a negative start leaves every kept
+    value <= 0 and the head without gradient (the run would never leave chance)."""
+    merged = {**base.model_dump(), **point.overrides}
+    if merged["activation"] == "topk" and (merged["head_bias_init"] or 0.0) < 0:
+        merged["head_bias_init"] = None
+    return ModelParams.model_validate(merged)
 
 
 def point_train_params(train: TrainParams, params: AblationParams) -> TrainParams:

@@ -322,8 +322,12 @@ def _batch_source(shard, cache: bool, batch_size: int, seed: int, device: torch.
             batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=4 * batch_size,
             local_shuffle_seed=seed + epoch, device=device,
         )
-    parts = list(shard.iter_torch_batches(batch_size=1024))
-    data = {key: torch.cat([p[key] for p in parts]).to(device) for key in ("image", "text")}
+    parts = list(shard.iter_batches(batch_size=1024, batch_format="numpy"))
+    # Ray Data delivers blocks in whatever order its tasks finish; sorting the cached rows by their
+    # record key makes the seeded shuffle, and so the run, independent of that timing.
+    order = np.argsort(np.concatenate([p["key"] for p in parts]), kind="stable")
+    data = {key: torch.as_tensor(np.concatenate([p[key] for p in parts])[order]).to(device)
+            for key in ("image", "text")}
     return lambda epoch: shuffled_batches(data, batch_size, seed + epoch)
 
 
@@ -426,7 +430,8 @@ def run_training(params: Params, variant: str, *, run_id: str | None = None, tra
     connect(params.ray)
     probe = build_model(model_params)
     dataset = ray_split_dataset(data_dir, "train", ClipBatchPreprocessor(probe.image_size, probe.context_length),
-                                params.ray.task_cpus).select_columns(["image", "text"], num_cpus=params.ray.task_cpus)
+                                params.ray.task_cpus)
+    dataset = dataset.select_columns(_train_columns(train_params), num_cpus=params.ray.task_cpus)
     storage = _storage_path(params.ray.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -455,6 +460,11 @@ def run_training(params: Params, variant: str, *, run_id: str | None = None, tra
     if not train_params.keep_ray_checkpoints and "://" not in storage:
         shutil.rmtree(result.path, ignore_errors=True)
     return outcome
+
+
+def _train_columns(train_params: TrainParams) -> list[str]:
+    """The cached path orders its rows by record key; streamed batches carry tensors only."""
+    return ["image", "text", "key"] if train_params.cache_data else ["image", "text"]
 
 
 def _export(result, model_dir: Path, total: int) -> TrainOutcome:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from pipeline.config import OptimParams, load_params
+from pipeline.config import ModelParams, OptimParams, load_params
 from pipeline.loss import SparseClipObjective
 from pipeline.model import build_model
 from pipeline.train import RecipeStep, lr_at, make_optimizer, param_groups
@@ -134,3 +134,25 @@ def test_knobs_are_validated_params(tmp_path):
     with pytest.raises(ValueError) as err:
         load_params(path)
     assert "train.optim.head_lr_multiplier" in str(err.value) and "train.model.logit_scale_mode" in str(err.value)
+
+
+def test_topk_with_a_negative_bias_start_is_refused_and_the_ablation_starts_it_at_torch_init():
+    """ReLU(TopK) of pre-activations that all start below 0 is all-zero with zero gradient: such a
+    head never trains (the first ablation's TopK points, bias start -0.5, sat at chance, 12.2%, on
+    every seed)."""
+    from pipeline.ablation import Point, point_model
+
+    model = build_model(micro(expansion=4, head_bias_init=-50.0))
+    model.image_head.activation = build_model(micro(expansion=4, activation="topk", topk=2)).image_head.activation
+    images, texts = batch(8, seed=0)
+    image = model(images, texts)["image_raw"]
+    image.sum().backward()
+    assert (image == 0).all() and (model.image_head.linear.weight.grad == 0).all()  # the failure refused below
+    with pytest.raises(ValueError, match="head_bias_init -0.5 with activation topk"):
+        ModelParams(**{**micro(expansion=4, head_bias_init=-0.5).model_dump(), "activation": "topk"})
+    base = micro(expansion=4, head_bias_init=-0.5)
+    started = point_model(base, Point("activation", "topk", 0, 0, {"activation": "topk"}))
+    assert started.activation == "topk" and started.head_bias_init is None
+    trained = train(started, OPTIM)
+    assert (trained(images, texts)["image_raw"] != 0).any(1).all()
+    assert point_model(base, Point("activation", "relu", 0, 0, {"activation": "relu"})).head_bias_init == -0.5

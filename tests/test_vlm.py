@@ -209,6 +209,7 @@ def test_on_embedded_data_the_vlm_answers_above_chance_and_named_boosts_beat_ran
         "vlm.stage1_steps": 40, "vlm.stage2_steps": 40,
         # the setting this test's thresholds were measured in: 60 steps of 128, the paper's recipe
         "train.global_batch_size": 128, "sample.splits": {"train": 0.8, "val": 0.1, "test": 0.1},
+        "train.num_workers": 1,  # one worker reads every row: the run is the same on every machine
         "train.model.head_bias_init": None, "train.optim.head_lr_multiplier": 1.0,
     })
     run_sample(params.sample, RayParams(num_cpus=2))
