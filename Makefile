@@ -14,7 +14,7 @@ setup:
 	@bash scripts/setup.sh
 
 pipeline: setup
-	@$(ENV) dvc repro
+	@$(ENV) python -m pipeline.shared_cluster dvc repro  # every stage joins one local Ray cluster
 
 test: setup
 	@$(ENV) python -m pytest $(PYTEST_ARGS)

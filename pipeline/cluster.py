@@ -41,7 +41,7 @@ def connect(params: RayParams) -> dict:
     """Initialise Ray once per process and return the cluster's resources."""
     if not ray.is_initialized():
         address = params.address or os.environ.get("RAY_ADDRESS")
-        env = {"env_vars": _worker_env()}
+        env = {"env_vars": _worker_env(), "worker_process_setup_hook": "pipeline.cluster.quiet_worker_logs"}
         if address:
             log.info("joining Ray cluster at %s", address)
             ray.init(address=address, runtime_env=env, log_to_driver=True)
@@ -56,6 +56,18 @@ def connect(params: RayParams) -> dict:
                 configure_logging=False,
             )
     return ray.cluster_resources()
+
+
+# Ray Train's placement-group cleaner polls the State API every second; without a dashboard (the
+# local cluster starts none) every poll fails and logs a warning, hundreds per training. The
+# cleaner still does its job when the controller dies; only that line is silenced.
+NOISY_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """Runs in every Ray worker process at start (``worker_process_setup_hook``)."""
+    for name in NOISY_WORKER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _worker_env() -> dict[str, str]:

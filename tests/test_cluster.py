@@ -148,6 +148,21 @@ def test_a_job_driver_does_not_repeat_the_jobs_env_vars(monkeypatch):
     assert "MLFLOW_TRACKING_URI" not in env and env["HF_HUB_OFFLINE"] == "1"
 
 
+def test_ray_workers_silence_only_the_placement_group_cleaners_state_api_warning(ray_local):
+    """Without a dashboard the cleaner's State API poll fails every second (hundreds of warnings per
+    training); every worker process starts with that one logger at ERROR, the others untouched."""
+    import logging
+
+    from pipeline.cluster import NOISY_WORKER_LOGGERS
+
+    @ray_local.remote(num_cpus=0.1)
+    def levels():
+        return [logging.getLogger(n).getEffectiveLevel() for n in (*NOISY_WORKER_LOGGERS, "ray.train")]
+
+    *noisy, train = ray_local.get(levels.remote())
+    assert noisy == [logging.ERROR] * len(NOISY_WORKER_LOGGERS) and train < logging.ERROR
+
+
 # --------------------------------------------------------------------------- a real two-node cluster
 
 
@@ -223,3 +238,21 @@ def test_submitted_pipeline_trains_on_both_nodes_and_logs_to_mlflow(two_nodes, r
     assert steps == list(range(1, n_train // 32 * 2 + 1))  # every step of 2 epochs, once
     assert (db.parent / "mlartifacts").is_dir()  # artifacts beside the shared store
     assert storage.is_dir()  # Ray Train's checkpoints went to the shared storage path
+
+
+def test_shared_cluster_runs_a_command_whose_ray_stages_join_it(tmp_path):
+    """`make pipeline` wraps `dvc repro` in one loopback cluster: a child's connect() joins it (no new
+    cluster), the child's exit status comes back, and nothing of the cluster is left behind."""
+    child = ("import json, os; from pipeline.cluster import connect; from pipeline.config import RayParams; "
+             "r = connect(RayParams(num_cpus=1)); "
+             "print(json.dumps({'cpus': r['CPU'], 'loopback': 'node:127.0.0.1' in r, 'tmp': os.environ['RAY_TMPDIR']})); "
+             "raise SystemExit(3)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    (tmp_path / "params.yaml").write_text("ray: {num_cpus: 2}\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.shared_cluster", sys.executable, "-c", child],
+                          cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["cpus"] == 2.0 and seen["loopback"]  # the shared head's 2 CPUs, not the child's own 1
+    assert not Path(seen["tmp"]).exists()
