@@ -213,6 +213,8 @@ class TrainParams(Section):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a cluster)")
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 0.5})
+    threads_per_worker: int | None = Field(
+        None, ge=1, description="torch threads per worker; None: the worker's default (OMP_NUM_THREADS, 1 here)")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="where Ray puts the workers: PACK fills a node first (NCCL stays on NVLink); "
         "SPREAD puts them on different nodes when it can")

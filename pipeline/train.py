@@ -275,6 +275,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(config["seed"])  # same init on every rank; DDP also broadcasts rank 0's
+    if train_params.threads_per_worker:
+        torch.set_num_threads(train_params.threads_per_worker)
 
     model = build_model(model_params)
     if train_params.grad_checkpointing:

@@ -23,6 +23,7 @@ TINY_RUN = {
     "train.eval_every": 4,
     "train.checkpoint_every": 3,
     "train.resources_per_worker": {"CPU": 0.5},
+    "train.num_workers": 2, "train.threads_per_worker": 1,  # the integration tests exercise DDP over gloo
     "sample.source.generator.num_records": 180,
     "sample.shard_size": 60,
 }

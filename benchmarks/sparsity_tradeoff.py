@@ -1,0 +1,130 @@
+"""Sparsity against dead features and accuracy, for each setting of the sparsity knobs.
+
+The embedded run's targets pull against each other: the knobs that make the wide heads sparse in
+~340 CPU steps (a negative head-bias start, a faster head, a lower logit-scale cap) also leave
+features that never fire. This trains each setting with the pipeline's own recipe
+(:func:`pipeline.train.train_in_process`: the Ray Train step, in one process) on the sampled
+embedded data for the same steps and batch as ``params.yaml``'s ``train`` section, and measures on
+the test split what the metrics stage reports: L0 (% of the width), the dead fraction (features
+that fire on no test image / caption), colour zero-shot top-1 and val retrieval R@5.
+
+    python -m benchmarks.sparsity_tradeoff              # after the sample stage (data/sample)
+    python -m benchmarks.sparsity_tradeoff --only cap8  # one setting
+
+Prints one row per setting and writes ``benchmarks/results/sparsity_tradeoff.{json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# name -> params.yaml overrides, applied to the `sparse` variant (dense: the baseline itself)
+SETTINGS: dict[str, dict] = {
+    "dense": {"variant": "dense"},
+    "the paper's recipe (bias torch, head x1, cap 50)": {"train.model.head_bias_init": None,
+                                                         "train.optim.head_lr_multiplier": 1.0,
+                                                         "train.variants.sparse.logit_scale_cap": 50},
+    "bias torch, head x10, cap 15": {"train.model.head_bias_init": None, "train.variants.sparse.logit_scale_cap": 15},
+    "bias torch, head x30, cap 15": {"train.model.head_bias_init": None, "train.optim.head_lr_multiplier": 30.0,
+                                     "train.variants.sparse.logit_scale_cap": 15},
+    "bias torch, head x10, cap 5": {"train.model.head_bias_init": None, "train.variants.sparse.logit_scale_cap": 5},
+    "bias -0.25, head x10, cap 15": {"train.model.head_bias_init": -0.25, "train.variants.sparse.logit_scale_cap": 15},
+    "bias -0.5, head x10, cap 15": {"train.variants.sparse.logit_scale_cap": 15},
+    "bias -0.5, head x10, cap 10": {"train.variants.sparse.logit_scale_cap": 10},
+    "bias -0.5, head x10, cap 8 (default sparse)": {},
+    "bias -0.5, head x10, cap 6 (default sparse_plus)": {"train.variants.sparse.logit_scale_cap": 6},
+    "bias -0.5, head x10, cap 5": {"train.variants.sparse.logit_scale_cap": 5},
+}
+
+
+def measure(name: str, overrides: dict, params_path: str, data_dir: str, arrays: dict, val: dict, seed: int) -> dict:
+    """Train one setting; its sparsity, dead fraction and accuracy on the test split."""
+    import torch
+
+    from pipeline.config import load_params
+    from pipeline.train import train_in_process
+
+    overrides = dict(overrides)
+    variant = overrides.pop("variant", "sparse")
+    params = load_params(params_path, overrides=overrides)
+    train = params.train
+    steps = (len(arrays["train"]["text"]) // train.global_batch_size) * train.epochs
+    start = time.perf_counter()
+    model, curves = train_in_process(train.model_for(variant), train, arrays["train"], val, steps, seed)
+    with torch.no_grad():
+        image = model.encode_image(torch.as_tensor(arrays["test"]["image"])) > 0
+        text = model.encode_text(torch.as_tensor(arrays["test"]["text"])) > 0
+    last = curves[max(curves)]
+    width = image.shape[1]
+    return {
+        "setting": name, "overrides": overrides, "variant": variant, "steps": steps,
+        "batch": train.global_batch_size, "seconds": round(time.perf_counter() - start, 1),
+        "l0_image_pct": 100 * image.sum(1).float().mean().item() / width,
+        "l0_text_pct": 100 * text.sum(1).float().mean().item() / width,
+        "dead_image": 1 - image.any(0).float().mean().item(), "dead_text": 1 - text.any(0).float().mean().item(),
+        "colour_top1": last.get("zeroshot/colour/top1"), "image_r5": last.get("val/image_retrieval_r5"),
+        "text_r5": last.get("val/text_retrieval_r5"), "logit_scale": last.get("train/logit_scale"),
+    }
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    from pipeline.plots import panel_row, save_figure
+
+    fig, (ax,) = panel_row(1, width=7.0)
+    for row in rows:
+        if row["variant"] == "dense":
+            continue
+        ax.scatter(row["l0_image_pct"], 100 * row["dead_image"], color="tab:blue")
+        ax.annotate(row["setting"], (row["l0_image_pct"], 100 * row["dead_image"]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel="image L0 (% of width)", ylabel="dead image features (% of width)",
+           title="Sparsity vs dead features after the embedded run's steps")
+    ax.axvline(5, color="grey", ls=":")
+    ax.axhline(10, color="grey", ls=":")
+    save_figure(fig, path)
+
+
+def main() -> None:
+    import torch
+
+    from pipeline.config import load_params
+    from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
+    from pipeline.model import build_model
+    from pipeline.train import load_val
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--only", default=None, help="run the settings whose name contains this")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    base = load_params(args.params)
+    data_dir = base.sample.out_dir
+    probe = build_model(base.train.model)
+    preprocessor = ClipBatchPreprocessor(probe.image_size, probe.context_length)
+    arrays = {split: load_split_arrays(data_dir, split, preprocessor)[0] for split in ("train", "test")}
+    val = load_val(data_dir, preprocessor)
+    rows = []
+    for name, overrides in SETTINGS.items():
+        if args.only and args.only not in name:
+            continue
+        row = measure(name, overrides, args.params, data_dir, arrays, val, args.seed)
+        rows.append(row)
+        print(f"{name:48s} L0 img {row['l0_image_pct']:5.1f}% txt {row['l0_text_pct']:5.1f}%  dead img "
+              f"{row['dead_image']:.2f} txt {row['dead_text']:.2f}  colour {row['colour_top1']:.3f}  R@5 "
+              f"{row['image_r5']:.3f}/{row['text_r5']:.3f}  ({row['seconds']:.0f} s)", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    suffix = "" if not args.only else "_" + "".join(c if c.isalnum() else "_" for c in args.only)
+    (RESULTS / f"sparsity_tradeoff{suffix}.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, RESULTS / f"sparsity_tradeoff{suffix}.png")
+
+
+if __name__ == "__main__":
+    main()
