@@ -322,14 +322,14 @@ def _batch_source(shard, cache: bool, batch_size: int, seed: int, device: torch.
     if not cache:
         return lambda epoch: shard.iter_torch_batches(
             batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=4 * batch_size,
-            local_shuffle_seed=seed + epoch, device=device,
+            local_shuffle_seed=seed + epoch, device=device, dtypes={"image": torch.float32, "text": torch.int64},
         )
     parts = list(shard.iter_batches(batch_size=1024, batch_format="numpy"))
     # Ray Data delivers blocks in whatever order its tasks finish; sorting the cached rows by their
     # record key makes the seeded shuffle, and so the run, independent of that timing.
     order = np.argsort(np.concatenate([p["key"] for p in parts]), kind="stable")
-    data = {key: torch.as_tensor(np.concatenate([p[key] for p in parts])[order]).to(device)
-            for key in ("image", "text")}
+    data = {"image": torch.as_tensor(np.concatenate([p["image"] for p in parts])[order]).float().to(device),
+            "text": torch.as_tensor(np.concatenate([p["text"] for p in parts])[order]).to(device)}
     return lambda epoch: shuffled_batches(data, batch_size, seed + epoch)
 
 
@@ -431,8 +431,8 @@ def run_training(params: Params, variant: str, *, run_id: str | None = None, tra
 
     connect(params.ray)
     probe = build_model(model_params)
-    dataset = ray_split_dataset(data_dir, "train", ClipBatchPreprocessor(probe.image_size, probe.context_length),
-                                params.ray.task_cpus)
+    preprocessor = ClipBatchPreprocessor(probe.image_size, probe.context_length, image_dtype=np.float16)
+    dataset = ray_split_dataset(data_dir, "train", preprocessor, params.ray.task_cpus)
     dataset = dataset.select_columns(_train_columns(train_params), num_cpus=params.ray.task_cpus)
     storage = _storage_path(params.ray.storage_path)
     trainer = TorchTrainer(

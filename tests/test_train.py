@@ -36,6 +36,34 @@ def test_schedule_and_snapshot_steps():
     assert evolution_steps([0.01, 0.03, 0.1, 0.3, 1.0], 12) == {1: [0.01, 0.03, 0.1], 4: [0.3], 12: [1.0]}
 
 
+class FakeShard:
+    """A Ray Train dataset shard whose blocks arrive in a given order."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def iter_batches(self, batch_size, batch_format):
+        assert batch_format == "numpy"
+        return iter(self.blocks)
+
+
+def test_the_cached_shard_trains_in_the_same_order_whatever_order_its_blocks_arrive_in():
+    import numpy as np
+
+    from pipeline.train import _batch_source
+
+    rows = {"key": np.array([f"{i:04d}" for i in range(12)], dtype=object),
+            "image": np.arange(12, dtype=np.float16)[:, None].repeat(3, 1), "text": np.arange(12)[:, None]}
+    blocks = [{k: v[i:i + 4] for k, v in rows.items()} for i in (0, 4, 8)]
+    epochs = [list(_batch_source(FakeShard(order), True, 4, seed=3, device=torch.device("cpu"))(1))
+              for order in (blocks, blocks[::-1], [blocks[1], blocks[2], blocks[0]])]
+    for batches in epochs[1:]:
+        assert all(torch.equal(a["text"], b["text"]) and torch.equal(a["image"], b["image"])
+                   for a, b in zip(epochs[0], batches))
+    assert epochs[0][0]["image"].dtype == torch.float32  # float16 in transit, float32 to the model
+    assert sorted(torch.cat([b["text"] for b in epochs[0]]).flatten().tolist()) == list(range(12))
+
+
 @pytest.mark.slow
 def test_two_workers_train_resume_after_a_failure_and_log_each_step_once(tiny_params, workdir):
     """One run covers it all (Ray Train start-up costs ~20 s): rank 1 dies at step 5 once."""
@@ -68,7 +96,8 @@ def test_two_workers_train_resume_after_a_failure_and_log_each_step_once(tiny_pa
 @pytest.mark.slow
 @pytest.mark.flickr
 def test_flickr_photos_train_by_params_override(workdir, ray_local, flickr_dir):
-    """Real photos through sample + train: only the source params change."""
+    """Real photos through sample + train: only the source params change; streamed batches (no
+    in-memory cache: what data larger than memory uses), float16 in transit, float32 in the model."""
     params = sampled_tiny_params(workdir, {
         "sample.source.kind": "csv",
         "sample.source.path": str(flickr_dir / "captions.csv"),
@@ -76,6 +105,7 @@ def test_flickr_photos_train_by_params_override(workdir, ray_local, flickr_dir):
         "sample.n": 400,
         "sample.shard_size": 200,
         "train.epochs": 2,
+        "train.cache_data": False,
     })
     manifest = json.loads((workdir / "data" / "manifest.json").read_text())
     assert manifest["written"] > 390 and manifest["eval_sets"]["zeroshot_tasks"] == []

