@@ -76,7 +76,7 @@ def grid(params: AblationParams) -> list[Point]:
 def point_model(base: ModelParams, point: Point) -> ModelParams:
     """The base model with the point's overrides. A negative head bias start is a ReLU sparsity
     knob: a TopK point starts from torch's init instead, as a negative start leaves every kept
-    value <= 0 and the head without gradient (the run would never leave chance)."""
+    value <= 0 and the head without gradient."""
     merged = {**base.model_dump(), **point.overrides}
     if merged["activation"] == "topk" and (merged["head_bias_init"] or 0.0) < 0:
         merged["head_bias_init"] = None

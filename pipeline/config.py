@@ -153,9 +153,8 @@ class ModelParams(Section):
             raise ValueError("inline needs embed_dim, vision_cfg and text_cfg (or set arch)")
         if self.activation == "topk" and (self.head_bias_init or 0.0) < 0:
             raise ValueError(f"head_bias_init {self.head_bias_init} with activation topk: when every kept "
-                             "pre-activation starts below 0, ReLU(TopK) emits zeros and the heads get no gradient "
-                             "(the embedded model then never leaves chance); use null or a value >= 0 (TopK sets "
-                             "its sparsity by topk)")
+                             "pre-activation starts below 0, ReLU(TopK) emits zeros and the heads get no gradient; "
+                             "use null or a value >= 0 (TopK sets its sparsity by topk)")
         return self
 
 

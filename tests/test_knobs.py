@@ -138,8 +138,7 @@ def test_knobs_are_validated_params(tmp_path):
 
 def test_topk_with_a_negative_bias_start_is_refused_and_the_ablation_starts_it_at_torch_init():
     """ReLU(TopK) of pre-activations that all start below 0 is all-zero with zero gradient: such a
-    head never trains (the first ablation's TopK points, bias start -0.5, sat at chance, 12.2%, on
-    every seed)."""
+    head never trains."""
     from pipeline.ablation import Point, point_model
 
     model = build_model(micro(expansion=4, head_bias_init=-50.0))
