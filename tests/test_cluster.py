@@ -40,7 +40,7 @@ TINY = {
                   "expansion": 8},
         "optim": {"lr": 0.002, "warmup_steps": 2},
         "global_batch_size": 32, "epochs": 2, "log_every": 1, "eval_every": 4, "checkpoint_every": 3,
-        "placement_strategy": "SPREAD",
+        "placement_strategy": "SPREAD", "num_workers": 2, "threads_per_worker": 1,  # one worker per node
     },
 }
 
