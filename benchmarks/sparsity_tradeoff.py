@@ -42,11 +42,13 @@ SETTINGS: dict[str, dict] = {
 }
 
 
-def measure(name: str, overrides: dict, params_path: str, data_dir: str, arrays: dict, val: dict, seed: int) -> dict:
-    """Train one setting; its sparsity, dead fraction and accuracy on the test split."""
+def measure(name: str, overrides: dict, params_path: str, arrays: dict, val: dict, seed: int) -> dict:
+    """Train one setting; its sparsity, dead fraction and accuracy on the test split, counted as the
+    metrics stage counts them (:func:`pipeline.metrics.sparsity_summary`)."""
     import torch
 
     from pipeline.config import load_params
+    from pipeline.metrics import sparsity_summary
     from pipeline.train import train_in_process
 
     overrides = dict(overrides)
@@ -57,16 +59,14 @@ def measure(name: str, overrides: dict, params_path: str, data_dir: str, arrays:
     start = time.perf_counter()
     model, curves = train_in_process(train.model_for(variant), train, arrays["train"], val, steps, seed)
     with torch.no_grad():
-        image = model.encode_image(torch.as_tensor(arrays["test"]["image"])) > 0
-        text = model.encode_text(torch.as_tensor(arrays["test"]["text"])) > 0
+        image = sparsity_summary(model.encode_image(torch.as_tensor(arrays["test"]["image"])).numpy())
+        text = sparsity_summary(model.encode_text(torch.as_tensor(arrays["test"]["text"])).numpy())
     last = curves[max(curves)]
-    width = image.shape[1]
     return {
         "setting": name, "overrides": overrides, "variant": variant, "steps": steps,
         "batch": train.global_batch_size, "seconds": round(time.perf_counter() - start, 1),
-        "l0_image_pct": 100 * image.sum(1).float().mean().item() / width,
-        "l0_text_pct": 100 * text.sum(1).float().mean().item() / width,
-        "dead_image": 1 - image.any(0).float().mean().item(), "dead_text": 1 - text.any(0).float().mean().item(),
+        "l0_image_pct": image["l0_pct"], "l0_text_pct": text["l0_pct"],
+        "dead_image": image["dead_fraction"], "dead_text": text["dead_fraction"],
         "colour_top1": last.get("zeroshot/colour/top1"), "image_r5": last.get("val/image_retrieval_r5"),
         "text_r5": last.get("val/text_retrieval_r5"), "logit_scale": last.get("train/logit_scale"),
     }
@@ -115,7 +115,7 @@ def main() -> None:
     for name, overrides in SETTINGS.items():
         if args.only and args.only not in name:
             continue
-        row = measure(name, overrides, args.params, data_dir, arrays, val, args.seed)
+        row = measure(name, overrides, args.params, arrays, val, args.seed)
         rows.append(row)
         print(f"{name:48s} L0 img {row['l0_image_pct']:5.1f}% txt {row['l0_text_pct']:5.1f}%  dead img "
               f"{row['dead_image']:.2f} txt {row['dead_text']:.2f}  colour {row['colour_top1']:.3f}  R@5 "

@@ -6,7 +6,7 @@ Each DVC stage is its own process, and a stage that starts its own local Ray spe
 ``RAY_ADDRESS``, which :func:`pipeline.cluster.connect` joins. With ``RAY_ADDRESS`` already set (a
 real cluster, ``ray job submit``) it runs ``CMD`` unchanged.
 
-The head binds to 127.0.0.1, starts no dashboard, and keeps its sessions in a private temp dir
+The head binds to 127.0.0.1, starts no dashboard UI (only Ray's minimal head process), and keeps its sessions in a private temp dir
 (``RAY_TMPDIR``), where no other ``ray.init()`` on the machine looks; a fresh token guards it
 (Ray's token auth, on by default). ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes processes that
 join by address resolve 127.0.0.1 to itself rather than to the host's network address. These are
@@ -22,9 +22,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 def free_port() -> int:
@@ -62,9 +62,7 @@ def shared_local_cluster(num_cpus: int | None) -> Iterator[dict[str, str]]:
 
 
 def run(command: list[str], num_cpus: int | None) -> int:
-    """``command``'s exit status, run inside one shared cluster (or as is when one is given)."""
-    if os.environ.get("RAY_ADDRESS"):
-        return subprocess.call(command)
+    """``command``'s exit status, run inside one shared cluster."""
     with shared_local_cluster(num_cpus) as env:
         print(f"shared Ray cluster at {env['RAY_ADDRESS']} for: {' '.join(command)}", file=sys.stderr, flush=True)
         return subprocess.call(command, env={**os.environ, **env})
@@ -77,7 +75,7 @@ def main(argv: list[str]) -> int:
     from pipeline.config import load_params
 
     params = load_params("params.yaml")
-    if params.ray.address:  # params name a cluster: stages join it themselves
+    if params.ray.address or os.environ.get("RAY_ADDRESS"):  # a cluster is named: stages join it themselves
         return subprocess.call(argv)
     return run(argv, params.ray.num_cpus)
 

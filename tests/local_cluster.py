@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -28,13 +27,9 @@ if __name__ == "__main__":
 
 from ray.cluster_utils import Cluster
 
+from pipeline.shared_cluster import free_port
+
 NODE = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "object_store_memory": 200 * 1024**2}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main(temp_dir: str, nodes: int) -> None:
