@@ -224,7 +224,8 @@ class TrainParams(Section):
         "loss whose memory does not grow with global batch x width (pipeline/loss.py)")
     sparse_transport_density: float | None = Field(
         None, gt=0, le=1, description="tiled: send embedding blocks as (index, value) pairs below this density")
-    cache_data: bool = Field(True, description="workers keep their decoded shard in memory after epoch 1")
+    cache_data: bool = Field(True, description="each worker decodes its slice of the train split once, in its "
+                             "own process, and keeps it in memory (false: Ray Data streams every epoch)")
     log_every: int = Field(10, ge=1, description="steps between training metrics")
     eval_every: int = Field(100, ge=1, description="steps between zero-shot evaluations on val")
     checkpoint_every: int = Field(100, ge=1, description="steps between resume checkpoints")

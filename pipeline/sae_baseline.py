@@ -56,6 +56,12 @@ def stream_dense(path: Path, width: int, batch_size: int = 4096):
     return epoch
 
 
+def read_dense(path: Path, width: int) -> torch.Tensor:
+    """A Parquet activation set read once in this process, dense (the cached path: the trainer
+    reshuffles it per epoch; a Ray Data read would spend ~14 s starting workers for a few MB)."""
+    return torch.from_numpy(to_csr(pq.read_table(path, columns=["indices", "values"]), width).toarray())
+
+
 def train_config(params: Params) -> SAETrainConfig:
     cfg = params.sae
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto"
@@ -116,8 +122,7 @@ def run_sae_baseline(params: Params, plot_dir: Path) -> tuple[dict[str, Any], li
     out_dir = Path(cfg.out_dir)
     connect(params.ray)
     inputs = training_inputs(params, model_dir, out_dir)
-    stream = stream_dense(inputs, source.width)
-    data = torch.cat(list(stream())) if cfg.cache_data else stream  # cached: read once, reshuffled per epoch
+    data = read_dense(inputs, source.width) if cfg.cache_data else stream_dense(inputs, source.width)
     config = train_config(params)
     sae, history = train_sae(data, config)
     torch.save(sae.state_dict(), out_dir / "sae.pt")

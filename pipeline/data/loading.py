@@ -35,10 +35,7 @@ class ClipBatchPreprocessor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         images = np.stack([self.image(b) for b in batch["jpg"]]) if len(batch["jpg"]) else np.zeros((0, 3, 1, 1))
-        out = {"image": images.astype(self.image_dtype), "text": self.tokens([_text(t) for t in batch["txt"]])}
-        if "__key__" in batch:
-            out["key"] = np.asarray(batch["__key__"], dtype=object)
-        return out
+        return {"image": images.astype(self.image_dtype), "text": self.tokens([_text(t) for t in batch["txt"]])}
 
     def image(self, jpeg: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(jpeg)) as image:
@@ -66,10 +63,19 @@ def ray_split_dataset(data_dir: str | Path, split: str, preprocessor: ClipBatchP
 
 
 def load_split_arrays(data_dir: str | Path, split: str, preprocessor: ClipBatchPreprocessor,
-                      limit: int | None = None) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
-    """A split decoded in this process (evaluation sets are small): arrays plus each record's meta."""
+                      limit: int | None = None, part: tuple[int, int] = (0, 1),
+                      ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """A split decoded in this process (evaluation sets, or a training split small enough to keep
+    in memory): arrays plus each record's meta. ``part=(rank, world)`` keeps rows rank, rank +
+    world, ... of the split in shard order, so ``world`` workers get disjoint, equal (within one)
+    slices that do not depend on any scheduling."""
+    rank, world = part
+    if not 0 <= rank < world:
+        raise ValueError(f"part {part}: rank must be in [0, world)")
     records = []
-    for record in read_split(data_dir, split):
+    for i, record in enumerate(read_split(data_dir, split)):
+        if i % world != rank:
+            continue
         records.append(record)
         if limit is not None and len(records) >= limit:
             break

@@ -61,3 +61,19 @@ def load_language_model(path: str | Path):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipeline.vlm.language_model [params.yaml]``: convert the packaged LM into
+    ``vlm.lm_cache`` now (``scripts/setup.sh`` does, so no stage spends its time on it)."""
+    import sys
+
+    from pipeline.config import load_params
+
+    args = sys.argv[1:] if argv is None else argv
+    vlm = load_params(args[0] if args else "params.yaml").vlm
+    print(f"language model ready: {prepare_language_model(vlm.language_model, vlm.lm_cache)}")
+
+
+if __name__ == "__main__":
+    main()
