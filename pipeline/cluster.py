@@ -58,6 +58,34 @@ def connect(params: RayParams) -> dict:
     return ray.cluster_resources()
 
 
+def worker_resources(resources_per_worker: dict[str, float], use_gpu: bool) -> dict[str, float]:
+    """What Ray Train asks per worker: ``resources_per_worker``, plus one GPU when ``use_gpu`` names none."""
+    wanted = {k: float(v) for k, v in resources_per_worker.items() if v}
+    if use_gpu and not wanted.get("GPU"):
+        wanted["GPU"] = 1.0
+    return wanted
+
+
+def require_resources(what: str, per_worker: dict[str, float], workers: int, wait: bool) -> None:
+    """Fail before training when the connected cluster can never place ``workers`` x ``per_worker``
+    (each worker on one node, all at once): Ray Train would otherwise wait forever, logging its
+    start-up timeout every minute (``train.use_gpu: true`` on a machine without a GPU did)."""
+    if wait:
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    missing = []
+    for name, amount in per_worker.items():
+        fits = sum(int(node.get(name, 0) // amount) for node in nodes)
+        if fits < workers:
+            largest = max((node.get(name, 0) for node in nodes), default=0)
+            missing.append(f"{workers} x {amount:g} {name} (the cluster's nodes hold {fits} such worker(s); the "
+                           f"largest node has {largest:g} {name})")
+    if missing:
+        raise ValueError(f"{what}: cannot place the workers: {'; '.join(missing)}. Lower num_workers or "
+                         "resources_per_worker, set use_gpu: false, or set ray.wait_for_resources: true on an "
+                         "autoscaling cluster")
+
+
 # Ray Train's placement-group cleaner polls the State API every second; without a dashboard (the
 # local cluster starts none) every poll fails and logs a warning, hundreds per training. The
 # cleaner still does its job when the controller dies; only that line is silenced.

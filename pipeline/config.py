@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +52,9 @@ class RayParams(Section):
     storage_path: str = Field(
         "ray_results", description="Ray Train storage that all nodes share: local path, NFS mount or s3://"
     )
+    wait_for_resources: bool = Field(
+        False, description="false: a training whose workers the cluster cannot hold fails at once, naming what "
+        "is missing; true: wait (an autoscaling cluster adds nodes)")
 
 
 # --------------------------------------------------------------------------- sample stage
@@ -203,6 +207,9 @@ class OptimParams(Section):
         return self.head_lr_multiplier == 1.0 and self.head_weight_decay in (None, self.weight_decay)
 
 
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
 class TrainParams(Section):
     model: ModelParams = ModelParams()
     optim: OptimParams = OptimParams()
@@ -244,6 +251,10 @@ class TrainParams(Section):
             raise ValueError(f"global_batch_size {self.global_batch_size} is not divisible by "
                              f"num_workers {self.num_workers}")
         for name in self.variants:
+            if not VARIANT_NAME.fullmatch(name):
+                raise ValueError(f"variant name {name!r}: use letters, digits, '_' and '-' (at most 64, starting "
+                                 "with a letter or digit); it names folders (models/<name>, activations/<name>) "
+                                 "and DVC stages, so '..', '/' or spaces could write or delete outside them")
             self.model_for(name)  # every variant must yield a valid model
         return self
 

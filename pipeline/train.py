@@ -427,7 +427,7 @@ def run_training(params: Params, variant: str, *, run_id: str | None = None, tra
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.cluster import connect
+    from pipeline.cluster import connect, require_resources, worker_resources
 
     train_params, model_params = params.train, params.train.model_for(variant)
     data_dir = str(Path(params.sample.out_dir).resolve())
@@ -439,6 +439,8 @@ def run_training(params: Params, variant: str, *, run_id: str | None = None, tra
     total = per_epoch * train_params.epochs
 
     connect(params.ray)
+    require_resources("train", worker_resources(train_params.resources_per_worker, train_params.use_gpu),
+                      train_params.num_workers, params.ray.wait_for_resources)
     storage = _storage_path(params.ray.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -192,3 +192,35 @@ def test_atlas_in_headless_chromium(atlas, browser, tmp_path):
     assert browser.run("return document.querySelectorAll('#evolution tr').length") == 3  # header + 2 snapshots
     browser.screenshot(tmp_path / "feature.png")
     assert (tmp_path / "feature.png").stat().st_size > 1000
+
+
+HOSTILE = '<img src=x onerror="window.pwned=1">'
+
+
+def test_placeholders_are_filled_in_one_pass():
+    """A value holding another placeholder's name stays literal (it used to paste later content)."""
+    from pipeline.atlas.site import _fill
+
+    assert _fill("__A__|__B__", A="__B__", B="x") == "__B__|x"
+    assert _fill("__A__ __UNKNOWN__", A="1") == "1 __UNKNOWN__"
+
+
+def test_hostile_vocabulary_is_shown_as_text_and_runs_nothing(browser, tmp_path):
+    """Feature names and top words come from the vocabulary (user input with vocab.source: file):
+    markup in them must appear as text in the index, in the search box's echo, and nowhere run."""
+    from pipeline.atlas.site import write_index
+
+    features = [{"feature": 0, "name": HOSTILE, "words": [HOSTILE, "__WORD_FEATURES__"], "modality": 0.5,
+                 "density": 0.1, "clarity": 0.6},
+                {"feature": 1, "name": "__WORD_FEATURES__", "words": ["red"], "modality": 0.5, "density": 0.2,
+                 "clarity": 0.5}]
+    page = write_index(tmp_path, "t", "s", features, {HOSTILE: [(0, 1.0)], "red": [(1, 0.5)]})
+    browser.open(page)
+    assert browser.run("return document.querySelectorAll('tr.feature-row').length") == 2
+    cells = browser.run("return [...document.querySelectorAll('tr.feature-row td:nth-child(2)')].map(c => c.textContent)")
+    assert set(cells) == {HOSTILE, "__WORD_FEATURES__"}
+    assert browser.run("return document.querySelectorAll('tbody img').length") == 0
+    browser.type_into("#search", HOSTILE)
+    assert HOSTILE in browser.run("return document.getElementById('fires-for').textContent")
+    assert browser.run("return document.querySelectorAll('#fires img, tbody img').length") == 0
+    assert browser.run("return window.pwned === undefined")

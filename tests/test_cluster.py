@@ -256,3 +256,32 @@ def test_shared_cluster_runs_a_command_whose_ray_stages_join_it(tmp_path):
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["cpus"] == 2.0 and seen["loopback"]  # the shared head's 2 CPUs, not the child's own 1
     assert not Path(seen["tmp"]).exists()
+
+
+def test_trainings_the_cluster_cannot_hold_fail_at_once_naming_what_is_missing(ray_local, workdir):
+    """use_gpu on a machine without a GPU used to wait forever in Ray Train's start-up loop."""
+    import time
+
+    from pipeline.cluster import require_resources, worker_resources
+    from pipeline.config import load_params
+    from pipeline.train import run_training
+
+    from .conftest import REPO
+
+    assert worker_resources({"CPU": 0.5}, use_gpu=True) == {"CPU": 0.5, "GPU": 1.0}
+    assert worker_resources({"CPU": 1, "GPU": 0.5}, use_gpu=True) == {"CPU": 1.0, "GPU": 0.5}
+    require_resources("train", {"CPU": 0.5}, 2, wait=False)  # fits: no error
+    require_resources("train", {"GPU": 1.0}, 1, wait=True)  # an autoscaler may add it: no check
+    with pytest.raises(ValueError, match=r"1 x 1 GPU .* set use_gpu: false"):
+        require_resources("train", {"CPU": 0.5, "GPU": 1.0}, 1, wait=False)
+    with pytest.raises(ValueError, match=r"64 x 1 CPU"):
+        require_resources("vlm", {"CPU": 1.0}, 64, wait=False)
+
+    (workdir / "data").mkdir()
+    (workdir / "data" / "manifest.json").write_text('{"records_by_split": {"train": 1000}}')
+    params = load_params(REPO / "params.yaml", overrides={"train.use_gpu": True, "sample.out_dir": str(workdir / "data"),
+                                                          "ray.storage_path": str(workdir / "ray_results")})
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="train: cannot place the workers"):
+        run_training(params, "sparse")
+    assert time.perf_counter() - started < 60

@@ -69,3 +69,21 @@ def test_section_hash_changes_only_with_its_section(tmp_path):
     b = load_params(write(tmp_path, {"project": {"seed": 9}}))
     assert a.section_hash("sample") == b.section_hash("sample")
     assert a.section_hash("project") != b.section_hash("project")
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "sparse/cap40", "../escape", " sparse", "x" * 65, "-dash", ""])
+def test_variant_names_that_are_not_plain_folder_names_are_refused(name):
+    """A variant name becomes models/<name>, activations/<name> and a DVC stage; '..' used to write
+    into the project root and make the next run rmtree it."""
+    with pytest.raises(ParamsError, match="variant name"):
+        load_params(REPO / "params.yaml", overrides={"train.variants": {name: {}}, "sae.source_variant": name,
+                                                      "atlas.variants": [], "vlm.variants": [name],
+                                                      "steer.variant": name})
+
+
+def test_plain_variant_names_pass():
+    params = load_params(REPO / "params.yaml", overrides={"train.variants": {"sparse-cap40_v2": {}},
+                                                          "sae.source_variant": "sparse-cap40_v2",
+                                                          "atlas.variants": [], "vlm.variants": ["sparse-cap40_v2"],
+                                                          "steer.variant": "sparse-cap40_v2"})
+    assert list(params.train.variants) == ["sparse-cap40_v2"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ const FEATURES = __FEATURES__;
 const WORD_FEATURES = __WORD_FEATURES__;
 const body = document.querySelector('#features tbody');
 let sortKey = 'density', descending = true;
+function esc(s) { return String(s).replace(/[&<>"']/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;'})[c]); }
 function fmt(x) { return (x === null || Number.isNaN(x)) ? '' : Number(x).toFixed(3); }
 function render() {
   const q = document.getElementById('search').value.trim().toLowerCase();
@@ -49,12 +51,12 @@ function render() {
   shown.sort((a, b) => { const x = a[sortKey] ?? -1, y = b[sortKey] ?? -1;
       return (x < y ? -1 : x > y ? 1 : 0) * (descending ? -1 : 1); });
   body.innerHTML = shown.map(f => '<tr class="feature-row"><td><a href="features/' + f.feature + '.html">#'
-      + f.feature + '</a></td><td>' + (f.name || '<span class="muted">silent</span>') + '</td><td>'
+      + f.feature + '</a></td><td>' + (f.name ? esc(f.name) : '<span class="muted">silent</span>') + '</td><td>'
       + fmt(f.modality) + '</td><td>' + fmt(f.density) + '</td><td>' + fmt(f.clarity) + '</td><td>'
-      + f.words.slice(0, 6).join(', ') + '</td></tr>').join('');
+      + f.words.slice(0, 6).map(esc).join(', ') + '</td></tr>').join('');
   document.getElementById('count').textContent = shown.length + ' of ' + FEATURES.length + ' features';
   const fires = WORD_FEATURES[q];
-  document.getElementById('fires').innerHTML = fires ? '<p id="fires-for">"' + q + '" fires: '
+  document.getElementById('fires').innerHTML = fires ? '<p id="fires-for">"' + esc(q) + '" fires: '
       + fires.map(([f, v]) => '<a href="features/' + f + '.html">#' + f + '</a> (' + v.toFixed(2) + ')').join(', ')
       + '</p>' : '';
 }
@@ -93,6 +95,8 @@ HEATMAPS.forEach(h => {
 </script></body></html>
 """
 
+PLACEHOLDER = re.compile(r"__([A-Z]+(?:_[A-Z]+)*)__")
+
 ROOT = """<!doctype html><html><head><meta charset="utf-8"><title>sparseclip feature atlas</title>
 <style>__STYLE__</style></head><body><h1>sparseclip feature atlas</h1><table><tr><th>model</th><th>width</th>
 <th>L0 (images)</th><th>pointing game</th><th>figures</th></tr>__ROWS__</table></body></html>
@@ -100,9 +104,10 @@ ROOT = """<!doctype html><html><head><meta charset="utf-8"><title>sparseclip fea
 
 
 def _fill(template: str, **values: str) -> str:
-    for key, value in {"STYLE": STYLE, **values}.items():
-        template = template.replace(f"__{key}__", value)
-    return template
+    """Replace each ``__KEY__`` placeholder of the template in one pass: text already inserted is
+    never scanned again, so a value that contains ``__OTHER__`` stays literal."""
+    values = {"STYLE": STYLE, **values}
+    return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
 
 def _number(x: float | None) -> str:

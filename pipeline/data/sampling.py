@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,13 +89,20 @@ def build_shard(plan: dict[str, Any], params: dict[str, Any], out_dir: str) -> d
 
 
 def run_sample(params: SampleParams, ray_params: RayParams) -> dict[str, Any]:
-    """Plan, build every shard with Ray Data, derive the eval sets, write ``manifest.json``."""
+    """Plan, build every shard with Ray Data, derive the eval sets, write ``manifest.json``.
+
+    Everything is written into a staging folder beside ``out_dir`` and swapped in whole at the
+    end: a rerun into an existing sample never mixes old shards with new ones, and an interrupted
+    run leaves the previous sample as it was."""
     import ray
 
     from pipeline.cluster import connect
 
     params = with_absolute_paths(params)
     out_dir = Path(params.out_dir)
+    staging = out_dir.with_name(f".{out_dir.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    params = params.model_copy(update={"out_dir": str(staging)})
     source = make_source(params.source)
     refs = source.refs()
     plans = plan_shards(refs, [source.group(r) for r in refs], params)
@@ -106,9 +114,20 @@ def run_sample(params: SampleParams, ray_params: RayParams) -> dict[str, Any]:
         .take_all()
     )
     manifest = summarise([json.loads(r["result"]) for r in results], params, len(refs))
-    manifest["eval_sets"] = build_eval_sets(out_dir)
-    write_json(out_dir / "manifest.json", manifest)
+    manifest["eval_sets"] = build_eval_sets(staging)
+    write_json(staging / "manifest.json", manifest)
+    _swap_in(staging, out_dir)
     return manifest
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by ``staging`` with two renames (the old folder is removed last)."""
+    previous = out_dir.with_name(f".{out_dir.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(previous)
+    staging.rename(out_dir)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def with_absolute_paths(params: SampleParams) -> SampleParams:

@@ -136,13 +136,15 @@ def run_vlm_training(params: Params, variant: str, *, run_id: str | None = None,
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.cluster import connect
+    from pipeline.cluster import connect, require_resources, worker_resources
     from pipeline.train import _storage_path
 
     cfg = params.vlm
     lm_dir = prepare_language_model(cfg.language_model, cfg.lm_cache)
     encoder_dir = Path(params.train.out_dir, variant).resolve()
     connect(params.ray)
+    require_resources("vlm", worker_resources(cfg.resources_per_worker, cfg.use_gpu), cfg.num_workers,
+                      params.ray.wait_for_resources)
     trainer = TorchTrainer(
         train_vlm_worker,
         train_loop_config={"vlm": cfg.model_dump(mode="json"), "seed": params.project.seed,
