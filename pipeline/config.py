@@ -490,6 +490,12 @@ class Params(Section):
             raise ValueError(f"atlas/vlm variants {unknown} are not train.variants ({', '.join(self.train.variants)})")
         if self.steer.variant not in self.vlm.variants:
             raise ValueError(f"steer.variant {self.steer.variant!r} is not one of vlm.variants {self.vlm.variants}")
+        read = {"train": "train", "val": "train (validation)"} | {s: "extract.splits" for s in self.extract.splits}
+        read |= {s: "sae.train_splits" for s in self.sae.train_splits if s not in read}
+        empty = [f"{split} (read by {reader})" for split, reader in read.items() if self.sample.splits.as_dict()[split] == 0]
+        if empty:
+            raise ValueError(f"sample.splits gives fraction 0 to {', '.join(empty)}: the pipeline would sample "
+                             "nothing there and fail later; give each a share")
         return self
 
     def atlas_variants(self) -> list[str]:

@@ -87,3 +87,15 @@ def test_plain_variant_names_pass():
                                                           "atlas.variants": [], "vlm.variants": ["sparse-cap40_v2"],
                                                           "steer.variant": "sparse-cap40_v2"})
     assert list(params.train.variants) == ["sparse-cap40_v2"]
+
+
+def test_a_split_the_pipeline_reads_cannot_get_fraction_zero():
+    """It used to pass `sample` and fail `train` minutes later with an empty split."""
+    with pytest.raises(ParamsError, match=r"fraction 0 to test \(read by extract.splits\)"):
+        load_params(REPO / "params.yaml", overrides={"sample.splits": {"train": 0.9, "val": 0.1, "test": 0.0}})
+    with pytest.raises(ParamsError, match=r"val \(read by train \(validation\)\)"):
+        load_params(REPO / "params.yaml", overrides={"sample.splits": {"train": 0.9, "val": 0.0, "test": 0.1},
+                                                      "extract.splits": ["test"]})
+    params = load_params(REPO / "params.yaml", overrides={"sample.splits": {"train": 0.9, "val": 0.1, "test": 0.0},
+                                                          "extract.splits": ["val"]})
+    assert params.sample.splits.test == 0.0  # nothing reads test then: allowed
