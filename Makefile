@@ -1,6 +1,7 @@
 # The two commands a newcomer needs (see README.md):
 #   make pipeline   run every stage (dvc repro) on the embedded default data
-#   make test       run the test suite
+#   make test       run the test suite CI runs (all but the two multi-minute `slow` science tests)
+#   make test-all   the whole suite, `slow` included (~15 min on 2 cores)
 #   make ablation   the paper's Fig 2a-c sweep (ablation/dvc.yaml; about an hour on 2 cores)
 # Both create and install .venv first when it is missing or stale.
 SHELL := /bin/bash
@@ -8,7 +9,7 @@ VENV ?= .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 ENV := source scripts/env.sh &&
 
-.PHONY: setup pipeline test ablation
+.PHONY: setup pipeline test test-all ablation
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +18,9 @@ pipeline: setup
 	@$(ENV) python -m pipeline.shared_cluster dvc repro  # every stage joins one local Ray cluster
 
 test: setup
+	@$(ENV) python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
 	@$(ENV) python -m pytest $(PYTEST_ARGS)
 
 

@@ -9,9 +9,15 @@ the test split what the metrics stage reports: L0 (% of the width), the dead fra
 that fire on no test image / caption), colour zero-shot top-1 and val retrieval R@5.
 
     python -m benchmarks.sparsity_tradeoff              # after the sample stage (data/sample)
-    python -m benchmarks.sparsity_tradeoff --only cap8  # one setting
+    python -m benchmarks.sparsity_tradeoff --only cap8  # the settings whose name contains "cap8"
 
-Prints one row per setting and writes ``benchmarks/results/sparsity_tradeoff.{json,png}``.
+    # real photos, by params override: Flickr8k sampled into its own folder on first use
+    python -m benchmarks.sparsity_tradeoff --tag flickr8k --only default --only dense \
+        --set sample.source.kind=csv --set sample.source.path=../shared/data/flickr8k/captions.csv \
+        --set sample.source.image_root=../shared/data/flickr8k/images --set sample.out_dir=data/flickr8k
+
+Prints one row per setting and writes ``benchmarks/results/sparsity_tradeoff[_<tag>].{json,png}``.
+Sources without zero-shot tasks (Flickr8k) report retrieval only.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ SETTINGS: dict[str, dict] = {
 }
 
 
-def measure(name: str, overrides: dict, params_path: str, arrays: dict, val: dict, seed: int) -> dict:
+def measure(name: str, overrides: dict, params_path: str, arrays: dict, val: dict, seed: int,
+            base_overrides: dict | None = None) -> dict:
     """Train one setting; its sparsity, dead fraction and accuracy on the test split, counted as the
     metrics stage counts them (:func:`pipeline.metrics.sparsity_summary`)."""
     import torch
@@ -53,7 +60,7 @@ def measure(name: str, overrides: dict, params_path: str, arrays: dict, val: dic
 
     overrides = dict(overrides)
     variant = overrides.pop("variant", "sparse")
-    params = load_params(params_path, overrides=overrides)
+    params = load_params(params_path, overrides={**(base_overrides or {}), **overrides})
     train = params.train
     steps = (len(arrays["train"]["text"]) // train.global_batch_size) * train.epochs
     start = time.perf_counter()
@@ -63,7 +70,8 @@ def measure(name: str, overrides: dict, params_path: str, arrays: dict, val: dic
         text = sparsity_summary(model.encode_text(torch.as_tensor(arrays["test"]["text"])).numpy())
     last = curves[max(curves)]
     return {
-        "setting": name, "overrides": overrides, "variant": variant, "steps": steps,
+        "setting": name, "overrides": overrides, "params_overrides": base_overrides or {}, "variant": variant,
+        "steps": steps,
         "batch": train.global_batch_size, "seconds": round(time.perf_counter() - start, 1),
         "l0_image_pct": image["l0_pct"], "l0_text_pct": text["l0_pct"],
         "dead_image": image["dead_fraction"], "dead_text": text["dead_fraction"],
@@ -89,6 +97,23 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """``key=value`` pairs (values read as YAML, as ``dvc exp run -S`` does) -> overrides."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "  -  " if value is None else format(value, spec)
+
+
 def main() -> None:
     import torch
 
@@ -99,29 +124,41 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--only", default=None, help="run the settings whose name contains this")
+    parser.add_argument("--only", action="append", default=None,
+                        help="run the settings whose name contains this (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params key for every setting (repeatable), e.g. another data source")
+    parser.add_argument("--tag", default=None, help="results file suffix (default: from --only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    base = load_params(args.params)
+    overrides = parse_overrides(args.set)
+    base = load_params(args.params, overrides=overrides)
     data_dir = base.sample.out_dir
+    if not (Path(data_dir) / "manifest.json").is_file():  # sample the overridden source first
+        from pipeline.cluster import connect
+        from pipeline.data.sampling import run_sample
+
+        connect(base.ray)
+        run_sample(base.sample, base.ray)
     probe = build_model(base.train.model)
     preprocessor = ClipBatchPreprocessor(probe.image_size, probe.context_length)
     arrays = {split: load_split_arrays(data_dir, split, preprocessor)[0] for split in ("train", "test")}
     val = load_val(data_dir, preprocessor)
     rows = []
-    for name, overrides in SETTINGS.items():
-        if args.only and args.only not in name:
+    for name, setting in SETTINGS.items():
+        if args.only and not any(part in name for part in args.only):
             continue
-        row = measure(name, overrides, args.params, arrays, val, args.seed)
+        row = measure(name, setting, args.params, arrays, val, args.seed, overrides)
         rows.append(row)
         print(f"{name:48s} L0 img {row['l0_image_pct']:5.1f}% txt {row['l0_text_pct']:5.1f}%  dead img "
-              f"{row['dead_image']:.2f} txt {row['dead_text']:.2f}  colour {row['colour_top1']:.3f}  R@5 "
+              f"{row['dead_image']:.2f} txt {row['dead_text']:.2f}  colour {_fmt(row['colour_top1'], '.3f')}  R@5 "
               f"{row['image_r5']:.3f}/{row['text_r5']:.3f}  ({row['seconds']:.0f} s)", flush=True)
     RESULTS.mkdir(exist_ok=True)
-    suffix = "" if not args.only else "_" + "".join(c if c.isalnum() else "_" for c in args.only)
+    tag = args.tag or ("_".join(args.only) if args.only else "")
+    suffix = "_" + "".join(c if c.isalnum() else "_" for c in tag) if tag else ""
     (RESULTS / f"sparsity_tradeoff{suffix}.json").write_text(json.dumps(rows, indent=1))
     plot(rows, RESULTS / f"sparsity_tradeoff{suffix}.png")
 

@@ -60,7 +60,7 @@ def measure(arch: str, expansion: int, loss: str, args) -> dict:
         objective = SparseClipObjective(params, loss=loss)
         if workers > 1:
             objective.contrastive = SimulatedContrastive(loss, workers, args.density)
-        optimizer = make_optimizer(model, OptimParams(lr=1e-4), torch.device(args.device))
+        optimizer = make_optimizer(model, OptimParams(lr=1e-4))
         size, length = model.image_size, model.context_length
         images = torch.randn(args.batch, 3, size, size, device=args.device)
         texts = torch.randint(1, 49000, (args.batch, length), device=args.device)

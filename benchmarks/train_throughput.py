@@ -37,7 +37,7 @@ def measure(arch: str | None, expansion: int, batch: int, steps: int, warmup: in
                          logit_scale_cap=50)
     model = build_model(params).to(device)
     objective = SparseClipObjective(params)
-    optimizer = make_optimizer(model, OptimParams(lr=1e-4), torch.device(device))
+    optimizer = make_optimizer(model, OptimParams(lr=1e-4))
     images = torch.randn(batch, 3, model.image_size, model.image_size, device=device)
     texts = torch.randint(1, 49000, (batch, model.context_length), device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)

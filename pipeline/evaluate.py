@@ -29,9 +29,12 @@ from pipeline.config import MetricsParams
 from pipeline.data.concepts import concept_ids
 from pipeline.data.evalsets import zero_shot_label
 from pipeline.plots import plot_curves
-from pipeline.reference import read_reference
-from pipeline.sparse_io import read_activations
-from pipeline.zeroshot import accuracy_from_scores, classifier_from_prompts, cosine_scores
+from pipeline.sparse_io import read_activations, read_reference
+from pipeline.zeroshot import (
+    accuracy_from_scores,
+    classifier_from_prompts,
+    cosine_scores,
+)
 
 
 class ActivationSet:

@@ -28,9 +28,10 @@ import torch
 from pipeline.config import ExtractParams
 from pipeline.data.evalsets import load_zero_shot_tasks
 from pipeline.data.loading import ClipBatchPreprocessor, split_paths
+from pipeline.data.shards import caption_rows
 from pipeline.io import file_sha256, write_json
 from pipeline.model import load_model
-from pipeline.sparse_io import activation_table, sparse_rows
+from pipeline.sparse_io import activation_table, evolution_set, sparse_rows
 
 log = logging.getLogger(__name__)
 
@@ -147,16 +148,6 @@ def image_rows(data_dir: str | Path, splits: list[str]) -> list[dict[str, Any]]:
                     seen.add(row["group"])
                     rows.append({"key": row["key"], "group": row["group"], "split": split,
                                  "shard": str(index.with_suffix(".tar").resolve())})
-    return rows
-
-
-def caption_rows(data_dir: str | Path, splits: list[str]) -> list[dict[str, Any]]:
-    rows = []
-    for split in splits:
-        folder = Path(data_dir) / split
-        for index in sorted(folder.glob("shard-*.parquet")) if folder.is_dir() else []:
-            for row in pq.read_table(index, columns=["key", "group", "caption"]).to_pylist():
-                rows.append({"key": row["key"], "group": row["group"], "split": split, "text": row["caption"]})
     return rows
 
 
@@ -291,10 +282,6 @@ def evolution_weights(model_dir: Path) -> dict[str, str]:
     in training order."""
     files = sorted((model_dir / "evolution").glob("*pct.pt"), key=lambda p: float(p.stem.removesuffix("pct")))
     return {p.stem: f"evolution/{p.name}" for p in files}
-
-
-def evolution_set(tag: str, name: str) -> str:
-    return f"evo_{tag}_{name}"
 
 
 def run_extraction(model_dir: str | Path, data_dir: str | Path, vocab_dir: str | Path, out_dir: str | Path,

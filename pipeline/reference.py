@@ -99,11 +99,3 @@ def run_reference(params: ReferenceParams, extract: ExtractParams, data_dir: str
                       Path(params.out_dir), f"{params.encoder}-{params_hash}",
                       {"params": params.model_dump(mode="json")}, batch, task_cpus, actor=ReferenceEncoder)
     return {"encoder": params.encoder, "images": rows["images"]}
-
-
-def read_reference(out_dir: str | Path) -> tuple[list[str], np.ndarray]:
-    """(keys, [n, d] embeddings) sorted by key, to align with the sparse activations."""
-    from pipeline.sparse_io import read_table
-
-    table = read_table(Path(out_dir) / "images")
-    return table.column("key").to_pylist(), np.stack(table.column("embedding").to_numpy(zero_copy_only=False))

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
-import torch
+
+if TYPE_CHECKING:  # readers (metrics, atlas, report) never import torch for this module
+    import torch
 
 WIDTH_KEY = b"sparseclip.width"
 
@@ -71,3 +74,14 @@ def read_activations(path: str | Path, width: int | None = None) -> tuple[pa.Tab
     """(the identifying columns, the activations as CSR) of one extracted set, sorted by key."""
     table = read_table(path)
     return table.drop_columns(["indices", "values"]), to_csr(table, width)
+
+
+def read_reference(out_dir: str | Path) -> tuple[list[str], np.ndarray]:
+    """(keys, [n, d] embeddings) sorted by key, to align with the sparse activations."""
+    table = read_table(Path(out_dir) / "images")
+    return table.column("key").to_pylist(), np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+
+
+def evolution_set(tag: str, name: str) -> str:
+    """The stored set that training snapshot ``tag`` encoded (``images``, ``texts``, ``vocab``)."""
+    return f"evo_{tag}_{name}"

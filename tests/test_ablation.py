@@ -66,7 +66,6 @@ def test_summary_is_the_seed_mean_and_std_and_checks_read_the_trends():
     assert checks["2c_l0_rises_with_cap_spearman"] == pytest.approx(1.0)
 
 
-@pytest.mark.slow
 def test_ablation_stage_trains_every_point_and_the_report_shows_it(workdir, ray_local):
     """The real sweep: Ray tasks, the recipe's training step, figures, MLflow, the report."""
     from stages.ablation import main as ablation_main

@@ -22,7 +22,6 @@ def test_fit_table_finds_the_largest_expansion_on_the_line():
     assert fit_table.largest_expansion([(72, 10.0), (128, 10.0)], [], 80) == "> x512 (forecast)"  # flat
     assert fit_table.largest_expansion([(72, 10.1), (128, 10.0)], [256], 80) == "x255"  # falling, then OOM
 
-@pytest.mark.slow
 def test_simulated_global_step_runs_both_losses_on_cpu():
     result = train_step_gpu.main(["--cpu-smoke", "--losses", "clip,tiled", "--expansions", "0,8",
                                   "--batch", "128", "--global-batch", "512"])
@@ -31,3 +30,14 @@ def test_simulated_global_step_runs_both_losses_on_cpu():
     assert all(r["status"] == "ok" and r["workers"] == 4 and r["samples_per_s"] > 0 for r in rows.values())
     assert rows[(8, "clip")]["width"] == 8 * rows[(0, "clip")]["width"]
     assert rows[(8, "tiled")]["throughput_vs_dense"] > 0
+
+
+def test_sparsity_tradeoff_overrides_are_read_as_dvc_reads_them():
+    from benchmarks.sparsity_tradeoff import parse_overrides
+
+    got = parse_overrides(["sample.source.kind=csv", "train.model.head_bias_init=null", "train.epochs=3",
+                           "sample.out_dir=data/flickr8k"])
+    assert got == {"sample.source.kind": "csv", "train.model.head_bias_init": None, "train.epochs": 3,
+                   "sample.out_dir": "data/flickr8k"}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_overrides(["train.epochs"])

@@ -198,7 +198,6 @@ def two_nodes():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.mark.slow
 def test_submitted_pipeline_trains_on_both_nodes_and_logs_to_mlflow(two_nodes, repo_copy, tmp_path):
     (repo_copy / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     workspace, storage, db = tmp_path / "ws", tmp_path / "shared", tmp_path / "mlflow" / "mlflow.db"

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -33,7 +32,6 @@ def set_params(repo: Path, **dotted) -> None:
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
 
 
-@pytest.mark.slow
 def test_repro_sample_then_unrelated_change_reruns_nothing(repo_copy):
     set_params(repo_copy, **{"sample.source.generator.num_records": 120, "sample.shard_size": 50})
     dvc(repo_copy, "repro", "sample")

@@ -62,7 +62,6 @@ def test_sparse_layout_round_trips_and_grows_with_nnz(tmp_path):
 
 
 
-@pytest.mark.slow
 def test_ray_data_extraction_equals_a_direct_forward_pass(extracted):
     root, params, models = extracted
     model, manifest = models["sparse"]
@@ -83,7 +82,6 @@ def test_ray_data_extraction_equals_a_direct_forward_pass(extracted):
     np.testing.assert_allclose(vocab[0].toarray(), word, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_rerun_skips_completed_sets(extracted, caplog):
     root, params, models = extracted
     before = {p: p.stat().st_mtime for p in (root / "acts" / "sparse" / "images").iterdir()}
@@ -93,7 +91,6 @@ def test_rerun_skips_completed_sets(extracted, caplog):
     assert before == {p: p.stat().st_mtime for p in (root / "acts" / "sparse" / "images").iterdir()}
 
 
-@pytest.mark.slow
 def test_metrics_of_dense_and_sparse_models(extracted):
     root, params, models = extracted
     results = {}
@@ -119,7 +116,6 @@ def test_metrics_of_dense_and_sparse_models(extracted):
         assert (root / "plots" / "sparse" / png).stat().st_size > 1000
 
 
-@pytest.mark.slow
 def test_sae_baseline_on_the_dense_model(extracted, workdir):
     """The SAE trains on the dense model's train-split embeddings (streamed by Ray Data) and is
     measured by the same metric code as the sparse models."""

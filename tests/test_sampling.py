@@ -107,6 +107,22 @@ def test_validation_keeps_jpeg_bytes_and_converts_other_formats():
     assert Image.open(io.BytesIO(converted.jpeg)).format == "JPEG"
 
 
+def test_preprocessor_fast_path_gives_torchvision_bits():
+    """Images already at the input size skip torchvision; the pixels must be the same bits."""
+    import numpy as np
+
+    from pipeline.data.loading import ClipBatchPreprocessor
+
+    pre = ClipBatchPreprocessor(32, 16)
+    images = [render_record(i, seed=5, image_size=32).jpeg for i in range(8)] + [jpeg((40, 24)), jpeg((32, 32))]
+    batch = pre({"jpg": images, "txt": ["a red square"] * len(images)})
+    for got, data in zip(batch["image"], images, strict=True):
+        with Image.open(io.BytesIO(data)) as image:
+            expected = pre.transform(image.convert("RGB")).numpy()
+        np.testing.assert_array_equal(got, expected)
+    assert batch["image"].shape == (len(images), 3, 32, 32) and batch["image"].dtype == np.float32
+
+
 def test_shards_are_deterministic_bytes(tmp_path):
     params = SampleParams(out_dir=str(tmp_path / "out"))
     plan = {"split": "train", "index": 0, "refs": [str(i) for i in range(20)]}

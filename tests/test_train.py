@@ -62,7 +62,6 @@ def test_cached_workers_decode_disjoint_equal_slices_of_the_split_in_a_fixed_ord
         load_split_arrays(workdir, "train", pre, part=(3, 3))
 
 
-@pytest.mark.slow
 def test_two_workers_train_resume_after_a_failure_and_log_each_step_once(tiny_params, workdir):
     """One run covers it all (Ray Train start-up costs ~20 s): rank 1 dies at step 5 once."""
     marker = workdir / "failed-once"

@@ -28,13 +28,19 @@ from tqdm import tqdm
 from pipeline import metrics as M
 from pipeline.atlas import figures, site
 from pipeline.atlas.evolution import evolution_summary, evolution_table
-from pipeline.atlas.localisation import FAMILIES, heatmap, pointing_game, pointing_trials, token_grids
+from pipeline.atlas.localisation import (
+    FAMILIES,
+    heatmap,
+    pointing_game,
+    pointing_trials,
+    token_grids,
+)
 from pipeline.atlas.naming import features_for_word, name_features, top_per_feature
 from pipeline.config import Params
 from pipeline.data.concepts import COLOURS, SHAPES, SYNONYMS, concept_ids
-from pipeline.data.shards import read_split
+from pipeline.data.shards import caption_rows, read_split
 from pipeline.evaluate import ActivationSet, aligned_reference
-from pipeline.extract import caption_rows, evolution_set
+from pipeline.sparse_io import evolution_set
 
 log = logging.getLogger(__name__)
 

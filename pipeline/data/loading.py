@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import open_clip
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
@@ -26,12 +27,19 @@ class ClipBatchPreprocessor:
     ``image_dtype=np.float16`` halves the bytes a Ray Data pipeline moves through the object store
     (the embedded train split: 530 -> 265 MB, a third of its decoding time); the consumer casts
     back to float32. Normalised 8-bit pixels lose nothing that matters in float16 (its spacing,
-    at most 0.002 in [-2, 2.2], is a seventh of one pixel step)."""
+    at most 0.002 in [-2, 2.2], is a seventh of one pixel step).
+
+    Images already at the model's square input size (the embedded data) skip torchvision: resize
+    and crop are then no-ops, and the same float32 arithmetic in numpy gives the same bits at a
+    quarter of the cost (5.5 -> 1.4 s for the 10,800 training images)."""
 
     def __init__(self, image_size: int, context_length: int, image_dtype: type = np.float32):
         self.transform = open_clip.image_transform(image_size, is_train=False)
         self.tokenizer = SimpleTokenizer(context_length=context_length)
         self.image_dtype = image_dtype
+        self.size = (image_size, image_size)
+        self.mean = np.asarray(OPENAI_DATASET_MEAN, dtype=np.float32)
+        self.std = np.asarray(OPENAI_DATASET_STD, dtype=np.float32)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         images = np.stack([self.image(b) for b in batch["jpg"]]) if len(batch["jpg"]) else np.zeros((0, 3, 1, 1))
@@ -39,7 +47,11 @@ class ClipBatchPreprocessor:
 
     def image(self, jpeg: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(jpeg)) as image:
-            return self.transform(image.convert("RGB")).numpy()
+            rgb = image.convert("RGB")
+        if rgb.size != self.size:
+            return self.transform(rgb).numpy()
+        pixels = np.asarray(rgb, dtype=np.float32) / np.float32(255)  # ToTensor, then Normalize
+        return ((pixels - self.mean) / self.std).transpose(2, 0, 1)
 
     def tokens(self, texts: Sequence[str]) -> np.ndarray:
         return self.tokenizer(list(texts)).numpy().astype(np.int64)

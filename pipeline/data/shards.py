@@ -14,6 +14,7 @@ import os
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -86,3 +87,14 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info.mtime = 0
     info.mode = 0o644
     tar.addfile(info, io.BytesIO(payload))
+
+
+def caption_rows(data_dir: str | Path, splits: list[str]) -> list[dict[str, Any]]:
+    """Every caption of the given splits from the shard indexes (no image is read)."""
+    rows = []
+    for split in splits:
+        folder = Path(data_dir) / split
+        for index in sorted(folder.glob("shard-*.parquet")) if folder.is_dir() else []:
+            for row in pq.read_table(index, columns=["key", "group", "caption"]).to_pylist():
+                rows.append({"key": row["key"], "group": row["group"], "split": split, "text": row["caption"]})
+    return rows

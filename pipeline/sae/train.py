@@ -94,7 +94,7 @@ def train_sae(batches: Batches, params: SAETrainConfig) -> tuple[SparseAutoencod
         d_in, params.width_for(d_in), params.kind, params.k, params.l1_lambda, generator=init_gen
     ).to(device)
     _init_from_data(model, first.to(device, torch.float32), params.b_dec_init)
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, betas=params.betas)
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, betas=params.betas, fused=True)
 
     model.train()
     history: list[dict] = []

@@ -102,7 +102,7 @@ def two_stage_training(vlm: VisionLanguageModel, images: torch.Tensor, examples:
         trainable = list(vlm.adapter.parameters()) + (lm_trainable(vlm, cfg.lm_layers) if stage == 2 else [])
         for p in trainable:
             p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, fused=True)
         start = time.perf_counter()
         for i in range(steps):
             batch = [examples[j] for j in torch.randint(len(examples), (local_batch,), generator=generator).tolist()]
