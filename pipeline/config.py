@@ -133,6 +133,9 @@ class ModelParams(Section):
     expansion: int = Field(32, ge=0, description="head width = embed_dim x expansion; 0 = dense baseline")
     activation: Literal["relu", "none", "topk", "l1"] = "relu"
     topk: int = Field(64, ge=1, description="k for activation=topk")
+    topk_selection: Literal["centred", "raw"] = Field(
+        "centred", description="topk picks the k largest pre-activations minus each feature's running mean "
+        "(centred, as Gao et al. centre the SAE input) or the raw ones (collapses to one support here)")
     l1_lambda: float = Field(1e-3, ge=0.0, description="penalty weight for activation=l1")
     pooling: Literal["cls", "avg"] = "cls"
     logit_scale_cap: float = Field(100.0, gt=1.0, description="max of exp(logit_scale): 100 CLIP, 50 Sparse, 40 Sparse+")
@@ -169,6 +172,7 @@ class VariantParams(Section):
     expansion: int | None = Field(None, ge=0)
     activation: Literal["relu", "none", "topk", "l1"] | None = None
     topk: int | None = Field(None, ge=1)
+    topk_selection: Literal["centred", "raw"] | None = None
     l1_lambda: float | None = Field(None, ge=0.0)
     pooling: Literal["cls", "avg"] | None = None
     logit_scale_cap: float | None = Field(None, gt=1.0)

@@ -14,7 +14,7 @@ from open_clip.loss import ClipLoss
 
 from pipeline.config import ModelParams
 from pipeline.loss import SparseClipObjective
-from pipeline.model import build_model, load_model, save_model
+from pipeline.model import TopK, build_model, load_model, save_model
 
 MICRO = {
     "embed_dim": 16,
@@ -42,7 +42,7 @@ def test_relu_is_sparse_none_is_dense_topk_is_exact():
     for activation, check in [
         ("relu", lambda v, w: 0 < v < w),
         ("none", lambda v, w: v == w),
-        ("topk", lambda v, w: v == 5),
+        ("topk", lambda v, w: 0 < v <= 5),  # the 5 picked, less those whose value is <= 0
         ("l1", lambda v, w: 0 < v < w),
     ]:
         model = build_model(micro(expansion=8, activation=activation, topk=5))
@@ -52,6 +52,35 @@ def test_relu_is_sparse_none_is_dense_topk_is_exact():
             assert check(l0(out[key]), model.width), (activation, key, l0(out[key]))
     dense = build_model(micro(expansion=0, activation="relu"))
     assert dense.width == 16 and l0(dense(images, texts)["image_raw"]) == 16  # dense ignores activation
+
+
+def test_centred_topk_picks_per_input_features_where_raw_topk_picks_one_support():
+    """A component every input shares (CLIP embeddings have one) makes raw TopK pick the same
+    features for all; centring by the feature mean leaves each input its own, values unchanged."""
+    shared = torch.tensor([10.0, 9.0, 0, 0, 0, 0])
+    x = shared + torch.cat([torch.zeros(4, 2), 3 * torch.eye(4)], dim=1)  # input i also has feature 2 + i
+    raw, centred = TopK(2, 6, centred=False), TopK(2, 6)
+    assert {tuple(row.nonzero().flatten().tolist()) for row in raw(x)} == {(0, 1)}
+    picked = centred(x)
+    assert [int(row[2:].argmax()) + 2 for row in picked] == [2, 3, 4, 5] and (picked[:, 2:].sum(1) == 3).all()
+    assert torch.equal(picked[picked != 0], x[picked != 0])  # the kept values are the raw pre-activations
+    assert torch.allclose(centred.running_mean, 0.1 * x.mean(0))  # tracked, as BatchNorm tracks its mean
+
+    centred.eval()  # at inference an input's features do not depend on the rest of its batch
+    assert torch.equal(centred(x[:1]), centred(x)[:1])
+    assert torch.allclose(centred.running_mean, 0.1 * x.mean(0))  # and eval does not move the mean
+
+
+def test_topk_selection_is_a_param_and_the_mean_is_saved_with_the_model(tmp_path):
+    model = build_model(micro(expansion=4, activation="topk", topk=3))
+    images, texts = batch(4)
+    model(images, texts)  # one training forward moves the running mean
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert torch.equal(loaded.image_head.activation.running_mean, model.image_head.activation.running_mean)
+    assert loaded.image_head.activation.running_mean.abs().sum() > 0
+    raw = build_model(micro(expansion=4, activation="topk", topk=3, topk_selection="raw"))
+    assert not raw.image_head.activation.centred and "image_head.activation.running_mean" not in raw.state_dict()
 
 
 def test_head_sits_on_open_clips_projection():
