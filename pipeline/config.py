@@ -410,11 +410,17 @@ class SteerParams(Section):
     """Steering evaluation (Fig 8b): suppress the true label's features, boost another label's."""
 
     variant: str = Field("sparse", description="whose VLM is steered (one of vlm.variants)")
-    question_type: str = Field("colour", description="question asked; its answers are the labels")
+    question_types: list[Literal["subject", "colour", "count", "text"]] = Field(
+        ["colour", "subject"], min_length=1, description="questions asked, each steered on its own answers as "
+        "labels (subject: the paper's question)")
     ks: list[int] = Field([16, 32], min_length=1, description="features per concept word (K)")
     strengths: list[float] = Field([2.0, 5.0], min_length=1, description="steering strengths (SS)")
     images: int = Field(48, ge=1, description="test images")
-    max_words: int = Field(6, ge=1, description="an answer longer than this counts as corrupted")
+    max_new_tokens: int = Field(24, ge=1, description="tokens every steering answer may run to: several times "
+                                "vlm.max_new_tokens, so that abnormally long (corrupted) answers can show")
+    max_words: int | None = Field(None, ge=1, description="an answer with more words is corrupted; None: the "
+                                  "corruption_quantile of the unedited answers' own word counts")
+    corruption_quantile: float = Field(0.99, gt=0.0, le=1.0)
     out_dir: str = "metrics"
 
 
@@ -494,6 +500,10 @@ class Params(Section):
             raise ValueError(f"atlas/vlm variants {unknown} are not train.variants ({', '.join(self.train.variants)})")
         if self.steer.variant not in self.vlm.variants:
             raise ValueError(f"steer.variant {self.steer.variant!r} is not one of vlm.variants {self.vlm.variants}")
+        if self.steer.max_new_tokens <= self.vlm.max_new_tokens:
+            raise ValueError(f"steer.max_new_tokens {self.steer.max_new_tokens} must exceed vlm.max_new_tokens "
+                             f"{self.vlm.max_new_tokens}: answers cut at the normal length can never be abnormally "
+                             "long, and the corruption rate would be 0 by construction")
         read = {"train": "train", "val": "train (validation)"} | {s: "extract.splits" for s in self.extract.splits}
         read |= {s: "sae.train_splits" for s in self.sae.train_splits if s not in read}
         empty = [f"{split} (read by {reader})" for split, reader in read.items() if self.sample.splits.as_dict()[split] == 0]

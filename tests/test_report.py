@@ -66,10 +66,13 @@ def pipeline_runs(workdir):
                                     "sparse.pointing.accuracy": 0.325, "sparse.pointing.chance": 0.126})
     log_run(params, "vlm", "sparse", {"qa.colour.exact": 0.594, "qa.colour.chance": 0.131,
                                        "qa.colour.sbert": 0.864})
-    log_run(params, "steer", "sparse", {"baseline.sim_true": 0.851, "grid.k4_ss2.k": 4, "grid.k4_ss2.strength": 2.0,
-                                        "grid.k4_ss2.sim_boosted": 0.661, "grid.k16_ss5.k": 16,
-                                        "grid.k16_ss5.strength": 5.0, "grid.k16_ss5.sim_boosted": 0.696,
-                                        "grid.k16_ss5.p_named_beats_random": 2.4e-6})
+    log_run(params, "steer", "sparse", {"colour.baseline.sim_true": 0.851, "colour.grid.k4_ss2.k": 4,
+                                        "colour.grid.k4_ss2.strength": 2.0, "colour.grid.k4_ss2.sim_boosted": 0.661,
+                                        "colour.grid.k16_ss5.k": 16, "colour.grid.k16_ss5.strength": 5.0,
+                                        "colour.grid.k16_ss5.sim_boosted": 0.696,
+                                        "colour.grid.k16_ss5.p_named_beats_random": 2.4e-6,
+                                        "subject.grid.k4_ss2.k": 4, "subject.grid.k4_ss2.strength": 2.0,
+                                        "subject.grid.k4_ss2.corruption": 0.25})
     with pytest.raises(RuntimeError), stage_run(params, "metrics", variant="sparse"):
         raise RuntimeError("a failed run is not a result")
     return params, ids
@@ -103,8 +106,9 @@ def test_tables_from_the_latest_finished_run_of_each_stage(pipeline_runs):
                                            ["sparse", "32.5", "12.6", "–", "–", "–", "–"]]
     assert table(tables, "vlm").rows == [["sparse", "59.4", "13.1", "0.864"]]
     steering = table(tables, "steering").rows
-    assert [row[1:3] for row in steering] == [["none", "–"], ["4", "2"], ["16", "5"]]
-    assert [row[-1] for row in steering] == ["–", "–", "2e-06"]
+    assert [row[1:4] for row in steering] == [["colour", "none", "–"], ["colour", "4", "2"], ["colour", "16", "5"],
+                                              ["subject", "4", "2"]]
+    assert [row[-1] for row in steering] == ["–", "–", "2e-06", "–"] and steering[-1][7] == "25.0"
     assert table(tables, "models").rows[1] == ["sparse", "inline", "32", "relu", "cls", "50", "2048"]
 
 
@@ -116,6 +120,8 @@ def test_sections_without_runs_are_left_out_and_given_runs_are_compared(pipeline
     names = [t.name for t in build_tables(comparison)]
     assert "vlm" not in names and "steering" not in names and "sae" not in names
     assert {"zeroshot", "training"} <= set(names)
+    with pytest.raises(ValueError, match="no MLflow experiment named 'sparsclip'.*known: .*sparseclip"):
+        from_experiment(MlflowClient(tracking_uri()), "sparsclip")  # a typo is an error, not an empty report
 
 
 def test_report_files_and_the_report_stage_run(pipeline_runs, workdir):

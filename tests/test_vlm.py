@@ -3,6 +3,9 @@ answer loss, QA pairs from ground truth; on a tiny Llama with SmolLM2's real tok
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -71,6 +74,63 @@ def test_chance_level_and_p_values_against_brute_force():
                               ["blue", "blue", "blue", "red"])
     assert (paired["named_only"], paired["random_only"]) == (1, 2)
     assert paired["p_named_beats_random"] == pytest.approx(7 / 8)
+
+
+def test_corruption_is_an_abnormally_long_or_empty_answer():
+    from pipeline.vlm.steering import _scores, corrupted, corruption_threshold
+
+    unedited = ["red", "blue", "dark red", "green"] * 25  # 100 answers of 1-2 words
+    assert corruption_threshold(unedited, 0.99) == 2 and corruption_threshold(["a"] * 9 + ["a b c d"], 0.5) == 1
+    answers = ["red", "red red red red red red", "", "dark blue"]
+    assert [corrupted(a, 2) for a in answers] == [False, True, True, False]
+    assert _scores(answers, ["red"] * 4, ["blue"] * 4, 2)["corruption"] == 0.5
+
+
+def test_steering_reports_corruption_when_edits_make_answers_long(monkeypatch, tmp_path):
+    """The protocol end to end on a stand-in VLM whose answers run on under named edits: the
+    corruption rate is measured (not 0 by construction), beside the random-edit control, and
+    Fig 8b is drawn with it."""
+    from types import SimpleNamespace
+
+    from pipeline.vlm import steering
+
+    def answer_all(vlm, images, rows, batch_size, max_new_tokens, edits=None, desc=""):
+        long = edits is not None and "random" not in desc and edits[0].strength > 2
+        return [("red " * max_new_tokens).strip() if long and i % 2 else "red" for i in range(len(rows))]
+
+    monkeypatch.setattr(steering, "answer_all", answer_all)
+    monkeypatch.setattr(steering, "concept_features", lambda vlm, word, k: torch.arange(k))
+    monkeypatch.setattr(steering, "sbert_similarity", lambda a, b: torch.ones(len(a)).numpy())
+    labels = ["red", "blue", "green", "red"]
+    result = steering.steering_evaluation(SimpleNamespace(encoder=SimpleNamespace(width=64)), torch.zeros(4, 3, 8, 8),
+                                          labels, ["red", "blue", "green"], "colour?", ks=[1, 4],
+                                          strengths=[2.0, 5.0], max_new_tokens=12)
+    assert result["corruption_words"] == 1
+    assert result["grid"]["k4_ss5"]["corruption"] == 0.5 and result["grid"]["k4_ss5"]["random.corruption"] == 0.0
+    assert result["grid"]["k1_ss2"]["corruption"] == 0.0
+    png = steering.fig8b({"colour": result, "subject": result}, tmp_path / "fig8b.png")
+    assert png.is_file() and png.stat().st_size > 10_000
+
+
+def test_steering_answers_must_be_allowed_to_run_long():
+    from pipeline.config import ParamsError, load_params
+
+    from .conftest import REPO
+
+    with pytest.raises(ParamsError, match="steer.max_new_tokens 8 must exceed vlm.max_new_tokens 8"):
+        load_params(REPO / "params.yaml", overrides={"steer.max_new_tokens": 8, "vlm.max_new_tokens": 8})
+
+
+def test_steering_cli_ends_bad_input_with_one_line(tmp_path, capsys):
+    from pipeline.vlm.steering import main
+
+    (tmp_path / "notes.txt").write_text("not an image")
+    for argv, expected in [([str(tmp_path / "missing.jpg")], "no image file"),
+                           ([str(tmp_path / "notes.txt"), "--vlm", str(tmp_path / "novlm")], "no trained VLM in")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and expected in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
 def test_edit_features_sets_exactly_the_named_features():
@@ -164,6 +224,8 @@ def test_ray_train_vlm_on_two_workers_and_steering_api(extracted, ray_local, wor
     })
     out = run_vlm_training(params, "sparse")
     assert {p.name for p in out.iterdir()} >= {"adapter.pt", "lm_trained.pt", "vlm.json"}
+    spec = json.loads((out / "vlm.json").read_text())  # stored relative to the VLM: a moved project loads its own
+    assert not any(Path(spec[key]).is_absolute() for key in ("encoder_dir", "lm_dir"))
     vlm = load_vlm(out)
     saved = torch.load(out / "adapter.pt", weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in vlm.adapter.state_dict().items())
@@ -231,7 +293,7 @@ def test_on_embedded_data_the_vlm_answers_above_chance_and_named_boosts_beat_ran
 
     labels = [answers_from_truth(m["truth"])["colour"] for m in metas]
     result = steering_evaluation(vlm, images, labels, sorted(set(labels)), QUESTIONS["colour"], ks=[64],
-                                 strengths=[5.0], seed=0)
+                                 strengths=[5.0], seed=0, max_new_tokens=8)  # as the thresholds were measured
     grid = result["grid"]["k64_ss5"]
     print({k: v for k, v in scores.items() if k.startswith("subject")}, {k: v for k, v in grid.items()
                                                                          if k != "examples"})  # shown with -s

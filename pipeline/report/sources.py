@@ -182,6 +182,10 @@ def dvc_exp_show(repo: str | Path = ".") -> list[dict]:
 
 def from_experiment(client: MlflowClient, experiment: str) -> Comparison:
     """The latest FINISHED run of every stage and variant of one MLflow experiment."""
+    if client.get_experiment_by_name(experiment) is None:
+        known = sorted(e.name for e in client.search_experiments())
+        raise ValueError(f"no MLflow experiment named {experiment!r} in {client.tracking_uri} "
+                         f"(known: {', '.join(known) or 'none'})")
     return Comparison(_ordered(models_from_runs(client, latest_runs(client, experiment))), [experiment])
 
 

@@ -146,19 +146,27 @@ def steering(models: list[Model]) -> Table:
     rows = []
     for model in models:
         metrics = model.stages.get("steer", {})
-        points = sorted({k.split(".")[1] for k in metrics if k.startswith("grid.")},
-                        key=lambda p: (metrics.get(f"grid.{p}.k", 0), metrics.get(f"grid.{p}.strength", 0)))
-        if any(k.startswith("baseline.") for k in metrics):
-            rows.append([model.label, "none", MISSING, *(fmt(metrics.get(f"baseline.{key}"), kind)
-                                                         for _, key, kind in STEER_COLUMNS)])
-        for point in points:
-            rows.append([model.label, fmt(metrics.get(f"grid.{point}.k"), "int"),
-                         f"{metrics.get(f'grid.{point}.strength', float('nan')):g}",
-                         *(fmt(metrics.get(f"grid.{point}.{key}"), kind) for _, key, kind in STEER_COLUMNS)])
+        # keys are <question>.baseline.* / <question>.grid.<point>.*; runs before per-question
+        # steering have no <question>. prefix
+        questions = sorted({k.split(".grid.")[0] for k in metrics if ".grid." in k}
+                           | ({""} if any(k.startswith("grid.") for k in metrics) else set()))
+        for question in questions:
+            prefix = f"{question}." if question else ""
+            points = sorted({k[len(prefix):].split(".")[1] for k in metrics if k.startswith(f"{prefix}grid.")},
+                            key=lambda p: (metrics.get(f"{prefix}grid.{p}.k", 0), metrics.get(f"{prefix}grid.{p}.strength", 0)))
+            if any(k.startswith(f"{prefix}baseline.") for k in metrics):
+                rows.append([model.label, question or MISSING, "none", MISSING,
+                             *(fmt(metrics.get(f"{prefix}baseline.{key}"), kind) for _, key, kind in STEER_COLUMNS)])
+            for point in points:
+                at = f"{prefix}grid.{point}"
+                rows.append([model.label, question or MISSING, fmt(metrics.get(f"{at}.k"), "int"),
+                             f"{metrics.get(f'{at}.strength', float('nan')):g}",
+                             *(fmt(metrics.get(f"{at}.{key}"), kind) for _, key, kind in STEER_COLUMNS)])
     return Table("steering", "Steering (Fig 8b)", "Answers after suppressing the true label's top-K text features "
-                 "and boosting another label's at strength SS, against random edits of the same size; p: paired sign "
-                 "test that named edits give the boosted label on more images than random ones.",
-                 ["model", "K", "SS", *(h for h, _, _ in STEER_COLUMNS)], rows)
+                 "and boosting another label's at strength SS, against random edits of the same size; corrupted: "
+                 "empty or longer than the unedited answers' 99th percentile; p: paired sign test that named edits "
+                 "give the boosted label on more images than random ones.",
+                 ["model", "question", "K", "SS", *(h for h, _, _ in STEER_COLUMNS)], rows)
 
 
 def models_table(models: list[Model]) -> Table:

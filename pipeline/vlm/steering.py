@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,8 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from pipeline.cli import run_stage
+from pipeline.config import Params
 from pipeline.data.loading import ClipBatchPreprocessor
 from pipeline.vlm.evaluate import answer_all, p_above, sbert_similarity
 from pipeline.vlm.model import FeatureEdit, VisionLanguageModel
@@ -54,7 +57,10 @@ class Steerer:
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, format="JPEG")
             image = buffer.getvalue()
-        pixels = torch.from_numpy(self.preprocess.image(image))[None]
+        try:
+            pixels = torch.from_numpy(self.preprocess.image(image))[None]
+        except UnidentifiedImageError:
+            raise ValueError("the image given is not a readable image file") from None
         return self.vlm.answer(pixels, [question], self.edit(suppress, boost, k, strength), max_new_tokens)[0]
 
 
@@ -63,22 +69,30 @@ def steer(image, suppress: Sequence[str] = (), boost: Sequence[str] = (), k: int
     """One-call API: load the VLM in ``vlm_dir`` and answer with the edit applied."""
     from pipeline.vlm.train import load_vlm
 
+    if isinstance(image, (str, Path)) and not Path(image).is_file():
+        raise FileNotFoundError(f"no image file {image}")
     return Steerer(load_vlm(vlm_dir))(image, question, suppress, boost, k, strength)
 
 
 def steering_evaluation(vlm: VisionLanguageModel, images: torch.Tensor, labels: Sequence[str], classes: Sequence[str],
                         question: str, ks: Sequence[int], strengths: Sequence[float], *, seed: int = 0,
-                        batch_size: int = 32, max_new_tokens: int = 8, max_words: int = 6) -> dict[str, Any]:
+                        batch_size: int = 32, max_new_tokens: int = 24, max_words: int | None = None,
+                        quantile: float = 0.99) -> dict[str, Any]:
     """Fig 8b: per image suppress its true label and boost a random other label, for every
     (K, SS); SBERT similarity of the answer to the true and to the boosted label, how often the
-    answer is the boosted label, the corruption rate (empty or more than ``max_words`` words),
-    the same for random feature edits of the same size (the control), and a paired sign test of
-    named against random edits (``p_named_beats_random``)."""
+    answer is the boosted label, the corruption rate (paper: "abnormally long responses"; here an
+    answer that is empty or has more words than ``max_words``, or when that is None than the
+    ``quantile`` of the unedited answers' own word counts), the same for random feature edits of
+    the same size (the control), and a paired sign test of named against random edits
+    (``p_named_beats_random``). Every answer may run to ``max_new_tokens``, so that a long one can
+    show: answers cut at the normal answer length could never be abnormally long."""
     rng = random.Random(seed)
     boosted = [rng.choice([c for c in classes if c != label]) for label in labels]
     rows = [{"image": i, "question": question} for i in range(len(labels))]
     baseline = answer_all(vlm, images, rows, batch_size, max_new_tokens, desc="steering: unedited")
-    results: dict[str, Any] = {"baseline": _scores(baseline, labels, boosted, max_words), "grid": {}}
+    max_words = corruption_threshold(baseline, quantile) if max_words is None else max_words
+    results: dict[str, Any] = {"corruption_words": max_words, "baseline": _scores(baseline, labels, boosted, max_words),
+                               "grid": {}}
     width = vlm.encoder.width
     generator = np.random.default_rng(seed)
     for k in ks:
@@ -98,6 +112,17 @@ def steering_evaluation(vlm: VisionLanguageModel, images: torch.Tensor, labels: 
                              for t, b, a0, a1 in list(zip(labels, boosted, baseline, steered))[:8]],
             }
     return results
+
+
+def corruption_threshold(unedited: Sequence[str], quantile: float) -> int:
+    """The most words a normal answer has: the ``quantile`` of the unedited answers' word counts
+    (at least 1); a steered answer with more is abnormally long."""
+    counts = [len(a.split()) for a in unedited]
+    return max(1, math.ceil(float(np.quantile(counts, quantile)))) if counts else 1
+
+
+def corrupted(answer: str, max_words: int) -> bool:
+    return not answer.strip() or len(answer.split()) > max_words
 
 
 def _edits(rows, batch_size: int, suppress: Sequence[torch.Tensor], boost: Sequence[torch.Tensor],
@@ -124,8 +149,85 @@ def _scores(answers: Sequence[str], labels: Sequence[str], boosted: Sequence[str
         "sim_boosted": float(np.mean(sbert_similarity(answers, boosted))),
         "true_rate": float(np.mean([normalise(a) == x for a, x in zip(answers, labels)])),
         "boosted_rate": float(np.mean([normalise(a) == x for a, x in zip(answers, boosted)])),
-        "corruption": float(np.mean([not a.strip() or len(a.split()) > max_words for a in answers])),
+        "corruption": float(np.mean([corrupted(a, max_words) for a in answers])),
     }
+
+
+def run_steering(params: Params, vlm_dir: Path, plot_dir: Path) -> tuple[dict[str, float], Path, str]:
+    """The steer stage: :func:`steering_evaluation` for each of ``steer.question_types`` on the
+    test images; writes ``steering.json`` (numbers keyed ``<question>.baseline.*`` and
+    ``<question>.grid.k<K>_ss<SS>.*``), the Fig 8b figure and a qualitative table. Returns the
+    numbers, the JSON's path and a one-line summary."""
+    from pipeline.io import write_json
+    from pipeline.tracking import flatten
+    from pipeline.vlm.questions import answers_from_truth
+    from pipeline.vlm.train import load_vlm, qa_examples
+
+    cfg = params.steer
+    model = load_vlm(vlm_dir)
+    images, _, metas = qa_examples(params.sample.out_dir, "test", params.vlm, ClipBatchPreprocessor(
+        model.encoder.image_size, model.encoder.context_length), limit=cfg.images)
+    results = {}
+    for question_type in cfg.question_types:
+        labels = [answers_from_truth(m["truth"])[question_type] for m in metas]
+        results[question_type] = steering_evaluation(
+            model, images, labels, sorted(set(labels)), QUESTIONS[question_type], cfg.ks, cfg.strengths,
+            seed=params.project.seed, batch_size=params.vlm.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+            max_words=cfg.max_words, quantile=cfg.corruption_quantile)
+    numbers = {k: v for k, v in flatten(results).items() if isinstance(v, (int, float))}
+    path = write_json(Path(cfg.out_dir) / "steering.json", numbers)
+    write_json(plot_dir / "examples.json", {q: {k: g["examples"] for k, g in r["grid"].items()}
+                                            for q, r in results.items()})
+    (plot_dir / "examples.md").write_text(qualitative_table(results))
+    fig8b(results, plot_dir / "fig8b.png")
+    summary = "; ".join(
+        f"{q}: K={g['k']} SS={g['strength']:g} similarity to boosted {g['sim_boosted']:.3f} (random "
+        f"{g['random.sim_boosted']:.3f}), corrupted {g['corruption']:.0%}"
+        for q, r in results.items() for g in [max(r["grid"].values(), key=lambda g: g["sim_boosted"])])
+    return numbers, path, summary
+
+
+def fig8b(results: dict[str, dict[str, Any]], path: Path) -> Path:
+    """The paper's Fig 8b, one column per question: SBERT similarity of the answers to the true
+    and to the boosted label against K (one colour per SS; random edits of the same size dashed),
+    and the corrupted share against K below."""
+    import matplotlib.pyplot as plt
+
+    from pipeline.plots import save_figure
+
+    fig, axes = plt.subplots(3, len(results), figsize=(4.2 * len(results), 8.4), squeeze=False, sharex=True)
+    rows = [("sim_true", "similarity to the true label"), ("sim_boosted", "similarity to the boosted label"),
+            ("corruption", "corrupted answers")]
+    for col, (question, result) in enumerate(results.items()):
+        points = list(result["grid"].values())
+        strengths = sorted({g["strength"] for g in points})
+        for row, (metric, label) in enumerate(rows):
+            ax = axes[row, col]
+            for i, strength in enumerate(strengths):
+                line = sorted((g["k"], g[metric], g[f"random.{metric}"]) for g in points if g["strength"] == strength)
+                ks, named, control = zip(*line)
+                colour = f"C{i}"
+                ax.plot(ks, named, marker="o", color=colour, label=f"SS {strength:g}")
+                ax.plot(ks, control, ls="--", color=colour, alpha=0.7)
+            ax.axhline(result["baseline"][metric], color="grey", ls=":", lw=1)
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.set_ylabel(label)
+            if row == 0:
+                ax.set_title(f"{question} (dashed: random edits; dotted: unedited)", fontsize=9)
+        axes[-1, col].set_xlabel("K (features per concept)")
+        axes[0, col].legend(fontsize=7)
+    return save_figure(fig, path, "Steering (Fig 8b)")
+
+
+def qualitative_table(results: dict[str, dict[str, Any]]) -> str:
+    lines = ["| question | K | SS | true | boosted | before | after |", "|---|---|---|---|---|---|---|"]
+    for question, result in results.items():
+        for g in result["grid"].values():
+            for e in g["examples"][:4]:
+                lines.append(f"| {question} | {g['k']} | {g['strength']:g} | {e['true']} | {e['boosted']} | "
+                             f"{e['before']} | {e['after']} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -137,8 +239,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--boost", nargs="*", default=[], help="concept words to boost")
     parser.add_argument("-k", type=int, default=1, help="features per concept word")
     parser.add_argument("--strength", type=float, default=2.0, help="value boosted features are set to (SS)")
-    args = parser.parse_args(argv)
-    print(steer(args.image, args.suppress, args.boost, args.k, args.strength, args.question, args.vlm))
+    run_stage(lambda args: print(steer(args.image, args.suppress, args.boost, args.k, args.strength, args.question,
+                                       args.vlm)), parser, argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Only the trained parameters are saved (``adapter.pt``, ``lm_trained.pt``), not t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -163,16 +164,30 @@ def run_vlm_training(params: Params, variant: str, *, run_id: str | None = None,
     with result.checkpoint.as_directory() as folder:
         for name in ("adapter.pt", "lm_trained.pt"):
             shutil.copy(Path(folder) / name, out / name)
-    (out / "vlm.json").write_text(json.dumps({"encoder_dir": str(encoder_dir), "lm_dir": str(lm_dir),
+    (out / "vlm.json").write_text(json.dumps({"encoder_dir": _relative_to(encoder_dir, out),
+                                              "lm_dir": _relative_to(lm_dir, out),
                                               "vlm": cfg.model_dump(mode="json"), "final_loss": result.metrics["loss"]},
                                              indent=2))
     return out
 
 
+def _relative_to(path: str | Path, folder: Path) -> str:
+    """``path`` as vlm.json stores it: relative to the VLM's own folder (so the project can move or
+    be copied and load its own encoder from anywhere), absolute only across filesystems."""
+    try:
+        return os.path.relpath(Path(path).resolve(), folder.resolve())
+    except ValueError:  # another drive
+        return str(Path(path).resolve())
+
+
 def load_vlm(vlm_dir: str | Path) -> VisionLanguageModel:
-    """A trained VLM from its folder (encoder and LM from the paths it recorded)."""
-    spec = json.loads((Path(vlm_dir) / "vlm.json").read_text())
-    vlm = build_vlm(spec["encoder_dir"], spec["lm_dir"], VLMParams.model_validate(spec["vlm"]))
+    """A trained VLM from its folder (encoder and LM from the paths it recorded, relative to it)."""
+    vlm_dir = Path(vlm_dir)
+    if not (vlm_dir / "vlm.json").is_file():
+        raise FileNotFoundError(f"no trained VLM in {vlm_dir} (vlm.json missing): run the vlm stage, or name "
+                                "another vlm/<variant> folder")
+    spec = json.loads((vlm_dir / "vlm.json").read_text())
+    vlm = build_vlm(vlm_dir / spec["encoder_dir"], vlm_dir / spec["lm_dir"], VLMParams.model_validate(spec["vlm"]))
     vlm.adapter.load_state_dict(torch.load(Path(vlm_dir) / "adapter.pt", weights_only=True))
     missing = vlm.lm.load_state_dict(torch.load(Path(vlm_dir) / "lm_trained.pt", weights_only=True), strict=False)
     if missing.unexpected_keys:
