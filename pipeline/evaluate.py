@@ -28,7 +28,7 @@ from pipeline import metrics as M
 from pipeline.config import MetricsParams
 from pipeline.data.concepts import concept_ids
 from pipeline.data.evalsets import zero_shot_label
-from pipeline.plots import plot_curves
+from pipeline.plots import panel_row, plot_curves, save_figure
 from pipeline.sparse_io import read_activations, read_reference
 from pipeline.zeroshot import (
     accuracy_from_scores,
@@ -118,12 +118,14 @@ def _labels(meta: pa.Table, task: str) -> list[str | None]:
 
 def zero_shot_metrics(acts: ActivationSet, meta: pa.Table, images: sp.csr_matrix, params: MetricsParams,
                       plot_path: Path, title: str) -> dict[str, Any]:
-    """Per task: accuracy on the test images, with all features and with each image's top-k."""
+    """Per task: accuracy on the test images with all features, and supplementary Fig 2's cut,
+    both ways: ``labels_topk`` keeps each class-label embedding's top-k features (the
+    supplementary's protocol: how few features name a class), ``images_topk`` each image's."""
     tasks = acts.manifest["zero_shot_tasks"]
     classifiers = acts.classifiers()
     test = np.asarray(meta.column("split").to_pylist()) == "test"
     out: dict[str, Any] = {}
-    curves: dict[int, dict[str, float]] = {}
+    curves: dict[str, dict[str, dict[int, float]]] = {}
     for task, spec in tasks.items():
         classifier = classifiers[task]
         if acts.has(f"labelled_{task}"):
@@ -137,19 +139,50 @@ def zero_shot_metrics(acts: ActivationSet, meta: pa.Table, images: sp.csr_matrix
         if not labels:
             continue
         out[task] = accuracy_from_scores(cosine_scores(task_images, classifier), labels)
-        for k in params.topk:
-            acc = accuracy_from_scores(cosine_scores(M.keep_topk(task_images, k), classifier), labels)["top1"]
-            out[task][f"top1_with_top{k}_features"] = acc
-            curves.setdefault(k, {})[f"{task}/top1"] = acc
+        for cut in ("labels_topk", "images_topk"):
+            accuracy = {k: accuracy_from_scores(topk_cut_scores(cut, task_images, classifier, k), labels)["top1"]
+                        for k in params.topk}
+            out[task][cut] = {f"top1_at_{k}": value for k, value in accuracy.items()}
+            curves.setdefault(task, {})[cut] = accuracy
         out[task]["n"] = len(labels)
     if acts.has("crops") and "shape" in tasks:
         crop_meta, crops = acts.load("crops")
         labels = [tasks["shape"]["classes"].index(x) for x in crop_meta.column("label").to_pylist()]
         out["box_classification"] = accuracy_from_scores(cosine_scores(crops, classifiers["shape"]), labels)
     if curves:
-        plot_curves(curves, [sorted({name for row in curves.values() for name in row})], plot_path,
-                    title=f"{title} zero-shot with each image's top-k features", xlabel="k")
+        plot_topk_zeroshot(curves, {task: out[task]["top1"] for task in curves}, plot_path, title)
     return out
+
+
+def topk_cut_scores(cut: str, images, classifier: np.ndarray, k: int) -> np.ndarray:
+    """Cosine scores with only the top-k features of each class label (``labels_topk``) or of
+    each image (``images_topk``)."""
+    if cut == "labels_topk":
+        return cosine_scores(images, unit_rows(M.keep_topk(classifier, k).toarray()))
+    return cosine_scores(M.keep_topk(images, k), classifier)
+
+
+def unit_rows(matrix: np.ndarray) -> np.ndarray:
+    """Rows at unit L2 norm (an all-zero row stays zero): class embeddings after a top-k cut."""
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
+
+
+def plot_topk_zeroshot(curves: dict[str, dict[str, dict[int, float]]], all_features: dict[str, float], path: Path,
+                       title: str) -> Path:
+    """Supplementary Fig 2, one panel per task: top-1 accuracy against k with only the class
+    labels' top-k features (solid) and only each image's (dotted); all features dashed."""
+    fig, axes = panel_row(len(curves))
+    for ax, (task, lines) in zip(axes, curves.items()):
+        for name, style in (("labels_topk", "-o"), ("images_topk", ":s")):
+            ks = sorted(lines[name])
+            ax.plot(ks, [lines[name][k] for k in ks], style, label=name.replace("_", " "))
+        ax.axhline(all_features[task], ls="--", color="grey", label="all features")
+        ax.set(xscale="log", xlabel="k (features kept)", ylabel="top-1", title=task)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path, f"{title} zero-shot with top-k features (supp. Fig 2)")
 
 
 def retrieval_metrics(images_meta: pa.Table, images: sp.csr_matrix, texts_meta: pa.Table,

@@ -103,7 +103,8 @@ def test_metrics_of_dense_and_sparse_models(extracted):
     assert 0 <= sparse["clarity"] <= 1 and 0 <= sparse["clarity_baseline"] <= 1
     for task in ("shape", "colour"):
         assert 0 <= sparse["zeroshot"][task]["top1"] <= sparse["zeroshot"][task]["top5"] <= 1
-        assert "top1_with_top32_features" in sparse["zeroshot"][task]
+        for cut in ("labels_topk", "images_topk"):
+            assert set(sparse["zeroshot"][task][cut]) == {f"top1_at_{k}" for k in (1, 2, 4, 8, 16, 32)}
     folder_classes = sorted(p.name for p in (root / "imagenet_layout").iterdir())
     assert models["sparse"][1]["zero_shot_tasks"]["shapes"]["classes"] == folder_classes
     assert sparse["zeroshot"]["shapes"]["n"] == 12
@@ -146,3 +147,32 @@ def test_sae_baseline_on_the_dense_model(extracted, workdir):
     cached, streamed = read_dense(inputs, width), torch.cat(list(stream_dense(inputs, width)()))
     assert cached.shape == streamed.shape and cached.shape[0] > 0  # the cached read = Ray Data's stream
     assert sorted(map(tuple, cached.tolist())) == sorted(map(tuple, streamed.tolist()))
+
+
+def test_topk_cuts_of_labels_and_of_images_against_brute_force():
+    """Supplementary Fig 2 both ways: the class labels' top-k features (the supplementary's cut)
+    or each image's, scored by cosine similarity; checked against dense numpy."""
+    import scipy.sparse as sp
+
+    from pipeline.evaluate import topk_cut_scores
+
+    rng = np.random.default_rng(0)
+    images = np.maximum(rng.normal(size=(20, 12)), 0)
+    classifier = np.maximum(rng.normal(size=(3, 12)), 0)
+    classifier /= np.linalg.norm(classifier, axis=1, keepdims=True)
+
+    def cut(rows, k):
+        out = np.zeros_like(rows)
+        for i, row in enumerate(rows):
+            top = np.argsort(-row, kind="stable")[:k]
+            out[i, top] = row[top]
+        return out
+
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    for k in (1, 3, 12):
+        np.testing.assert_allclose(topk_cut_scores("labels_topk", sp.csr_matrix(images), classifier, k),
+                                   unit(images) @ unit(cut(classifier, k)).T, rtol=1e-10)
+        np.testing.assert_allclose(topk_cut_scores("images_topk", sp.csr_matrix(images), classifier, k),
+                                   unit(cut(images, k)) @ classifier.T, rtol=1e-10)
+    assert not np.allclose(topk_cut_scores("labels_topk", images, classifier, 1),
+                           topk_cut_scores("images_topk", images, classifier, 1))  # two different cuts

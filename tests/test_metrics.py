@@ -157,7 +157,7 @@ def test_clarity_rejects_mismatched_or_zero_embeddings():
 
 
 def test_modality_hand_computed(layout):
-    # features: image-only, text-only, equal row-normalised mass, dead, 3:1 image-heavy
+    # features: image-only, text-only, shared, dead, image-heavy; on unit-norm rows
     image = np.array([[2.0, 0.0, 1.0, 0.0, 3.0],
                       [0.0, 0.0, 1.0, 0.0, 3.0]])
     text = np.array([[0.0, 1.0, 2.0, 0.0, 2.0],
@@ -165,13 +165,33 @@ def test_modality_hand_computed(layout):
                      [0.0, 0.0, 1.0, 0.0, 1.0],
                      [0.0, 0.0, 1.0, 0.0, 1.0]])
     scores = metrics.modality_scores(layout(image), layout(text))
-    assert np.allclose(scores, [1.0, 0.0, 0.5, np.nan, 0.75], equal_nan=True)
+    image_mean = (image / np.linalg.norm(image, axis=1, keepdims=True)).mean(0)  # brute force
+    text_mean = (text / np.linalg.norm(text, axis=1, keepdims=True)).mean(0)
+    with np.errstate(invalid="ignore"):
+        expected = image_mean / (image_mean + text_mean)
+    assert np.allclose(scores, expected, equal_nan=True)
+    assert np.allclose(scores[[0, 1, 3]], [1.0, 0.0, np.nan], equal_nan=True)
+    assert scores[2] == pytest.approx((1 / 14**0.5 + 1 / 10**0.5) / 2 / ((1 / 14**0.5 + 1 / 10**0.5) / 2
+                                                                         + (2 / 3 + 2 / 2**0.5) / 4))
 
     summary = metrics.modality_summary(scores)
     assert summary["n_features"] == 4
     assert summary["image_only"] == pytest.approx(0.25)
     assert summary["text_only"] == pytest.approx(0.25)
     assert summary["multimodal"] == pytest.approx(0.5)
+
+
+def test_modality_does_not_depend_on_either_towers_scale(layout):
+    """The loss sees unit-norm embeddings: rescaling one modality (as a whole, or each input) by
+    any positive factor changes nothing it is trained on, and must change no score."""
+    rng = np.random.default_rng(3)
+    image, text = sparse_relu(rng, 30, 16, 0.3), sparse_relu(rng, 50, 16, 0.3)
+    scores = metrics.modality_scores(layout(image), layout(text))
+    for scaled_image, scaled_text in [(10 * image, text), (image, 0.01 * text),
+                                      (image * rng.uniform(0.1, 100, (30, 1)), text)]:
+        assert np.allclose(metrics.modality_scores(layout(scaled_image), layout(scaled_text)), scores,
+                           equal_nan=True)
+    assert np.nanmean(scores) < 0.9  # not a degenerate all-image case that would pass trivially
 
 
 def test_modality_plot_writes_png(tmp_path):

@@ -23,7 +23,7 @@ module                 functions                                   reproduces
 
 Paper conventions: Clarity uses tau = 0.001, n_min = 2 and OpenAI CLIP image embeddings;
 "Active F%" = 100 * active_fraction; a modality score is the image share of a feature's
-row-normalised activation mass (1 image-only, 0 text-only).
+mass over unit-L2 rows (1 image-only, 0 text-only).
 """
 
 from .clarity import c_score, clarity, dataset_baseline

@@ -4,7 +4,13 @@ feature fire for images, for text, or for both?
 A feature's modality score is the image share of its activation mass, each modality's mass
 normalised by its number of rows so a caption-heavy evaluation set does not tilt it:
 
-    m_i = mean_img a_i / (mean_img a_i + mean_txt a_i)     (1 image-only, 0 text-only, ~0.5 both)
+    m_i = mean_img u_i / (mean_img u_i + mean_txt u_i)     (1 image-only, 0 text-only, ~0.5 both)
+
+where u = a / ||a|| is each input's activation vector at unit L2 norm: what the contrastive loss
+compares. The raw norms of the two towers are free (the loss never sees them), so a score on raw
+mass would follow an arbitrary rescaling of one tower (x10 on the image tower made every feature
+"image-only"); on unit rows it cannot. The summary's thresholds (image-only above 0.9, text-only
+below 0.1) are ours; the paper shows the distribution (Fig 3b) without naming cut-offs.
 """
 
 from __future__ import annotations
@@ -19,13 +25,21 @@ from ._arrays import as_csr, positive_column_sums
 def modality_scores(image_activations, text_activations) -> np.ndarray:
     """[F] modality score per feature from image (n_img x F) and text (n_txt x F) activations;
     NaN for features that fire in neither modality."""
-    images, texts = as_csr(image_activations), as_csr(text_activations)
+    images, texts = _unit_sparse_rows(as_csr(image_activations)), _unit_sparse_rows(as_csr(text_activations))
     if images.shape[1] != texts.shape[1]:
         raise ValueError(f"image and text activations differ in width: {images.shape[1]} vs {texts.shape[1]}")
     image_mean = positive_column_sums(images) / images.shape[0]
     text_mean = positive_column_sums(texts) / texts.shape[0]
     total = image_mean + text_mean
     return np.divide(image_mean, total, out=np.full(total.shape, np.nan), where=total > 0)
+
+
+def _unit_sparse_rows(matrix):
+    """Each row divided by its L2 norm (all-zero rows stay zero), on the stored non-zeros only."""
+    norms = np.sqrt(np.bincount(np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr)),
+                                weights=matrix.data ** 2, minlength=matrix.shape[0]))
+    scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    return matrix.multiply(scale[:, None]).tocsr()
 
 
 def modality_summary(scores, low: float = 0.1, high: float = 0.9) -> dict:
