@@ -90,7 +90,10 @@ def sparsity(models: list[Model]) -> Table:
                Column("monosemantic %", "metrics", "recovery.monosemantic_fraction")]
     return metric_table("sparsity", "Tab 3a · Interpretability and sparsity", "L0: mean active features per image "
                         "(text); active/dead: share of features that ever/never fire on images; Clarity (Eq. 2) "
-                        "against the dataset baseline.", columns, models)
+                        "against the dataset baseline, on the reference stage's encoder (`reference.encoder`; the "
+                        "embedded default is ImageNet EfficientNet-lite0, where the paper uses OpenAI CLIP): compare "
+                        "Clarity across the rows of one report, not with the paper's values; multimodal: modality "
+                        "score in [0.1, 0.9] on unit-norm activations.", columns, models)
 
 
 def sae(models: list[Model]) -> Table:
