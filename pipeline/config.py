@@ -393,7 +393,8 @@ class VLMParams(Section):
     stage2_steps: int = Field(40, ge=0, description="adapter + LM top lm_layers blocks")
     stage1_lr: float = Field(1e-3, gt=0)
     stage2_lr: float = Field(5e-5, gt=0)
-    lm_layers: int | None = Field(4, ge=0, description="LM blocks trained in stage 2, from the top (None: all)")
+    lm_layers: int | None = Field(None, ge=0, description="LM blocks trained in stage 2, from the top (None: the "
+                                  "whole LM, the paper's 'adapter and LLM together'; a number saves memory and time)")
     batch_size: int = Field(16, ge=1)
     num_workers: int = Field(1, ge=1, description="Ray Train workers")
     use_gpu: bool = False
