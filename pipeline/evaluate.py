@@ -28,6 +28,7 @@ from pipeline import metrics as M
 from pipeline.config import MetricsParams
 from pipeline.data.concepts import concept_ids
 from pipeline.data.evalsets import zero_shot_label
+from pipeline.metrics._arrays import unit_sparse_rows
 from pipeline.plots import panel_row, plot_curves, save_figure
 from pipeline.sparse_io import read_activations, read_reference
 from pipeline.zeroshot import (
@@ -158,14 +159,8 @@ def topk_cut_scores(cut: str, images, classifier: np.ndarray, k: int) -> np.ndar
     """Cosine scores with only the top-k features of each class label (``labels_topk``) or of
     each image (``images_topk``)."""
     if cut == "labels_topk":
-        return cosine_scores(images, unit_rows(M.keep_topk(classifier, k).toarray()))
+        return cosine_scores(images, unit_sparse_rows(M.keep_topk(classifier, k)).toarray())
     return cosine_scores(M.keep_topk(images, k), classifier)
-
-
-def unit_rows(matrix: np.ndarray) -> np.ndarray:
-    """Rows at unit L2 norm (an all-zero row stays zero): class embeddings after a top-k cut."""
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
 
 
 def plot_topk_zeroshot(curves: dict[str, dict[str, dict[int, float]]], all_features: dict[str, float], path: Path,
@@ -178,7 +173,7 @@ def plot_topk_zeroshot(curves: dict[str, dict[str, dict[int, float]]], all_featu
             ks = sorted(lines[name])
             ax.plot(ks, [lines[name][k] for k in ks], style, label=name.replace("_", " "))
         ax.axhline(all_features[task], ls="--", color="grey", label="all features")
-        ax.set(xscale="log", xlabel="k (features kept)", ylabel="top-1", title=task)
+        ax.set(xlabel="k (features kept)", ylabel="top-1", title=task)
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

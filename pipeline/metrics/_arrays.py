@@ -47,6 +47,14 @@ def positive_column_max(matrix: sp.csr_matrix) -> np.ndarray:
     return out
 
 
+def unit_sparse_rows(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    """Each row divided by its L2 norm (all-zero rows stay zero), on the stored non-zeros only."""
+    norms = np.sqrt(np.bincount(np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr)),
+                                weights=matrix.data ** 2, minlength=matrix.shape[0]))
+    scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    return matrix.multiply(scale[:, None]).tocsr()
+
+
 def unit_rows(embeddings) -> np.ndarray:
     """Rows scaled to unit L2 norm (float32 or wider), so dot products are cosine similarities.
 

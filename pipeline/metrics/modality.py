@@ -19,27 +19,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ._arrays import as_csr, positive_column_sums
+from ._arrays import as_csr, positive_column_sums, unit_sparse_rows
 
 
 def modality_scores(image_activations, text_activations) -> np.ndarray:
     """[F] modality score per feature from image (n_img x F) and text (n_txt x F) activations;
     NaN for features that fire in neither modality."""
-    images, texts = _unit_sparse_rows(as_csr(image_activations)), _unit_sparse_rows(as_csr(text_activations))
+    images, texts = unit_sparse_rows(as_csr(image_activations)), unit_sparse_rows(as_csr(text_activations))
     if images.shape[1] != texts.shape[1]:
         raise ValueError(f"image and text activations differ in width: {images.shape[1]} vs {texts.shape[1]}")
     image_mean = positive_column_sums(images) / images.shape[0]
     text_mean = positive_column_sums(texts) / texts.shape[0]
     total = image_mean + text_mean
     return np.divide(image_mean, total, out=np.full(total.shape, np.nan), where=total > 0)
-
-
-def _unit_sparse_rows(matrix):
-    """Each row divided by its L2 norm (all-zero rows stay zero), on the stored non-zeros only."""
-    norms = np.sqrt(np.bincount(np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr)),
-                                weights=matrix.data ** 2, minlength=matrix.shape[0]))
-    scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-    return matrix.multiply(scale[:, None]).tocsr()
 
 
 def modality_summary(scores, low: float = 0.1, high: float = 0.9) -> dict:
