@@ -89,7 +89,8 @@ def run_reference(params: ReferenceParams, extract: ExtractParams, data_dir: str
     """Embed every image the extract stage will use; write ``<out_dir>/images/``."""
     import ray.data
 
-    from pipeline.extract import image_rows, image_set, write_sets
+    from pipeline.activations.inputs import image_rows, image_set
+    from pipeline.activations.pool import write_sets
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     data_dir = Path(data_dir).resolve()

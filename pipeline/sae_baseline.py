@@ -22,12 +22,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.activations.inputs import image_rows, image_set
+from pipeline.activations.pool import write_sets
 from pipeline.config import Params
 from pipeline.data.evalsets import zero_shot_label
 from pipeline.evaluate import ActivationSet, evaluate
-from pipeline.extract import image_rows, image_set, write_sets
+from pipeline.extract import SparseEncoder
 from pipeline.io import file_sha256, write_json
-from pipeline.sae import SAETrainConfig, SparseAutoencoder, reconstruction_report, train_sae
+from pipeline.sae import (
+    SAETrainConfig,
+    SparseAutoencoder,
+    reconstruction_report,
+    train_sae,
+)
 from pipeline.sparse_io import activation_table, sparse_rows, to_csr
 from pipeline.zeroshot import accuracy_from_scores, cosine_scores
 
@@ -40,7 +47,8 @@ def training_inputs(params: Params, model_dir: Path, out_dir: Path) -> Path:
     keys = {row["key"] for row in image_rows(data_dir, cfg.train_splits)}
     fingerprint = f"{file_sha256(model_dir / 'model.pt')[:16]}-{params.section_hash('sae')}"
     write_sets("sae-inputs", {"train_inputs": image_set(data_dir, cfg.train_splits, keys)},
-               out_dir, fingerprint, {"model_dir": str(model_dir.resolve())}, params.extract, params.ray.task_cpus)
+               out_dir, fingerprint, {"model_dir": str(model_dir.resolve())}, params.extract, params.ray.task_cpus,
+               actor=SparseEncoder)
     return out_dir / "train_inputs"
 
 

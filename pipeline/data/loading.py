@@ -18,7 +18,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
-from pipeline.data.shards import read_split, split_shards
+from pipeline.data.shards import read_split, split_paths
 
 
 class ClipBatchPreprocessor:
@@ -55,14 +55,6 @@ class ClipBatchPreprocessor:
 
     def tokens(self, texts: Sequence[str]) -> np.ndarray:
         return self.tokenizer(list(texts)).numpy().astype(np.int64)
-
-
-def split_paths(data_dir: str | Path, split: str) -> list[str]:
-    """Absolute shard paths (Ray workers may run elsewhere); an empty split is an error."""
-    paths = [str(p.resolve()) for p in split_shards(data_dir, split)]
-    if not paths:
-        raise FileNotFoundError(f"the '{split}' split under {data_dir} has no shards")
-    return paths
 
 
 def ray_split_dataset(data_dir: str | Path, split: str, preprocessor: ClipBatchPreprocessor, task_cpus: float):

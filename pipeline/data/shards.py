@@ -76,6 +76,14 @@ def split_shards(out_dir: str | Path, split: str) -> list[Path]:
     return sorted(folder.glob("shard-*.tar"))
 
 
+def split_paths(data_dir: str | Path, split: str) -> list[str]:
+    """Absolute shard paths (Ray workers may run elsewhere); an empty split is an error."""
+    paths = [str(p.resolve()) for p in split_shards(data_dir, split)]
+    if not paths:
+        raise FileNotFoundError(f"the '{split}' split under {data_dir} has no shards")
+    return paths
+
+
 def read_split(out_dir: str | Path, split: str) -> Iterator[Record]:
     for shard in split_shards(out_dir, split):
         yield from read_shard(shard)
