@@ -347,6 +347,16 @@ class SAEParams(Section):
     dead_after_tokens: int = Field(20480, ge=1)
     log_every: int = Field(100, ge=1)
     train_splits: list[Literal["train", "val", "test"]] = Field(["train"], min_length=1)
+    multimodal: bool = Field(True, description="also train one SAE on the image and caption embeddings together "
+                             "(Papadimitriou et al.'s setting, which the paper contrasts in §3.1)")
+    residual_layer: int | None = Field(None, ge=0, description="also train an SAE on the vision tower's residual "
+                                       "tokens after this block (0-based; the SAE supplementary's setting); None: off")
+    tokens_per_image: int = Field(4, ge=1, description="random patch tokens per training image (the supplementary: 4)")
+    include_cls: bool = Field(True, description="add each training image's CLS token to its patch tokens")
+    token_epochs: int = Field(8, ge=1, description="epochs of the token SAE (it has 1 + tokens_per_image rows "
+                              "per image, so fewer epochs see as many rows as the embedding SAE)")
+    outlier_quantile: float = Field(0.99, gt=0, lt=1, description="outlier rows: norm above this quantile of "
+                                    "the evaluated rows' norms (the supplementary picks its tau from that distribution)")
     cache_data: bool = Field(True, description="read the training embeddings once (false: stream every epoch)")
     device: str = Field("auto", description="auto: cuda when available")
     out_dir: str = "activations/sae"

@@ -65,8 +65,10 @@ class ActivationSet:
 
 
 def evaluate(act_dir: str | Path, reference_dir: str | Path, vocab_dir: str | Path, params: MetricsParams,
-             plot_dir: str | Path, title: str = "") -> dict[str, Any]:
-    """All metrics of one model as a nested dict of numbers; figures written under ``plot_dir``."""
+             plot_dir: str | Path, title: str = "", modality: bool = True) -> dict[str, Any]:
+    """All metrics of one model as a nested dict of numbers; figures written under ``plot_dir``.
+    ``modality=False`` for a model that saw one modality only (an image SAE): it is single-modal
+    by construction, and scoring it on the other modality would measure how it misreads it."""
     acts = ActivationSet(act_dir)
     plot_dir = Path(plot_dir)
     images_meta, images = acts.load("images")
@@ -75,7 +77,8 @@ def evaluate(act_dir: str | Path, reference_dir: str | Path, vocab_dir: str | Pa
     result["image"] = M.sparsity_summary(images, n_min=params.n_min)
     result["text"] = M.sparsity_summary(texts, n_min=params.n_min)
     result.update(clarity_metrics(images_meta, images, reference_dir, params))
-    result["modality"] = modality_metrics(images, texts, plot_dir / "modality.png", title)
+    if modality:
+        result["modality"] = modality_metrics(images, texts, plot_dir / "modality.png", title)
     if acts.has("prompts"):
         result["zeroshot"] = zero_shot_metrics(acts, images_meta, images, params, plot_dir / "topk.png", title)
     result["retrieval"] = retrieval_metrics(images_meta, images, texts_meta, texts)

@@ -12,6 +12,7 @@ and resumable per set (:mod:`pipeline.activations.pool`).
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +48,20 @@ log = logging.getLogger(__name__)
 class SparseEncoder:
     """Ray Data actor: loads a trained model (and any evolution snapshots) once, encodes rows.
 
-    Each row says its ``kind`` (``image``: JPEG bytes in ``jpg``; ``text``: ``text``; ``tokens``:
-    one output row per spatial token, for heatmaps) and ``checkpoint`` (a key of ``weights``).
-    Identifying columns pass through unchanged, so keys, splits and labels travel with their
-    activations; every output batch has the same schema whatever mix of sets it holds.
+    Each row says its ``kind`` and ``checkpoint`` (a key of ``weights``). Kinds: ``image`` (JPEG
+    bytes in ``jpg``), ``text`` (``text``), ``tokens`` (one output row per spatial token of the
+    sparse head, for heatmaps), and the vision tower's residual stream after block
+    ``residual["layer"]`` (what the SAE supplementary's token SAEs read): ``residual_all`` (every
+    token, CLS first) or ``residual`` (``residual["tokens_per_image"]`` random patch tokens per
+    image, plus CLS if ``residual["include_cls"]``; the draw is a function of the image key and
+    ``residual["seed"]``, so a rerun or another actor picks the same tokens). Token rows carry
+    their position in ``token`` (0 = CLS; -1 for whole-input rows). Identifying columns pass
+    through unchanged, so keys, splits and labels travel with their activations; every output
+    batch has the same schema whatever mix of sets it holds.
     """
 
-    def __init__(self, model_dir: str, weights: dict[str, str] | None = None, threads: int = 1):
+    def __init__(self, model_dir: str, weights: dict[str, str] | None = None, threads: int = 1,
+                 residual: dict[str, Any] | None = None):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.models = {tag: load_model(model_dir, file).to(self.device)
@@ -61,6 +69,7 @@ class SparseEncoder:
         first = next(iter(self.models.values()))
         self.width = first.width
         self.preprocess = ClipBatchPreprocessor(first.image_size, first.context_length)
+        self.residual = residual
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
@@ -79,17 +88,45 @@ class SparseEncoder:
             features = model.encode_text(tokens)
         else:
             images = torch.as_tensor(np.stack([self.preprocess.image(b) for b in batch["jpg"]]), device=self.device)
-            if kind == "tokens":
-                _, tokens = model.encode_image_tokens(images)
-                grid = tokens.shape[1]
-                columns = {k: [v for v in values for _ in range(grid)] for k, values in columns.items()}
-                columns["meta"] = [""] * len(columns["key"])  # the images set keeps it, once per image
-                columns["token"] = [t for _ in range(tokens.shape[0]) for t in range(grid)]
-                features = tokens.reshape(-1, tokens.shape[-1])
-            else:
+            if kind == "image":
                 features = model.encode_image(images)
+            else:
+                per_token = (model.encode_image_tokens(images)[1] if kind == "tokens"
+                             else model.residual_tokens(images, self._residual("layer")))
+                columns, features = _token_rows(columns, per_token, self._token_picks(kind, columns["key"],
+                                                                                     per_token.shape[1]))
         indices, values = sparse_rows(features)
         return activation_table(columns, indices, values, self.width)
+
+    def _residual(self, key: str) -> Any:
+        if self.residual is None:
+            raise ValueError("residual rows need the actor's `residual` settings (layer, tokens_per_image, ...)")
+        return self.residual[key]
+
+    def _token_picks(self, kind: str, keys: list[str], grid: int) -> list[list[int]]:
+        """Which token positions each image contributes: all of them, or the ``residual`` draw."""
+        if kind != "residual":
+            return [list(range(grid))] * len(keys)
+        cls, count, seed = self._residual("include_cls"), self._residual("tokens_per_image"), self._residual("seed")
+        picks = []
+        for key in keys:
+            rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+            patches = sorted(1 + rng.choice(grid - 1, size=min(count, grid - 1), replace=False))
+            picks.append(([0] if cls else []) + [int(t) for t in patches])
+        return picks
+
+
+def _token_rows(columns: dict[str, list], per_token: torch.Tensor, picks: list[list[int]]
+                ) -> tuple[dict[str, list], torch.Tensor]:
+    """One output row per picked token of each image: its columns repeated (``meta`` emptied: the
+    image rows keep it, once per image), its position in ``token``, its activation vector."""
+    rows = [(i, t) for i, tokens in enumerate(picks) for t in tokens]
+    out = {k: [values[i] for i, _ in rows] for k, values in columns.items()}
+    out["meta"] = [""] * len(rows)
+    out["token"] = [t for _, t in rows]
+    image_index = torch.as_tensor([i for i, _ in rows], dtype=torch.long)
+    token_index = torch.as_tensor([t for _, t in rows], dtype=torch.long)
+    return out, per_token[image_index, token_index]
 
 
 def evolution_weights(model_dir: Path) -> dict[str, str]:

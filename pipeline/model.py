@@ -166,6 +166,26 @@ class SparseCLIP(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.clip.set_grad_checkpointing(enable)
 
+    @property
+    def vision_layers(self) -> int:
+        return len(self.clip.visual.transformer.resblocks)
+
+    @torch.no_grad()
+    def residual_tokens(self, images: torch.Tensor, layer: int) -> torch.Tensor:
+        """[B, T, width] residual stream of the vision tower after block ``layer`` (0-based):
+        the tokens an SAE of the SAE supplementary reads; token 0 is CLS, the rest the patches.
+        Only blocks 0..layer run."""
+        if not 0 <= layer < self.vision_layers:
+            raise ValueError(f"sae.residual_layer={layer}: the vision tower has blocks 0..{self.vision_layers - 1}")
+        visual = self.clip.visual
+        x = visual._embeds(images)
+        transformer = visual.transformer
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        for block in transformer.resblocks[: layer + 1]:
+            x = block(x)
+        return x if transformer.batch_first else x.transpose(0, 1)
+
 
 def l1_penalty(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
     """Mean L1 norm of the L2-normalised embeddings of both towers.

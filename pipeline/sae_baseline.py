@@ -1,14 +1,24 @@
-"""The post-hoc SAE baseline, measured side by side with Sparse CLIP (paper Tab 1 Prisma row, Tab 3a).
+"""The post-hoc SAE baselines, measured side by side with Sparse CLIP (paper Tab 1 Prisma row, Tab 3a).
 
-1. The dense baseline's image embeddings of the training split are extracted with the same Ray
-   Data actors as everything else, and streamed from Parquet into the SAE trainer.
-2. The SAE (:mod:`pipeline.sae`) encodes the dense model's extracted images, captions and
-   vocabulary; its codes are written in the same sparse layout as a Sparse CLIP variant's, so
-   :func:`pipeline.evaluate.evaluate` measures Clarity, L0, active features, modality (an SAE
-   trained on images alone should come out image-only) and concept recovery with the same code.
-3. Reconstruction quality (FVU, cosine, L0, dead features; all and outlier rows, as the SAE
-   supplementary's Table 6) and the Prisma protocol: zero-shot accuracy when the dense model's
-   image embeddings are replaced by their SAE reconstruction.
+Three SAEs on the dense baseline, all with the SAE supplementary's recipe (BatchTopK, x32, K = 30):
+
+* **image** (the Prisma setting): the final image embeddings of the training split. Its codes of
+  the extracted images, captions and vocabulary are written in the same sparse layout as a Sparse
+  CLIP variant's, so :func:`pipeline.evaluate.evaluate` measures Clarity, L0, active features and
+  concept recovery with the same code. It never saw text, so it is image-only by construction:
+  its modality is not scored (on captions it would only measure how it misreads them).
+* **multimodal** (Papadimitriou et al., whom the paper contrasts in §3.1): image and caption
+  embeddings together, so Tab 3a's "multimodal %" compares like with like.
+* **residual** (the supplementary's own setting, with ``sae.residual_layer``): the vision tower's
+  residual stream after one block, a few random patch tokens plus CLS per training image;
+  reconstruction (FVU, cosine, L0) measured on every token of the evaluation images and on the
+  high-norm outlier tokens, as its Table 6. Its CDS needs the main SAE paper's definition, which
+  the supplementary only refers to, so it is not computed.
+
+Every input is extracted by the same Ray Data actors as everything else, in one run, and read
+from Parquet into the trainer. Reconstruction is reported as the supplementary's Table 6, and
+the Prisma protocol: zero-shot accuracy when the dense model's image embeddings are replaced by
+their SAE reconstruction.
 """
 
 from __future__ import annotations
@@ -22,10 +32,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.activations.inputs import image_rows, image_set
+from pipeline.activations.inputs import image_rows, image_set, text_set
 from pipeline.activations.pool import write_sets
 from pipeline.config import Params
 from pipeline.data.evalsets import zero_shot_label
+from pipeline.data.shards import caption_rows
 from pipeline.evaluate import ActivationSet, evaluate
 from pipeline.extract import SparseEncoder
 from pipeline.io import file_sha256, write_json
@@ -41,33 +52,62 @@ from pipeline.zeroshot import accuracy_from_scores, cosine_scores
 CODED_SETS = ("images", "texts", "vocab")
 
 
-def training_inputs(params: Params, model_dir: Path, out_dir: Path) -> Path:
-    """Dense image embeddings of ``sae.train_splits`` (Ray Data actors, resumable), as Parquet."""
+def training_inputs(params: Params, model_dir: Path, out_dir: Path) -> dict[str, Path]:
+    """Every SAE's inputs from the dense model, in one Ray Data run (resumable per set), as Parquet:
+    ``train_inputs`` (image embeddings of ``sae.train_splits``), ``train_texts`` (their captions',
+    for the multimodal SAE) and, with ``sae.residual_layer``, ``train_tokens`` (sampled residual
+    tokens) and ``eval_tokens`` (every residual token of the ``extract.splits`` images)."""
     cfg, data_dir = params.sae, Path(params.sample.out_dir).resolve()
     keys = {row["key"] for row in image_rows(data_dir, cfg.train_splits)}
+    sets = {"train_inputs": image_set(data_dir, cfg.train_splits, keys)}
+    if cfg.multimodal:
+        sets["train_texts"] = text_set(caption_rows(data_dir, cfg.train_splits))
+    residual = None
+    if cfg.residual_layer is not None:
+        residual = {"layer": cfg.residual_layer, "tokens_per_image": cfg.tokens_per_image,
+                    "include_cls": cfg.include_cls, "seed": params.project.seed}
+        eval_keys = {row["key"] for row in image_rows(data_dir, params.extract.splits)}
+        sets["train_tokens"] = image_set(data_dir, cfg.train_splits, keys, kind="residual")
+        sets["eval_tokens"] = image_set(data_dir, params.extract.splits, eval_keys, kind="residual_all")
     fingerprint = f"{file_sha256(model_dir / 'model.pt')[:16]}-{params.section_hash('sae')}"
-    write_sets("sae-inputs", {"train_inputs": image_set(data_dir, cfg.train_splits, keys)},
-               out_dir, fingerprint, {"model_dir": str(model_dir.resolve())}, params.extract, params.ray.task_cpus,
-               actor=SparseEncoder)
-    return out_dir / "train_inputs"
+    write_sets("sae-inputs", sets, out_dir, fingerprint, {"model_dir": str(model_dir.resolve()), "residual": residual},
+               params.extract, params.ray.task_cpus, actor=SparseEncoder)
+    return {name: out_dir / name for name in sets}
 
 
-def stream_dense(path: Path, width: int, batch_size: int = 4096):
-    """Per epoch, the dense rows of a Parquet activation set, streamed by Ray Data."""
+def stream_dense(paths: list[Path], width: int, batch_size: int = 4096):
+    """Per epoch, the dense rows of Parquet activation sets, streamed by Ray Data; several sets
+    are interleaved batch by batch, so no stretch of training sees one set alone."""
     import ray.data
 
-    def epoch():
+    def read(path: Path):
         dataset = ray.data.read_parquet(str(path.resolve()), columns=["indices", "values"])
         for table in dataset.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
             yield torch.from_numpy(to_csr(table, width).toarray())
 
+    def epoch():
+        streams = [read(p) for p in paths]
+        while streams:
+            for stream in list(streams):
+                batch = next(stream, None)
+                if batch is None:
+                    streams.remove(stream)
+                else:
+                    yield batch
+
     return epoch
 
 
-def read_dense(path: Path, width: int) -> torch.Tensor:
-    """A Parquet activation set read once in this process, dense (the cached path: the trainer
-    reshuffles it per epoch; a Ray Data read would spend ~14 s starting workers for a few MB)."""
-    return torch.from_numpy(to_csr(pq.read_table(path, columns=["indices", "values"]), width).toarray())
+def read_dense(paths: list[Path], width: int) -> torch.Tensor:
+    """Parquet activation sets read once in this process, dense, stacked (the cached path: the
+    trainer reshuffles the rows per epoch; a Ray Data read would spend ~14 s starting workers
+    for a few MB)."""
+    return torch.cat([torch.from_numpy(to_csr(pq.read_table(p, columns=["indices", "values"]), width).toarray())
+                      for p in paths])
+
+
+def training_data(params: Params, paths: list[Path], width: int):
+    return read_dense(paths, width) if params.sae.cache_data else stream_dense(paths, width)
 
 
 def train_config(params: Params) -> SAETrainConfig:
@@ -120,8 +160,10 @@ def reconstruction_zero_shot(sae: SparseAutoencoder, source: ActivationSet) -> d
     return out
 
 
-def run_sae_baseline(params: Params, plot_dir: Path) -> tuple[dict[str, Any], list[dict[str, float]]]:
-    """Train the SAE on the dense baseline and measure it; returns (metrics, training history)."""
+def run_sae_baseline(params: Params, plot_dir: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, float]]]]:
+    """Train the SAEs on the dense baseline and measure them; returns (metrics, training history
+    per SAE). The image SAE's numbers sit at the top level (Tab 3a's SAE row), the others under
+    ``multimodal`` and ``residual``."""
     from pipeline.cluster import connect
 
     cfg = params.sae
@@ -130,16 +172,83 @@ def run_sae_baseline(params: Params, plot_dir: Path) -> tuple[dict[str, Any], li
     out_dir = Path(cfg.out_dir)
     connect(params.ray)
     inputs = training_inputs(params, model_dir, out_dir)
-    data = read_dense(inputs, source.width) if cfg.cache_data else stream_dense(inputs, source.width)
     config = train_config(params)
-    sae, history = train_sae(data, config)
+    histories = {}
+
+    sae, histories["image"] = train_sae(training_data(params, [inputs["train_inputs"]], source.width), config)
     torch.save(sae.state_dict(), out_dir / "sae.pt")
     write_json(out_dir / "sae_config.json", {**dataclasses.asdict(config), "d_in": source.width})
     write_codes(sae, source, out_dir)
-
     _, eval_images = source.load("images")
-    result = evaluate(out_dir, params.reference.out_dir, params.vocab.out_dir, params.metrics, plot_dir, title="sae")
-    result["reconstruction"] = reconstruction_report(sae.cpu(), torch.from_numpy(eval_images.toarray()).float())
+    result = evaluate(out_dir, params.reference.out_dir, params.vocab.out_dir, params.metrics, plot_dir, title="sae",
+                      modality=False)
+    result["reconstruction"] = reconstruction_report(sae.cpu(), torch.from_numpy(eval_images.toarray()).float(),
+                                                     quantile=cfg.outlier_quantile)
     result["zeroshot_reconstruction"] = reconstruction_zero_shot(sae, source)
     result["source_width"] = source.width
+
+    if cfg.multimodal:
+        result["multimodal"], histories["multimodal"] = multimodal_sae(params, source, inputs, config, plot_dir)
+    if cfg.residual_layer is not None:
+        result["residual"], histories["residual"] = residual_sae(params, model_dir, inputs, config)
+    return result, histories
+
+
+def multimodal_sae(params: Params, source: ActivationSet, inputs: dict[str, Path], config: SAETrainConfig,
+                   plot_dir: Path) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """One SAE on image and caption embeddings together, measured like a Sparse CLIP variant
+    (modality included) plus its reconstruction of the evaluation images and captions."""
+    out_dir = Path(params.sae.out_dir) / "multimodal"
+    data = training_data(params, [inputs["train_inputs"], inputs["train_texts"]], source.width)
+    sae, history = train_sae(data, config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(sae.state_dict(), out_dir / "sae.pt")
+    write_codes(sae, source, out_dir)
+    result = evaluate(out_dir, params.reference.out_dir, params.vocab.out_dir, params.metrics,
+                      plot_dir / "multimodal", title="multimodal sae")
+    evaluated = np.vstack([source.load("images")[1].toarray(), source.load("texts")[1].toarray()])
+    result["reconstruction"] = reconstruction_report(sae.cpu(), torch.from_numpy(evaluated).float(),
+                                                     quantile=params.sae.outlier_quantile)
     return result, history
+
+
+def residual_sae(params: Params, model_dir: Path, inputs: dict[str, Path], config: SAETrainConfig
+                 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """The supplementary's token SAE: trained on the sampled residual tokens, measured (its Table 6)
+    on every residual token of the evaluation images and on their high-norm outliers."""
+    from pipeline.model import load_model
+
+    cfg = params.sae
+    d_in = load_model(model_dir).clip.visual.transformer.width
+    sae, history = train_sae(training_data(params, [inputs["train_tokens"]], d_in),
+                             dataclasses.replace(config, epochs=cfg.token_epochs))
+    torch.save(sae.state_dict(), Path(cfg.out_dir) / "residual_sae.pt")
+    tokens = read_dense([inputs["eval_tokens"]], d_in)
+    result = {"layer": cfg.residual_layer, "d_in": d_in, "width": sae.width,
+              "train_rows": sum(pq.ParquetFile(f).metadata.num_rows for f in inputs["train_tokens"].glob("*.parquet"))}
+    result["reconstruction"] = reconstruction_report(sae.cpu(), tokens.float(), quantile=cfg.outlier_quantile)
+    return result, history
+
+
+CURVES = ("fvu", "l0", "dead_fraction")
+
+
+def training_curves(histories: dict[str, list[dict[str, float]]]) -> dict[int, dict[str, float]]:
+    """{step: {metric: value}} of every SAE's training: the image SAE's as ``fvu``, ``l0``, ...
+    (the names it always had), the others prefixed (``multimodal.fvu``, ``residual.l0``)."""
+    curves: dict[int, dict[str, float]] = {}
+    for name, history in histories.items():
+        prefix = "" if name == "image" else f"{name}."
+        for row in history:
+            curves.setdefault(int(row["step"]), {}).update(
+                {f"{prefix}{k}": v for k, v in row.items() if k != "step"})
+    return curves
+
+
+def plot_training(histories: dict[str, list[dict[str, float]]], path: Path) -> Path:
+    """FVU, L0 and dead fraction against steps, one line per SAE."""
+    from pipeline.plots import plot_curves
+
+    prefixes = ["" if name == "image" else f"{name}." for name in histories]
+    return plot_curves(training_curves(histories), [[f"{p}{k}" for p in prefixes] for k in CURVES], path,
+                       title="SAE training")

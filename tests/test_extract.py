@@ -117,10 +117,12 @@ def test_metrics_of_dense_and_sparse_models(extracted):
         assert (root / "plots" / "sparse" / png).stat().st_size > 1000
 
 
-def test_sae_baseline_on_the_dense_model(extracted, workdir):
-    """The SAE trains on the dense model's train-split embeddings (streamed by Ray Data) and is
-    measured by the same metric code as the sparse models."""
-    from pipeline.sae_baseline import run_sae_baseline
+def test_sae_baselines_on_the_dense_model(extracted, workdir):
+    """The three SAEs train on the dense model's inputs (extracted by Ray Data in one run) and are
+    measured by the same metric code as the sparse models: the image SAE without a modality score
+    (it saw images only), the multimodal SAE with one, the residual-token SAE on every token."""
+    from pipeline.activations.inputs import image_rows
+    from pipeline.sae_baseline import read_dense, run_sae_baseline, stream_dense, training_curves
 
     root, _, models = extracted
     params = load_params(REPO / "params.yaml", overrides={
@@ -129,24 +131,93 @@ def test_sae_baseline_on_the_dense_model(extracted, workdir):
         "vocab.out_dir": str(root / "vocab"), "sae.out_dir": str(workdir / "sae"),
         "sae.expansion": 4, "sae.k": 4, "sae.epochs": 5, "sae.batch_size": 32, "sae.aux_k": 8,
         "sae.train_splits": ["train"], "extract.actors": 2,
+        "sae.multimodal": True, "sae.residual_layer": 0, "sae.tokens_per_image": 3, "sae.token_epochs": 2,
     })
-    result, history = run_sae_baseline(params, workdir / "plots")
+    result, histories = run_sae_baseline(params, workdir / "plots")
     assert result["width"] == 4 * models["dense"][1]["width"]
+    history = histories["image"]
     assert history and history[-1]["l0"] == pytest.approx(4, abs=1e-6)  # BatchTopK: exactly k per row on average
     assert 0 <= result["reconstruction"]["all.fvu"] < 1.5 and -1 <= result["reconstruction"]["all.cosine"] <= 1
     assert 0 < result["image"]["l0"] <= result["width"]
     assert 0 <= result["clarity"] <= 1 and "recovery" in result
+    assert "modality" not in result  # image-only by construction, not scored on text
     for task in ("shape", "colour"):
         zs = result["zeroshot_reconstruction"][task]
         assert 0 <= zs["sae_reconstruction"]["top1"] <= 1 and 0 <= zs["dense"]["top1"] <= 1
     assert (workdir / "sae" / "sae.pt").is_file()
 
-    from pipeline.sae_baseline import read_dense, stream_dense
+    multimodal = result["multimodal"]
+    assert abs(sum(multimodal["modality"][k] for k in ("image_only", "text_only", "multimodal")) - 1) < 1e-9
+    assert multimodal["reconstruction"]["all.n"] == 2 * 120  # the extracted images and their captions
+    assert (workdir / "sae" / "multimodal" / "images").is_dir()
+
+    residual = result["residual"]
+    grid = (32 // 8) ** 2 + 1  # the micro ViT's tokens, CLS included
+    n_train, n_eval = (len(image_rows(root / "data", s)) for s in (["train"], params.extract.splits))
+    assert residual["layer"] == 0 and residual["d_in"] == 32
+    assert residual["train_rows"] == n_train * (3 + 1)  # 3 patches + CLS per training image
+    assert residual["reconstruction"]["all.n"] == n_eval * grid and residual["reconstruction"]["outlier.n"] >= 1
+    assert 0 <= residual["reconstruction"]["all.fvu"] < 1.5
+    curves = training_curves(histories)
+    assert {"fvu", "multimodal.fvu", "residual.fvu"} <= set().union(*curves.values())
 
     width, inputs = models["dense"][1]["width"], workdir / "sae" / "train_inputs"
-    cached, streamed = read_dense(inputs, width), torch.cat(list(stream_dense(inputs, width)()))
+    cached, streamed = read_dense([inputs], width), torch.cat(list(stream_dense([inputs], width)()))
     assert cached.shape == streamed.shape and cached.shape[0] > 0  # the cached read = Ray Data's stream
     assert sorted(map(tuple, cached.tolist())) == sorted(map(tuple, streamed.tolist()))
+    texts = workdir / "sae" / "train_texts"
+    both = torch.cat(list(stream_dense([inputs, texts], width)()))
+    assert both.shape[0] == cached.shape[0] + read_dense([texts], width).shape[0]
+
+
+def test_residual_rows_are_the_blocks_output_at_a_per_key_draw_of_tokens(tmp_path):
+    """The token SAE's inputs: the residual stream after a block (= a forward hook there), CLS plus
+    ``tokens_per_image`` distinct patches per image, the same draw for the same key on any actor."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.activations.inputs import INPUT_COLUMNS, TAGS
+    from pipeline.extract import SparseEncoder
+    from pipeline.model import build_model, save_model
+
+    from .test_model_loss import MICRO
+
+    tiny = {**MICRO, "vision_cfg": {**MICRO["vision_cfg"], "layers": 2}, "text_cfg": {**MICRO["text_cfg"], "vocab_size": 49408}}
+    params = load_params(REPO / "params.yaml")
+    torch.manual_seed(0)
+    model = build_model(params.train.model.model_copy(update={"inline": tiny, "expansion": 0, "activation": "none"}))
+    save_model(model.eval(), tmp_path / "dense")
+    images = torch.randn(2, 3, 32, 32)
+    hooked = {}
+    model.clip.visual.transformer.resblocks[0].register_forward_hook(lambda m, i, o: hooked.setdefault("x", o))
+    model.encode_image(images)
+    torch.testing.assert_close(model.residual_tokens(images, 0), hooked["x"])
+    with pytest.raises(ValueError, match="residual_layer=2"):
+        model.residual_tokens(images, 2)
+
+    encoder = SparseEncoder(str(tmp_path / "dense"),
+                            residual={"layer": 1, "tokens_per_image": 3, "include_cls": True, "seed": 0})
+    picks = encoder._token_picks("residual", ["a", "b", "a"], 17)
+    assert picks[0] == picks[2] != picks[1]
+    assert all(p[0] == 0 and len(set(p)) == 4 and all(1 <= t < 17 for t in p[1:]) for p in picks)
+    assert encoder._token_picks("residual_all", ["a"], 17) == [list(range(17))]
+
+    jpegs = []
+    for seed in (1, 2):
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, "JPEG")
+        jpegs.append(buffer.getvalue())
+    batch = {c: np.asarray(["x", "y"] if c == "key" else jpegs if c == "jpg" else ["", ""], dtype=object)
+             for c in INPUT_COLUMNS + TAGS}
+    batch["kind"], batch["checkpoint"] = np.asarray(["residual"] * 2, dtype=object), np.asarray(["final"] * 2, dtype=object)
+    table = encoder(batch)
+    assert table.column("key").to_pylist() == ["x"] * 4 + ["y"] * 4
+    tokens = table.column("token").to_pylist()
+    pixels = torch.as_tensor(np.stack([encoder.preprocess.image(j) for j in jpegs]))
+    stream = model.residual_tokens(pixels, 1)
+    expected = torch.stack([stream[i // 4, t] for i, t in enumerate(tokens)]).numpy()
+    np.testing.assert_allclose(to_csr(table, 32).toarray(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_topk_cuts_of_labels_and_of_images_against_brute_force():

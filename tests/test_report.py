@@ -61,7 +61,11 @@ def pipeline_runs(workdir):
         ids[f"metrics-{variant}"] = log_run(params, "metrics", variant, METRICS[variant])
     log_run(params, "sae", "dense", {"width": 2048, "image.l0": 22.5, "clarity": 0.525, "reconstruction.all.fvu": 0.117,
                                      "zeroshot_reconstruction.shape.dense.top1": 0.128,
-                                     "zeroshot_reconstruction.shape.sae_reconstruction.top1": 0.147})
+                                     "zeroshot_reconstruction.shape.sae_reconstruction.top1": 0.147,
+                                     "multimodal.image.l0": 25.0, "multimodal.modality.multimodal": 0.4,
+                                     "multimodal.reconstruction.all.fvu": 0.2,
+                                     "residual.layer": 1, "residual.reconstruction.all.fvu": 0.31,
+                                     "residual.reconstruction.all.n": 78000})
     log_run(params, "atlas", None, {"dense.pointing.accuracy": 0.167, "dense.pointing.chance": 0.126,
                                     "sparse.pointing.accuracy": 0.325, "sparse.pointing.chance": 0.126})
     log_run(params, "vlm", "sparse", {"qa.colour.exact": 0.594, "qa.colour.chance": 0.131,
@@ -86,8 +90,8 @@ def table(tables, name):
 def test_tables_from_the_latest_finished_run_of_each_stage(pipeline_runs):
     params, ids = pipeline_runs
     comparison = from_experiment(MlflowClient(tracking_uri()), params.project.experiment)
-    assert [m.name for m in comparison.models] == ["dense", "sae", "sparse"]
-    sparse = comparison.models[2]
+    assert [m.name for m in comparison.models] == ["dense", "sae", "sae_multimodal", "sae_residual", "sparse"]
+    sparse = comparison.models[4]
     assert sparse.run_ids["train"] == ids["train-sparse"] and sparse.run_ids["metrics"] == ids["metrics-sparse"]
     assert sparse.curves["train/l0_image_pct"] == [(1, 55.0), (2, 50.0), (3, 45.0), (4, 40.0)]
 
@@ -98,9 +102,12 @@ def test_tables_from_the_latest_finished_run_of_each_stage(pipeline_runs):
     box = table(tables, "box_retrieval").rows
     assert box[1][:2] == ["sparse", "11.8"] and box[1][3] == "7.1"
     sparsity = {row[0]: row for row in table(tables, "sparsity").rows}
-    assert set(sparsity) == {"dense", "sae", "sparse"}  # the SAE sits beside the variants
+    assert set(sparsity) == {"dense", "sae", "sae_multimodal", "sparse"}  # the SAEs sit beside the variants
     assert sparsity["sparse"][1:4] == ["2048", "921.4", "45.0"] and sparsity["sae"][7] == "0.525"
-    assert table(tables, "sae").rows[0][:2] == ["sae", "0.117"]
+    assert sparsity["sae"][9] == "–" and sparsity["sae_multimodal"][9] == "40.0"  # image SAE: no modality score
+    assert [row[:2] for row in table(tables, "sae").rows] == [["sae", "0.117"], ["sae_multimodal", "0.200"],
+                                                             ["sae_residual", "0.310"]]
+    assert table(tables, "sae").rows[2][5] == "78000"
     assert table(tables, "training").rows[1][:3] == ["sparse", "1.250", "40.0"]  # the last step, not the old run
     assert table(tables, "atlas").rows == [["dense", "16.7", "12.6", "–", "–", "–", "–"],
                                            ["sparse", "32.5", "12.6", "–", "–", "–", "–"]]
@@ -146,11 +153,13 @@ def test_report_files_and_the_report_stage_run(pipeline_runs, workdir):
 
 def test_metrics_files_as_dvc_exp_show_reports_them():
     files = {"metrics/sparse.json": METRICS["sparse"], "metrics/train/sparse.json": {"variant": "sparse", "train.loss": 2.6},
-             "metrics/sae.json": {"image.l0": 22.5}, "metrics/sample.json": {"records_written": 4000},
+             "metrics/sae.json": {"image.l0": 22.5, "multimodal": {"image": {"l0": 25.0}}},
+             "metrics/sample.json": {"records_written": 4000},
              "metrics/atlas.json": {"sparse": {"pointing": {"accuracy": 0.325}}},
              "metrics/vlm.json": {"sparse": {"colour.exact": 0.59}}, "metrics/steering.json": {"baseline.sim_true": 0.85}}
     models = {m.name: m for m in models_from_metric_files(files, "exp-1")}
-    assert set(models) == {"sparse", "sae"}
+    assert set(models) == {"sparse", "sae", "sae_multimodal"}
+    assert models["sae_multimodal"].value("metrics", "image.l0") == 25.0
     sparse = models["sparse"]
     assert sparse.label == "exp-1 / sparse" and sparse.value("train", "train.loss") == 2.6
     assert sparse.value("atlas", "pointing.accuracy") == 0.325 and sparse.value("vlm", "qa.colour.exact") == 0.59

@@ -27,6 +27,7 @@ CURVE_PREFIXES = ("train/l0_image_pct", "train/l0_text_pct", "train/loss", "trai
                   "train/logit_scale", "zeroshot/", "val/")
 SKIPPED_STAGES = {"report", "sample", "vocab", "reference", "extract"}
 SAE = "sae"
+SAE_KINDS = ("multimodal", "residual")  # the SAE stage's other SAEs, keys <kind>.*
 
 
 @dataclass
@@ -108,8 +109,15 @@ def _split_by_model(stage: str, variant: str, metrics: Mapping[str, float]) -> d
             name, _, rest = key.partition(".")
             per_model.setdefault(name, {})[rest] = value
         return per_model
-    if stage == "sae":
-        return {SAE: dict(metrics)}
+    if stage == "sae":  # the image SAE at the top level, the other SAEs under their name
+        per_model = {SAE: {}}
+        for key, value in metrics.items():
+            name, _, rest = key.partition(".")
+            if name in SAE_KINDS:
+                per_model.setdefault(f"{SAE}_{name}", {})[rest] = value
+            else:
+                per_model[SAE][key] = value
+        return per_model
     if stage == "train":
         return {variant: {k.replace("/", "."): v for k, v in metrics.items()}}
     return {variant: dict(metrics)} if variant else {}
@@ -145,7 +153,8 @@ def models_from_metric_files(files: Mapping[str, Mapping], source: str, steer_va
         if parts[:2] == ("metrics", "train") and len(parts) == 3:
             add(parts[2], "train", metrics)
         elif parts == ("metrics", "sae"):
-            add(SAE, "sae", metrics)
+            for name, numbers in _split_by_model("sae", "", flatten(metrics)).items():
+                add(name, "sae", numbers)
         elif parts == ("metrics", "atlas"):
             for name, numbers in _split_by_model("atlas", "", flatten(metrics)).items():
                 add(name, "atlas", numbers)

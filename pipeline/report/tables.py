@@ -93,20 +93,26 @@ def sparsity(models: list[Model]) -> Table:
                         "against the dataset baseline, on the reference stage's encoder (`reference.encoder`; the "
                         "embedded default is ImageNet EfficientNet-lite0, where the paper uses OpenAI CLIP): compare "
                         "Clarity across the rows of one report, not with the paper's values; multimodal: modality "
-                        "score in [0.1, 0.9] on unit-norm activations.", columns, models)
+                        "score in [0.1, 0.9] on unit-norm activations (the image SAE saw images only: single-modal by "
+                        "construction, not scored; sae_multimodal is trained on images and captions).", columns, models)
 
 
 def sae(models: list[Model]) -> Table:
     columns = [Column("FVU", "sae", "reconstruction.all.fvu", "num"), Column("cosine", "sae", "reconstruction.all.cosine", "num"),
                Column("L0", "sae", "reconstruction.all.l0", "num1"), Column("dead %", "sae", "reconstruction.all.dead_fraction"),
+               Column("rows", "sae", "reconstruction.all.n", "int"),
                Column("outlier FVU", "sae", "reconstruction.outlier.fvu", "num"),
-               Column("outlier cosine", "sae", "reconstruction.outlier.cosine", "num")]
+               Column("outlier cosine", "sae", "reconstruction.outlier.cosine", "num"),
+               Column("outlier L0", "sae", "reconstruction.outlier.l0", "num1"),
+               Column("outlier rows", "sae", "reconstruction.outlier.n", "int")]
     for task in _keys(models, "sae", r"zeroshot_reconstruction\.(\w+)\.dense\.top1"):
         columns += [Column(f"{task} top-1 dense", "sae", f"zeroshot_reconstruction.{task}.dense.top1"),
                     Column(f"{task} top-1 via SAE", "sae", f"zeroshot_reconstruction.{task}.sae_reconstruction.top1")]
-    return metric_table("sae", "Post-hoc SAE baseline", "Reconstruction of the dense model's image embeddings "
-                        "(all rows and high-norm outliers), and zero-shot accuracy (%) when the embeddings are "
-                        "replaced by their SAE reconstruction.", columns, models)
+    return metric_table("sae", "Post-hoc SAE baselines", "Reconstruction (all rows and high-norm outliers, the SAE "
+                        "supplementary's Table 6) by each SAE of the dense model: sae of its image embeddings, "
+                        "sae_multimodal of its image and caption embeddings, sae_residual of every residual token "
+                        "of the vision tower at `sae.residual_layer`; zero-shot accuracy (%) when the image "
+                        "embeddings are replaced by their SAE reconstruction.", columns, models)
 
 
 def training(models: list[Model]) -> Table:

@@ -1,0 +1,98 @@
+"""Every DVC stage depends on all the code it runs.
+
+A stage whose command imports a module that is not among its ``deps`` is not rerun when that
+module changes, and ``dvc repro`` then reports stale numbers as current. This walks the imports of
+each stage's entry point (every ``import`` statement, function-level ones included, within
+``pipeline/`` and ``stages/``) and checks that each file reached is covered by a dep of that
+stage (the file itself or a folder above it).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO
+
+PIPELINES = ("dvc.yaml", "ablation/dvc.yaml")
+PACKAGES = ("pipeline", "stages")
+
+
+def module_file(name: str) -> Path | None:
+    """The repo file of a dotted module name under PACKAGES (a module or a package's __init__)."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    base = REPO.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_files(path: Path) -> set[Path]:
+    """Repo files that ``path`` imports directly, with the packages each import passes through."""
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1] if path.name != "__init__.py"
+                       else path.relative_to(REPO).parts[:-1])
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            names.append(base)
+            names += [f"{base}.{alias.name}" for alias in node.names]  # `from pkg import submodule`
+    found = set()
+    for name in names:
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__ and a/b/__init__ first
+            if file := module_file(".".join(parts[:i])):
+                found.add(file)
+    return found
+
+
+def import_closure(entry: Path) -> set[Path]:
+    seen, todo = set(), [entry]
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo += imported_files(path) - seen
+    return seen
+
+
+def stages() -> list[tuple[str, str, list[str]]]:
+    """(pipeline file, stage name, code deps) of every stage whose command runs a module of ours."""
+    found = []
+    for pipeline in PIPELINES:
+        root = (REPO / pipeline).parent
+        for name, stage in yaml.safe_load((REPO / pipeline).read_text())["stages"].items():
+            body = stage.get("do", stage)
+            command = re.search(r"python -m ([\w.]+)", body["cmd"])
+            deps = [str((root / d).resolve().relative_to(REPO)) for d in body.get("deps", []) if "${" not in d]
+            found.append((pipeline, name, command.group(1) if command else "", deps))
+    return found
+
+
+@pytest.mark.parametrize("pipeline,name,module,deps", stages(), ids=lambda v: v if isinstance(v, str) else "")
+def test_stage_deps_cover_every_module_its_command_imports(pipeline, name, module, deps):
+    entry = module_file(module)
+    assert entry is not None, f"{pipeline}: stage {name} runs {module!r}, which is not a module of this repo"
+    missing = sorted(
+        str(f.relative_to(REPO)) for f in import_closure(entry)
+        if not any(f.relative_to(REPO).as_posix() == d or f.relative_to(REPO).as_posix().startswith(d.rstrip("/") + "/")
+                   for d in deps)
+    )
+    assert not missing, f"{pipeline}: stage {name!r} imports files its deps do not cover: {missing}"
+
+
+def test_the_walk_follows_function_level_and_relative_imports():
+    closure = {str(p.relative_to(REPO)) for p in import_closure(REPO / "stages" / "sae.py")}
+    assert "pipeline/sae/model.py" in closure  # `from .model import ...` inside pipeline/sae/__init__.py
+    assert "pipeline/cluster.py" in closure  # imported inside run_sae_baseline, not at the top
