@@ -353,8 +353,6 @@ class SAEParams(Section):
                                        "tokens after this block (0-based; the SAE supplementary's setting); None: off")
     tokens_per_image: int = Field(4, ge=1, description="random patch tokens per training image (the supplementary: 4)")
     include_cls: bool = Field(True, description="add each training image's CLS token to its patch tokens")
-    token_epochs: int = Field(8, ge=1, description="epochs of the token SAE (it has 1 + tokens_per_image rows "
-                              "per image, so fewer epochs see as many rows as the embedding SAE)")
     outlier_quantile: float = Field(0.99, gt=0, lt=1, description="outlier rows: norm above this quantile of "
                                     "the evaluated rows' norms (the supplementary picks its tau from that distribution)")
     cache_data: bool = Field(True, description="read the training embeddings once (false: stream every epoch)")

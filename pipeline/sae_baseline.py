@@ -50,13 +50,15 @@ from pipeline.sparse_io import activation_table, sparse_rows, to_csr
 from pipeline.zeroshot import accuracy_from_scores, cosine_scores
 
 CODED_SETS = ("images", "texts", "vocab")
+EVAL_SPLIT = "test"  # the token SAE is measured on every token of these images
 
 
 def training_inputs(params: Params, model_dir: Path, out_dir: Path) -> dict[str, Path]:
     """Every SAE's inputs from the dense model, in one Ray Data run (resumable per set), as Parquet:
     ``train_inputs`` (image embeddings of ``sae.train_splits``), ``train_texts`` (their captions',
     for the multimodal SAE) and, with ``sae.residual_layer``, ``train_tokens`` (sampled residual
-    tokens) and ``eval_tokens`` (every residual token of the ``extract.splits`` images)."""
+    tokens) and ``eval_tokens`` (every residual token of the test images: 65 rows per image, so
+    the test split alone gives tens of thousands)."""
     cfg, data_dir = params.sae, Path(params.sample.out_dir).resolve()
     keys = {row["key"] for row in image_rows(data_dir, cfg.train_splits)}
     sets = {"train_inputs": image_set(data_dir, cfg.train_splits, keys)}
@@ -66,9 +68,9 @@ def training_inputs(params: Params, model_dir: Path, out_dir: Path) -> dict[str,
     if cfg.residual_layer is not None:
         residual = {"layer": cfg.residual_layer, "tokens_per_image": cfg.tokens_per_image,
                     "include_cls": cfg.include_cls, "seed": params.project.seed}
-        eval_keys = {row["key"] for row in image_rows(data_dir, params.extract.splits)}
+        eval_keys = {row["key"] for row in image_rows(data_dir, [EVAL_SPLIT])}
         sets["train_tokens"] = image_set(data_dir, cfg.train_splits, keys, kind="residual")
-        sets["eval_tokens"] = image_set(data_dir, params.extract.splits, eval_keys, kind="residual_all")
+        sets["eval_tokens"] = image_set(data_dir, [EVAL_SPLIT], eval_keys, kind="residual_all")
     fingerprint = f"{file_sha256(model_dir / 'model.pt')[:16]}-{params.section_hash('sae')}"
     write_sets("sae-inputs", sets, out_dir, fingerprint, {"model_dir": str(model_dir.resolve()), "residual": residual},
                params.extract, params.ray.task_cpus, actor=SparseEncoder)
@@ -187,10 +189,11 @@ def run_sae_baseline(params: Params, plot_dir: Path) -> tuple[dict[str, Any], di
     result["zeroshot_reconstruction"] = reconstruction_zero_shot(sae, source)
     result["source_width"] = source.width
 
+    same_steps = dataclasses.replace(config, steps=histories["image"][-1]["step"])  # as many rows seen
     if cfg.multimodal:
-        result["multimodal"], histories["multimodal"] = multimodal_sae(params, source, inputs, config, plot_dir)
+        result["multimodal"], histories["multimodal"] = multimodal_sae(params, source, inputs, same_steps, plot_dir)
     if cfg.residual_layer is not None:
-        result["residual"], histories["residual"] = residual_sae(params, model_dir, inputs, config)
+        result["residual"], histories["residual"] = residual_sae(params, model_dir, inputs, same_steps)
     return result, histories
 
 
@@ -214,14 +217,14 @@ def multimodal_sae(params: Params, source: ActivationSet, inputs: dict[str, Path
 
 def residual_sae(params: Params, model_dir: Path, inputs: dict[str, Path], config: SAETrainConfig
                  ) -> tuple[dict[str, Any], list[dict[str, float]]]:
-    """The supplementary's token SAE: trained on the sampled residual tokens, measured (its Table 6)
-    on every residual token of the evaluation images and on their high-norm outliers."""
+    """The supplementary's token SAE: trained on the sampled residual tokens (for ``config.steps``),
+    measured (its Table 6) on every residual token of the evaluation images and on their
+    high-norm outliers."""
     from pipeline.model import load_model
 
     cfg = params.sae
     d_in = load_model(model_dir).clip.visual.transformer.width
-    sae, history = train_sae(training_data(params, [inputs["train_tokens"]], d_in),
-                             dataclasses.replace(config, epochs=cfg.token_epochs))
+    sae, history = train_sae(training_data(params, [inputs["train_tokens"]], d_in), config)
     torch.save(sae.state_dict(), Path(cfg.out_dir) / "residual_sae.pt")
     tokens = read_dense([inputs["eval_tokens"]], d_in)
     result = {"layer": cfg.residual_layer, "d_in": d_in, "width": sae.width,

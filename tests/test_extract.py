@@ -131,7 +131,7 @@ def test_sae_baselines_on_the_dense_model(extracted, workdir):
         "vocab.out_dir": str(root / "vocab"), "sae.out_dir": str(workdir / "sae"),
         "sae.expansion": 4, "sae.k": 4, "sae.epochs": 5, "sae.batch_size": 32, "sae.aux_k": 8,
         "sae.train_splits": ["train"], "extract.actors": 2,
-        "sae.multimodal": True, "sae.residual_layer": 0, "sae.tokens_per_image": 3, "sae.token_epochs": 2,
+        "sae.multimodal": True, "sae.residual_layer": 0, "sae.tokens_per_image": 3,
     })
     result, histories = run_sae_baseline(params, workdir / "plots")
     assert result["width"] == 4 * models["dense"][1]["width"]
@@ -153,11 +153,12 @@ def test_sae_baselines_on_the_dense_model(extracted, workdir):
 
     residual = result["residual"]
     grid = (32 // 8) ** 2 + 1  # the micro ViT's tokens, CLS included
-    n_train, n_eval = (len(image_rows(root / "data", s)) for s in (["train"], params.extract.splits))
+    n_train, n_eval = (len(image_rows(root / "data", s)) for s in (["train"], ["test"]))
     assert residual["layer"] == 0 and residual["d_in"] == 32
     assert residual["train_rows"] == n_train * (3 + 1)  # 3 patches + CLS per training image
     assert residual["reconstruction"]["all.n"] == n_eval * grid and residual["reconstruction"]["outlier.n"] >= 1
     assert 0 <= residual["reconstruction"]["all.fvu"] < 1.5
+    assert histories["multimodal"][-1]["step"] == histories["residual"][-1]["step"] == history[-1]["step"]
     curves = training_curves(histories)
     assert {"fvu", "multimodal.fvu", "residual.fvu"} <= set().union(*curves.values())
 
@@ -190,7 +191,7 @@ def test_residual_rows_are_the_blocks_output_at_a_per_key_draw_of_tokens(tmp_pat
     save_model(model.eval(), tmp_path / "dense")
     images = torch.randn(2, 3, 32, 32)
     hooked = {}
-    model.clip.visual.transformer.resblocks[0].register_forward_hook(lambda m, i, o: hooked.setdefault("x", o))
+    model.clip.visual.transformer.resblocks[0].register_forward_hook(lambda m, i, o: hooked.__setitem__("x", o))
     model.encode_image(images)
     torch.testing.assert_close(model.residual_tokens(images, 0), hooked["x"])
     with pytest.raises(ValueError, match="residual_layer=2"):
