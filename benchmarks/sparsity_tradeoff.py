@@ -3,7 +3,7 @@
 The embedded run's targets pull against each other: the knobs that make the wide heads sparse in
 ~340 CPU steps (a negative head-bias start, a faster head, a lower logit-scale cap) also leave
 features that never fire. This trains each setting with the pipeline's own recipe
-(:func:`pipeline.train.train_in_process`: the Ray Train step, in one process) on the sampled
+(:func:`pipeline.clip.train.train_in_process`: the Ray Train step, in one process) on the sampled
 embedded data for the same steps and batch as ``params.yaml``'s ``train`` section, and measures on
 the test split what the metrics stage reports: L0 (% of the width), the dead fraction (features
 that fire on no test image / caption), colour zero-shot top-1 and val retrieval R@5.
@@ -54,9 +54,9 @@ def measure(name: str, overrides: dict, params_path: str, arrays: dict, val: dic
     metrics stage counts them (:func:`pipeline.metrics.sparsity_summary`)."""
     import torch
 
+    from pipeline.clip.train import train_in_process
     from pipeline.config import load_params
     from pipeline.metrics import sparsity_summary
-    from pipeline.train import train_in_process
 
     overrides = dict(overrides)
     variant = overrides.pop("variant", "sparse")
@@ -117,10 +117,10 @@ def _fmt(value: float | None, spec: str) -> str:
 def main() -> None:
     import torch
 
+    from pipeline.clip.model import build_model
+    from pipeline.clip.train import load_val
     from pipeline.config import load_params
     from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
-    from pipeline.model import build_model
-    from pipeline.train import load_val
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml")

@@ -1,7 +1,7 @@
 """A full training step on a GPU: dense CLIP vs Sparse CLIP at x72 and x128, side by side.
 
 ViT-B-32 and ViT-L-14 (open_clip configs, random init, through
-:func:`pipeline.model.build_model`), bf16 autocast, AdamW, the project's objective with
+:func:`pipeline.clip.model.build_model`), bf16 autocast, AdamW, the project's objective with
 either contrastive loss. Every configuration runs the same number of timed steps on the
 same synthetic batch in its own subprocess, so its peak (``torch.cuda.max_memory_allocated``)
 is its own and an out-of-memory error only marks that row "does not fit".
@@ -41,10 +41,10 @@ def measure(arch: str, expansion: int, loss: str, args) -> dict:
     import torch
 
     from benchmarks.simulated import SimulatedContrastive, generation_ms, other_blocks
+    from pipeline.clip.loss import SparseClipObjective
+    from pipeline.clip.model import build_model
+    from pipeline.clip.train import make_optimizer
     from pipeline.config import ModelParams, OptimParams
-    from pipeline.loss import SparseClipObjective
-    from pipeline.model import build_model
-    from pipeline.train import make_optimizer
 
     cuda = args.device == "cuda"
     workers = args.global_batch // args.batch

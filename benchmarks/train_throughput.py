@@ -28,10 +28,10 @@ def measure(arch: str | None, expansion: int, batch: int, steps: int, warmup: in
     """Time ``steps`` optimiser steps of one configuration (run inside a fresh subprocess)."""
     import torch
 
+    from pipeline.clip.loss import SparseClipObjective
+    from pipeline.clip.model import build_model
+    from pipeline.clip.train import make_optimizer
     from pipeline.config import ModelParams, OptimParams
-    from pipeline.loss import SparseClipObjective
-    from pipeline.model import build_model
-    from pipeline.train import make_optimizer
 
     params = ModelParams(arch=arch, expansion=expansion, activation="none" if expansion == 0 else "relu",
                          logit_scale_cap=50)

@@ -125,7 +125,7 @@ TINY_CLIP = {
 
 
 class ModelParams(Section):
-    """The Sparse CLIP architecture (:mod:`pipeline.model`); variants override any of these."""
+    """The Sparse CLIP architecture (:mod:`pipeline.clip.model`); variants override any of these."""
 
     arch: str | None = Field(None, description="open_clip config name (ViT-B-32, ViT-L-14); None: inline")
     inline: dict[str, Any] = Field(default_factory=lambda: json.loads(json.dumps(TINY_CLIP)))
@@ -232,7 +232,7 @@ class TrainParams(Section):
     grad_checkpointing: bool = False
     loss: Literal["clip", "tiled"] = Field(
         "clip", description="clip: open_clip's ClipLoss (gathers every embedding); tiled: the exact ring-tiled "
-        "loss whose memory does not grow with global batch x width (pipeline/loss.py)")
+        "loss whose memory does not grow with global batch x width (pipeline/clip/loss.py)")
     sparse_transport_density: float | None = Field(
         None, gt=0, le=1, description="tiled: send embedding blocks as (index, value) pairs below this density")
     cache_data: bool = Field(True, description="each worker decodes its slice of the train split once, in its "
@@ -451,7 +451,7 @@ class ReportParams(Section):
 
 
 class AblationParams(Section):
-    """The paper's small-scale ablation (Fig 2a-c, :mod:`pipeline.ablation`): many short in-process
+    """The paper's small-scale ablation (Fig 2a-c, :mod:`pipeline.clip.ablation`): many short in-process
     trainings of the base ``train.model`` / ``train.optim``, each panel varying one choice."""
 
     steps: int = Field(300, ge=1, description="training steps per point")

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.ablation import flat_metrics, plot_panels, run_ablation, summarise, trend_checks
 from pipeline.cli import run_stage, stage_parser
+from pipeline.clip.ablation import (
+    flat_metrics,
+    plot_panels,
+    run_ablation,
+    summarise,
+    trend_checks,
+)
 from pipeline.config import load_params
 from pipeline.io import write_json
 from pipeline.tracking import stage_run

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
-from pipeline.evaluate import evaluate
 from pipeline.io import write_json
+from pipeline.metrics.evaluate import evaluate
 from pipeline.tracking import flatten, stage_run
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
 from pipeline.io import write_json
-from pipeline.sae_baseline import plot_training, run_sae_baseline, training_curves
+from pipeline.sae.baseline import plot_training, run_sae_baseline, training_curves
 from pipeline.tracking import flatten, stage_run
 
 PLOTS = Path("plots/sae")

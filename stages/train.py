@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.cli import run_stage, stage_parser
+from pipeline.clip.model import clip_config
+from pipeline.clip.train import run_training
 from pipeline.config import load_params
 from pipeline.io import write_json
-from pipeline.model import clip_config
 from pipeline.plots import plot_curves, write_curve_csv
 from pipeline.tracking import metric_curves, stage_run, tracking_uri
-from pipeline.train import run_training
 
 PANELS = [
     ["train/loss", "train/contrastive_loss"],

@@ -78,13 +78,13 @@ def extracted(tmp_path_factory, ray_local):
     import pyarrow.parquet as pq
     import torch
 
+    from pipeline.activations.extract import run_extraction
+    from pipeline.activations.reference import run_reference
+    from pipeline.clip.model import build_model, save_model
     from pipeline.config import ExtractParams, RayParams, ReferenceParams, load_params
     from pipeline.data.concepts import concept_words
     from pipeline.data.sampling import run_sample
     from pipeline.data.shards import read_split
-    from pipeline.extract import run_extraction
-    from pipeline.model import build_model, save_model
-    from pipeline.reference import run_reference
     from pipeline.vocab import merge
 
     from .test_model_loss import MICRO

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.ablation import grid, point_model, summarise, trend_checks
+from pipeline.clip.ablation import grid, point_model, summarise, trend_checks
 from pipeline.config import AblationParams, ModelParams
 from pipeline.report.ablation import fetch_ablation
 from pipeline.tracking import tracking_uri
@@ -117,7 +117,7 @@ def test_gpu_ablation_is_one_override_file_away():
 
 
 def test_accuracy_falls_back_to_retrieval_without_zero_shot_tasks():
-    from pipeline.ablation import final_values
+    from pipeline.clip.ablation import final_values
 
     assert final_values({5: {"zeroshot/a/top1": 0.2, "zeroshot/b/top1": 0.4, "val/x_r5": 0.9}})["accuracy"] == \
         pytest.approx(0.3)

@@ -20,9 +20,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray.exceptions import AuthenticationError
 
+from pipeline.clip.model import clip_config
 from pipeline.config import ParamsError, load_params
 from pipeline.job import apply_overrides, materialise, ray_excludes, read_override
-from pipeline.model import clip_config
 from pipeline.submit import build_job, client, ray_job_submit_command
 
 from .conftest import REPO
@@ -261,9 +261,9 @@ def test_trainings_the_cluster_cannot_hold_fail_at_once_naming_what_is_missing(r
     """use_gpu on a machine without a GPU used to wait forever in Ray Train's start-up loop."""
     import time
 
+    from pipeline.clip.train import run_training
     from pipeline.cluster import require_resources, worker_resources
     from pipeline.config import load_params
-    from pipeline.train import run_training
 
     from .conftest import REPO
 

@@ -71,9 +71,9 @@ def stages() -> list[tuple[str, str, list[str]]]:
     """(pipeline file, stage name, code deps) of every stage whose command runs a module of ours."""
     found = []
     for pipeline in PIPELINES:
-        root = (REPO / pipeline).parent
         for name, stage in yaml.safe_load((REPO / pipeline).read_text())["stages"].items():
             body = stage.get("do", stage)
+            root = ((REPO / pipeline).parent / body.get("wdir", ".")).resolve()  # deps are relative to wdir
             command = re.search(r"python -m ([\w.]+)", body["cmd"])
             deps = [str((root / d).resolve().relative_to(REPO)) for d in body.get("deps", []) if "${" not in d]
             found.append((pipeline, name, command.group(1) if command else "", deps))

@@ -7,6 +7,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipeline.activations.extract import run_extraction
+from pipeline.activations.sparse_io import (
+    activation_table,
+    read_activations,
+    sparse_rows,
+    to_csr,
+)
 from pipeline.config import (
     ExtractParams,
     MetricsParams,
@@ -16,9 +23,7 @@ from pipeline.config import (
 from pipeline.data.concepts import concept_words
 from pipeline.data.loading import ClipBatchPreprocessor
 from pipeline.data.shards import read_split
-from pipeline.evaluate import evaluate
-from pipeline.extract import run_extraction
-from pipeline.sparse_io import activation_table, read_activations, sparse_rows, to_csr
+from pipeline.metrics.evaluate import evaluate
 from pipeline.vocab import build_vocabulary, merge
 
 from .conftest import REPO
@@ -122,7 +127,12 @@ def test_sae_baselines_on_the_dense_model(extracted, workdir):
     measured by the same metric code as the sparse models: the image SAE without a modality score
     (it saw images only), the multimodal SAE with one, the residual-token SAE on every token."""
     from pipeline.activations.inputs import image_rows
-    from pipeline.sae_baseline import read_dense, run_sae_baseline, stream_dense, training_curves
+    from pipeline.sae.baseline import (
+        read_dense,
+        run_sae_baseline,
+        stream_dense,
+        training_curves,
+    )
 
     root, _, models = extracted
     params = load_params(REPO / "params.yaml", overrides={
@@ -178,9 +188,9 @@ def test_residual_rows_are_the_blocks_output_at_a_per_key_draw_of_tokens(tmp_pat
 
     from PIL import Image
 
+    from pipeline.activations.extract import SparseEncoder
     from pipeline.activations.inputs import INPUT_COLUMNS, TAGS
-    from pipeline.extract import SparseEncoder
-    from pipeline.model import build_model, save_model
+    from pipeline.clip.model import build_model, save_model
 
     from .test_model_loss import MICRO
 
@@ -226,7 +236,7 @@ def test_topk_cuts_of_labels_and_of_images_against_brute_force():
     or each image's, scored by cosine similarity; checked against dense numpy."""
     import scipy.sparse as sp
 
-    from pipeline.evaluate import topk_cut_scores
+    from pipeline.metrics.evaluate import topk_cut_scores
 
     rng = np.random.default_rng(0)
     images = np.maximum(rng.normal(size=(20, 12)), 0)

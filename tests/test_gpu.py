@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from pipeline.model import load_model
-from pipeline.train import run_training
+from pipeline.clip.model import load_model
+from pipeline.clip.train import run_training
 
 from .test_tiled_loss import check_simulated_worker
 from .tiny import sampled_tiny_params

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
+from pipeline.clip.loss import SparseClipObjective
+from pipeline.clip.model import build_model
+from pipeline.clip.train import RecipeStep, lr_at, make_optimizer, param_groups
 from pipeline.config import ModelParams, OptimParams, load_params
-from pipeline.loss import SparseClipObjective
-from pipeline.model import build_model
-from pipeline.train import RecipeStep, lr_at, make_optimizer, param_groups
 
 from .test_model_loss import batch, micro
 
@@ -31,7 +31,7 @@ def train(model_params, optim: OptimParams, steps: int = 4, seed: int = 0):
 
 
 def open_clip_reference(model_params, optim: OptimParams, steps: int = 4, seed: int = 0, fused: bool = True):
-    """open_clip_train's main.py optimiser and train.py step, independent of pipeline.train. The
+    """open_clip_train's main.py optimiser and train.py step, independent of pipeline.clip.train. The
     pipeline runs torch's fused AdamW (open_clip's default is for-each): ``fused=False`` is
     open_clip exactly, equal to the fused update to rounding."""
     torch.manual_seed(seed)
@@ -145,7 +145,7 @@ def test_knobs_are_validated_params(tmp_path):
 def test_topk_with_a_negative_bias_start_is_refused_and_the_ablation_starts_it_at_torch_init():
     """ReLU(TopK) of pre-activations that all start below 0 is all-zero with zero gradient: such a
     head never trains."""
-    from pipeline.ablation import Point, point_model
+    from pipeline.clip.ablation import Point, point_model
 
     model = build_model(micro(expansion=4, head_bias_init=-50.0))
     model.image_head.activation = build_model(micro(expansion=4, activation="topk", topk=2)).image_head.activation

@@ -12,9 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from open_clip.loss import ClipLoss
 
+from pipeline.clip.loss import SparseClipObjective
+from pipeline.clip.model import TopK, build_model, load_model, save_model
 from pipeline.config import ModelParams
-from pipeline.loss import SparseClipObjective
-from pipeline.model import TopK, build_model, load_model, save_model
 
 MICRO = {
     "embed_dim": 16,

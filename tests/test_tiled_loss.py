@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from benchmarks import simulated
-from pipeline.loss import SparseClipObjective, TiledClipLoss, tiled_clip_loss
-from pipeline.model import build_model
+from pipeline.clip.loss import SparseClipObjective, TiledClipLoss, tiled_clip_loss
+from pipeline.clip.model import build_model
 from tests.test_model_loss import batch, micro
 
 WIDTH = 32

@@ -8,7 +8,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_params
-from pipeline.tracking import LINEAGE_FILE, SMALL_ARTIFACT_BYTES, stage_run, tracking_uri
+from pipeline.tracking import (
+    LINEAGE_FILE,
+    SMALL_ARTIFACT_BYTES,
+    stage_run,
+    tracking_uri,
+)
 
 from .conftest import REPO
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.model import load_model
+from pipeline.clip.model import load_model
+from pipeline.clip.train import evolution_steps, lr_at, run_training
 from pipeline.tracking import stage_run, tracking_uri
-from pipeline.train import evolution_steps, lr_at, run_training
 
 from .tiny import sampled_tiny_params
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.clip.model import build_model
 from pipeline.config import VLMParams
 from pipeline.data.generator import render_record
 from pipeline.data.loading import ClipBatchPreprocessor
-from pipeline.model import build_model
 from pipeline.vlm.language_model import load_language_model, prepare_language_model
 from pipeline.vlm.model import FeatureEdit, VisionLanguageModel, edit_features
 from pipeline.vlm.questions import (
@@ -254,9 +254,9 @@ def test_on_embedded_data_the_vlm_answers_above_chance_and_named_boosts_beat_ran
     paired sign test, p < 0.001. Measured here: subject 9 of 96 right against 1.7 by chance
     (p = 5e-5); the boosted colour on 23 of 96 images against 5 with random edits (18 images flip
     only under the named edit, none only under the random one: p = 4e-6)."""
+    from pipeline.clip.train import run_training
     from pipeline.config import RayParams, load_params
     from pipeline.data.sampling import run_sample
-    from pipeline.train import run_training
     from pipeline.vlm.evaluate import answer_all, qa_metrics
     from pipeline.vlm.steering import steering_evaluation
     from pipeline.vlm.train import build_vlm, qa_examples

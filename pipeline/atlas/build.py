@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline import metrics as M
+from pipeline.activations.sparse_io import evolution_set
 from pipeline.atlas import figures, site
 from pipeline.atlas.evolution import evolution_summary, evolution_table
 from pipeline.atlas.localisation import (
@@ -39,8 +40,7 @@ from pipeline.atlas.naming import features_for_word, name_features, top_per_feat
 from pipeline.config import Params
 from pipeline.data.concepts import COLOURS, SHAPES, SYNONYMS, concept_ids
 from pipeline.data.shards import caption_rows, read_split
-from pipeline.evaluate import ActivationSet, aligned_reference
-from pipeline.sparse_io import evolution_set
+from pipeline.metrics.evaluate import ActivationSet, aligned_reference
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The Fig 2 ablation in the report: the latest FINISHED ``ablation`` run's panels and points.
 
-The sweep (:mod:`pipeline.ablation`) is one run of its own, not a model, so it is not a row of the
+The sweep (:mod:`pipeline.clip.ablation`) is one run of its own, not a model, so it is not a row of the
 model tables: its figures are fetched from the run's artifacts and its seed means become one table
 (panel, line, x: L0 of the image and text embeddings, accuracy, dead features), followed by the
 plain yes/no of each of the paper's observations.

@@ -29,7 +29,14 @@ whose L2 norm exceeds tau (the supplementary's per-model threshold, or a norm qu
 """
 
 from .dead import auxk_loss, dead_mask, resample_dead, update_firing
-from .metrics import cosine_similarity, dead_fraction, fvu, l0, outlier_mask, reconstruction_report
+from .metrics import (
+    cosine_similarity,
+    dead_fraction,
+    fvu,
+    l0,
+    outlier_mask,
+    reconstruction_report,
+)
 from .model import KINDS, SparseAutoencoder, geometric_median
 from .synthetic import atom_recovery, sparse_dictionary_data
 from .train import SAETrainConfig, train_sae, train_step

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.model import SparseCLIP
+from pipeline.clip.model import SparseCLIP
 
 IGNORE = -100
 USER, ASSISTANT, END = "<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_end|>"

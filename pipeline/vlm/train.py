@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from pipeline.clip.model import load_model
 from pipeline.config import Params, VLMParams
 from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
-from pipeline.model import load_model
 from pipeline.vlm.language_model import load_language_model, prepare_language_model
 from pipeline.vlm.model import VisionLanguageModel
 from pipeline.vlm.questions import qa_from_jsonl, qa_from_truth
@@ -65,7 +65,7 @@ def train_vlm_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.train import MetricSink
+    from pipeline.clip.train import MetricSink
 
     cfg = VLMParams.model_validate(config["vlm"])
     torch.set_num_threads(cfg.threads_per_worker)
@@ -137,8 +137,8 @@ def run_vlm_training(params: Params, variant: str, *, run_id: str | None = None,
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pipeline.clip.train import _storage_path
     from pipeline.cluster import connect, require_resources, worker_resources
-    from pipeline.train import _storage_path
 
     cfg = params.vlm
     lm_dir = prepare_language_model(cfg.language_model, cfg.lm_cache)

@@ -1,7 +1,7 @@
 """The paper's quantitative evaluation of one model, from its extracted activations.
 
 Everything is computed from the Parquet sets the extract stage wrote, with the plain functions
-of :mod:`pipeline.metrics` and :mod:`pipeline.zeroshot`, so a dense baseline, a Sparse CLIP
+of :mod:`pipeline.metrics` and :mod:`pipeline.clip.zeroshot`, so a dense baseline, a Sparse CLIP
 variant and (later) an SAE are measured by the same code:
 
 - sparsity (Tab 3a): L0 of images and texts, active features, dead features, density;
@@ -25,17 +25,17 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from pipeline import metrics as M
+from pipeline.activations.sparse_io import read_activations, read_reference
+from pipeline.clip.zeroshot import (
+    accuracy_from_scores,
+    classifier_from_prompts,
+    cosine_scores,
+)
 from pipeline.config import MetricsParams
 from pipeline.data.concepts import concept_ids
 from pipeline.data.evalsets import zero_shot_label
 from pipeline.metrics._arrays import unit_sparse_rows
 from pipeline.plots import panel_row, plot_curves, save_figure
-from pipeline.sparse_io import read_activations, read_reference
-from pipeline.zeroshot import (
-    accuracy_from_scores,
-    classifier_from_prompts,
-    cosine_scores,
-)
 
 
 class ActivationSet:

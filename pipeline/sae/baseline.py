@@ -4,7 +4,7 @@ Three SAEs on the dense baseline, all with the SAE supplementary's recipe (Batch
 
 * **image** (the Prisma setting): the final image embeddings of the training split. Its codes of
   the extracted images, captions and vocabulary are written in the same sparse layout as a Sparse
-  CLIP variant's, so :func:`pipeline.evaluate.evaluate` measures Clarity, L0, active features and
+  CLIP variant's, so :func:`pipeline.metrics.evaluate.evaluate` measures Clarity, L0, active features and
   concept recovery with the same code. It never saw text, so it is image-only by construction:
   its modality is not scored (on captions it would only measure how it misreads them).
 * **multimodal** (Papadimitriou et al., whom the paper contrasts in §3.1): image and caption
@@ -32,22 +32,22 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.activations.extract import SparseEncoder
 from pipeline.activations.inputs import image_rows, image_set, text_set
 from pipeline.activations.pool import write_sets
+from pipeline.activations.sparse_io import activation_table, sparse_rows, to_csr
+from pipeline.clip.zeroshot import accuracy_from_scores, cosine_scores
 from pipeline.config import Params
 from pipeline.data.evalsets import zero_shot_label
 from pipeline.data.shards import caption_rows
-from pipeline.evaluate import ActivationSet, evaluate
-from pipeline.extract import SparseEncoder
 from pipeline.io import file_sha256, write_json
+from pipeline.metrics.evaluate import ActivationSet, evaluate
 from pipeline.sae import (
     SAETrainConfig,
     SparseAutoencoder,
     reconstruction_report,
     train_sae,
 )
-from pipeline.sparse_io import activation_table, sparse_rows, to_csr
-from pipeline.zeroshot import accuracy_from_scores, cosine_scores
 
 CODED_SETS = ("images", "texts", "vocab")
 EVAL_SPLIT = "test"  # the token SAE is measured on every token of these images
@@ -220,7 +220,7 @@ def residual_sae(params: Params, model_dir: Path, inputs: dict[str, Path], confi
     """The supplementary's token SAE: trained on the sampled residual tokens (for ``config.steps``),
     measured (its Table 6) on every residual token of the evaluation images and on their
     high-norm outliers."""
-    from pipeline.model import load_model
+    from pipeline.clip.model import load_model
 
     cfg = params.sae
     d_in = load_model(model_dir).clip.visual.transformer.width

@@ -36,14 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.clip.loss import SparseClipObjective
+from pipeline.clip.model import SparseCLIP, build_model, save_model
+from pipeline.clip.zeroshot import class_embeddings, topk_accuracy
 from pipeline.config import ModelParams, OptimParams, Params, TrainParams
 from pipeline.data.evalsets import load_zero_shot_tasks, zero_shot_label
 from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
 from pipeline.io import write_json
-from pipeline.loss import SparseClipObjective
 from pipeline.metrics.retrieval import retrieval_recall
-from pipeline.model import SparseCLIP, build_model, save_model
-from pipeline.zeroshot import class_embeddings, topk_accuracy
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The paper's small-scale ablation (§2.2, Fig 2a-c) as one reproducible sweep.
 
 Each *point* is a short training of the base model (``train.model`` + ``train.optim``, the same
-recipe and code as the Ray Train stage: :func:`pipeline.train.train_in_process`) with one choice
+recipe and code as the Ray Train stage: :func:`pipeline.clip.train.train_in_process`) with one choice
 changed, once per seed:
 
 - **Fig 2a** (``expansion``): head width x {``expansions``} with ``relu`` and with ``none``. The paper:
@@ -94,7 +94,7 @@ def run_point(point: Point, base: ModelParams, train: TrainParams, params: Ablat
     """Train one point in this process; its curves and final values."""
     import torch
 
-    from pipeline.train import train_in_process
+    from pipeline.clip.train import train_in_process
 
     torch.set_num_threads(params.threads_per_task)
     device = torch.device("cuda" if params.use_gpu and torch.cuda.is_available() else "cpu")
@@ -127,10 +127,10 @@ def run_ablation(params: Params, data_dir: str | Path) -> list[dict[str, Any]]:
     import ray
     from tqdm import tqdm
 
+    from pipeline.clip.model import build_model
+    from pipeline.clip.train import load_val
     from pipeline.cluster import connect
     from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
-    from pipeline.model import build_model
-    from pipeline.train import load_val
 
     ablation = params.ablation
     points = grid(ablation)

@@ -5,7 +5,7 @@ activations of a sample of images, labelled folders, and the same inputs at ever
 snapshot of training) is an :class:`~pipeline.activations.inputs.InputSet`. All pending sets of a
 model go through one Ray Data run mapped by one pool of :class:`SparseEncoder` actors that each
 load the model (and its snapshots) once (``num_gpus`` per actor on a GPU cluster, fractional CPUs
-here), written as Parquet in the sparse layout of :mod:`pipeline.sparse_io`, partitioned by set
+here), written as Parquet in the sparse layout of :mod:`pipeline.activations.sparse_io`, partitioned by set
 and resumable per set (:mod:`pipeline.activations.pool`).
 """
 
@@ -34,13 +34,13 @@ from pipeline.activations.inputs import (
     text_set,
 )
 from pipeline.activations.pool import write_sets
+from pipeline.activations.sparse_io import activation_table, evolution_set, sparse_rows
+from pipeline.clip.model import load_model
 from pipeline.config import ExtractParams
 from pipeline.data.evalsets import load_zero_shot_tasks
 from pipeline.data.loading import ClipBatchPreprocessor
 from pipeline.data.shards import caption_rows
 from pipeline.io import file_sha256, write_json
-from pipeline.model import load_model
-from pipeline.sparse_io import activation_table, evolution_set, sparse_rows
 
 log = logging.getLogger(__name__)
 

@@ -42,8 +42,8 @@ from open_clip.loss import ClipLoss
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from pipeline.clip.model import l1_penalty
 from pipeline.config import ModelParams
-from pipeline.model import l1_penalty
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 LOSSES = ("clip", "tiled")
