@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -141,15 +142,23 @@ def stage_run(
     section_name: str | None = None,
     upstream: Iterable[str | Path] = (),
     lineage_dir: str | Path | None = None,
+    resume_key: str | None = None,
 ) -> Iterator[StageRun]:
     """Open an MLflow run for one stage execution, tagged and linked; close it FINISHED or FAILED.
 
     ``section`` is the params the stage read (logged as params); ``upstream`` the output folders
     of the stages it depends on, whose lineage files give the parent run ids; ``lineage_dir`` is
     where this run's own lineage file is written, for the stages downstream.
+
+    Runs of this stage and variant left RUNNING by a process that died (killed, or its machine
+    lost power: same host, pid gone) are closed as KILLED first, so no run stays RUNNING forever.
+    With ``resume_key`` (a training's identity: its params and data), the newest such orphan
+    with the same key is continued instead: the rerun logs into the killed run, whose metric
+    history the resumed training extends rather than repeats.
     """
     client = MlflowClient(tracking_uri())
     exp_id = experiment_id(client, params.project.experiment)
+    resumed = close_orphans(client, exp_id, stage, variant, resume_key)
     name = f"{stage}-{variant}" if variant else stage
     section_name = section_name or stage
     upstream_runs = {}
@@ -167,9 +176,16 @@ def stage_run(
         "upstream_run_ids": json.dumps(upstream_runs, sort_keys=True),
         **{f"upstream.{key}": run_id for key, run_id in upstream_runs.items()},
         **dvc_experiment_tags(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        **({"resume_key": resume_key} if resume_key else {}),
     }
-    run = client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
-    handle = StageRun(client, run.info.run_id, stage, variant)
+    if resumed:
+        handle = StageRun(client, resumed, stage, variant)
+        handle.set_tags({**tags, "resumed": "true"})
+    else:
+        run = client.create_run(exp_id, run_name=name, tags={k: str(v) for k, v in tags.items()})
+        handle = StageRun(client, run.info.run_id, stage, variant)
     if section is not None:
         handle.log_params(section)
     try:
@@ -180,6 +196,38 @@ def stage_run(
     if lineage_dir is not None:
         write_lineage(lineage_dir, handle, exp_id, upstream_runs)
     client.set_terminated(handle.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def close_orphans(client: MlflowClient, exp_id: str, stage: str, variant: str | None,
+                  resume_key: str | None = None) -> str | None:
+    """Close this stage's (and variant's) orphaned RUNNING runs as KILLED, except the newest whose
+    ``resume_key`` tag equals ``resume_key``, whose id is returned for the caller to continue.
+    An orphan ran on this host under a pid that no longer exists; a run still alive elsewhere
+    (another machine, a parallel ``dvc exp`` worker) is never touched."""
+    query = f"attributes.status = 'RUNNING' and tags.stage = '{stage}' and tags.variant = '{variant or ''}'"
+    orphans = [run for run in client.search_runs([exp_id], query, order_by=["attributes.start_time DESC"])
+               if _is_orphan(run.data.tags)]
+    keep = next((run.info.run_id for run in orphans
+                 if resume_key and run.data.tags.get("resume_key") == resume_key), None)
+    for run in orphans:
+        if run.info.run_id != keep:
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+    return keep
+
+
+def _is_orphan(tags: Mapping[str, str]) -> bool:
+    if tags.get("host") != socket.gethostname() or not tags.get("pid", "").isdigit():
+        return False
+    pid = int(tags["pid"])
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def dvc_experiment_tags() -> dict[str, str]:

@@ -90,6 +90,91 @@ def test_two_workers_train_resume_after_a_failure_and_log_each_step_once(tiny_pa
     assert not (workdir / "ray_results").exists() or not any((workdir / "ray_results").iterdir())
 
 
+def test_a_killed_train_stage_resumes_from_its_checkpoint_in_the_same_mlflow_run(workdir, ray_local):
+    """SIGKILL of the whole stage process (the driver, as a killed `dvc repro` does it) after a
+    checkpoint, then a rerun: the training resumes from that checkpoint under the same Ray run
+    name, logs into the killed MLflow run (each step once), and nothing stays RUNNING or on disk."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from .conftest import REPO
+
+    params = sampled_tiny_params(workdir, {"train.epochs": 12, "train.checkpoint_every": 2, "train.num_workers": 1,
+                                           "train.threads_per_worker": 1})
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "stages.train", "sparse", "--params", "params.yaml"]
+    with open(workdir / "first.log", "w") as out:
+        first = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    storage, deadline = workdir / "ray_results", time.time() + 300
+    while not any(storage.glob("sparse-*/checkpoint_*")):
+        assert first.poll() is None, (workdir / "first.log").read_text()[-3000:]
+        assert time.time() < deadline, "no checkpoint within 5 minutes"
+        time.sleep(0.2)
+    time.sleep(1.0)  # let it log a few more steps than the checkpoint holds
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+
+    client = MlflowClient(tracking_uri())
+    experiment = client.get_experiment_by_name(params.project.experiment).experiment_id
+    [killed] = client.search_runs([experiment], "attributes.status = 'RUNNING'")
+    second = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+
+    runs = client.search_runs([experiment], "tags.stage = 'train'")
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(killed.info.run_id, "FINISHED")]
+    assert int(runs[0].data.tags["resumed_from_step"]) >= 2
+    total = json.loads((workdir / "metrics" / "train" / "sparse.json").read_text())["total_steps"]
+    assert [s for s, _ in history(killed.info.run_id, "train/loss")] == list(range(1, total + 1))
+    assert not any(storage.iterdir()), "checkpoints left behind"
+
+
+def test_orphaned_runs_are_closed_and_a_matching_one_is_continued(workdir):
+    """Runs a dead process left RUNNING on this host are KILLED at the next start of that stage,
+    except the one with the same resume key, which the new execution continues; a run of a live
+    process (a parallel worker) is left alone."""
+    import subprocess
+    import sys
+
+    from mlflow.entities import RunStatus
+
+    from pipeline.config import load_params
+    from pipeline.tracking import close_orphans, experiment_id
+
+    from .conftest import REPO
+
+    params = load_params(REPO / "params.yaml")
+    client = MlflowClient(tracking_uri())
+    experiment = experiment_id(client, params.project.experiment)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+
+        def running(pid, key):
+            tags = {"stage": "train", "variant": "sparse", "host": socket.gethostname(), "pid": str(pid),
+                    "resume_key": key}
+            return client.create_run(experiment, tags=tags).info.run_id
+
+        old, matching, live = running(dead, "a"), running(dead, "b"), running(alive.pid, "b")
+        assert close_orphans(client, experiment, "train", "sparse", resume_key="b") == matching
+        status = {r: client.get_run(r).info.status for r in (old, matching, live)}
+        assert status == {old: RunStatus.to_string(RunStatus.KILLED), matching: "RUNNING", live: "RUNNING"}
+        with stage_run(params, "train", variant="sparse", resume_key="b") as run:
+            assert run.run_id == matching
+        assert client.get_run(matching).info.status == "FINISHED"
+        assert client.get_run(live).info.status == "RUNNING"
+    finally:
+        alive.kill()
+
+
 @pytest.mark.slow
 @pytest.mark.flickr
 def test_flickr_photos_train_by_params_override(workdir, ray_local, flickr_dir):

@@ -21,6 +21,7 @@ written again, so nothing logged is lost or duplicated.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ from pipeline.clip.zeroshot import class_embeddings, topk_accuracy
 from pipeline.config import ModelParams, OptimParams, Params, TrainParams
 from pipeline.data.evalsets import load_zero_shot_tasks, zero_shot_label
 from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
-from pipeline.io import write_json
+from pipeline.io import file_sha256, write_json
 from pipeline.metrics.retrieval import retrieval_recall
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,11 @@ class MetricSink:
             self.client, self.run_id = MlflowClient(tracking_uri), run_id
             history = self.client.get_metric_history(run_id, "train/loss")
             self.logged_up_to = max((m.step for m in history), default=-1)
+
+    def note_resume(self, step: int) -> None:
+        """Tag the run with the step training resumed from (a worker restart or a driver rerun)."""
+        if self.client is not None:
+            self.client.set_tag(self.run_id, "resumed_from_step", str(step))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None or step <= self.logged_up_to:
@@ -298,6 +304,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     progress = sink = None
     if rank == 0:
         sink = MetricSink(config.get("tracking_uri"), config.get("run_id"))
+        if step:
+            sink.note_resume(step)
         val = load_val(config["data_dir"], ClipBatchPreprocessor(model.image_size, model.context_length))
         progress = ProgressLog(model, train_params, total, val, device)
     epoch_batches = _batch_source(config["data_dir"], train_params, model, (rank, world),
@@ -408,7 +416,7 @@ def _restore(checkpoint, model: SparseCLIP, optimizer) -> int:
         model.load_state_dict(torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=True))
         state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
-    log.info("resumed from checkpoint at step %d", state["step"])
+    log.warning("resumed from checkpoint at step %d", state["step"])
     return int(state["step"])
 
 
@@ -423,9 +431,32 @@ class TrainOutcome:
     workers: list[dict[str, Any]]
 
 
+def training_section(params: Params, variant: str) -> dict[str, Any]:
+    """The params one variant's training reads: the ``train`` section with its model resolved."""
+    return {**params.train.model_dump(mode="json", exclude={"variants", "model"}),
+            "model": params.train.model_for(variant).model_dump(mode="json")}
+
+
+def training_identity(params: Params, variant: str) -> str:
+    """What makes two trainings the same run: the variant's training params, the seed and the
+    sampled data (its manifest lists every shard's sha256). Ray names the run after it, so a
+    rerun after the driver died (Ctrl-C, SIGKILL, a lost head node) finds the killed run's
+    checkpoints and resumes (Ray Train V2 restores a run from the same storage path and name)."""
+    manifest = Path(params.sample.out_dir) / "manifest.json"
+    payload = {"section": training_section(params, variant), "seed": params.project.seed,
+               "data": file_sha256(manifest) if manifest.is_file() else None}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_training(params: Params, variant: str, *, run_id: str | None = None, tracking_uri: str | None = None,
                  fail_once: dict[str, Any] | None = None) -> TrainOutcome:
-    """Train one variant on the sampled train split; write ``models/<variant>/`` and return it."""
+    """Train one variant on the sampled train split; write ``models/<variant>/`` and return it.
+
+    The Ray run is ``<variant>-<training_identity>``: a rerun of the same training resumes from
+    its last checkpoint. Checkpoints are deleted once the model is exported (unless
+    ``train.keep_ray_checkpoints``); a killed run's stay until its rerun, and those of a
+    variant's runs with other params or data (which nothing can resume any more) are deleted
+    when the variant next trains, on local storage."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -444,6 +475,9 @@ def run_training(params: Params, variant: str, *, run_id: str | None = None, tra
     require_resources("train", worker_resources(train_params.resources_per_worker, train_params.use_gpu),
                       train_params.num_workers, params.ray.wait_for_resources)
     storage = _storage_path(params.ray.storage_path)
+    name = f"{variant}-{training_identity(params, variant)}"
+    if "://" not in storage:
+        remove_abandoned_runs(Path(storage), variant, keep=name)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -457,7 +491,7 @@ def run_training(params: Params, variant: str, *, run_id: str | None = None, tra
             placement_strategy=train_params.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
-            name=f"{variant}-{run_id or int(time.time())}",
+            name=name,
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=train_params.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
@@ -502,6 +536,17 @@ def _export(result, model_dir: Path, total: int) -> TrainOutcome:
     workers = list(result.metrics.get("workers", []))
     write_json(model_dir / "workers.json", workers)
     return TrainOutcome(model_dir, total, dict(sorted(snapshots.items())), workers)
+
+
+def remove_abandoned_runs(storage: Path, variant: str, keep: str) -> list[Path]:
+    """Delete the Ray run folders of ``variant`` other than ``keep`` (runs with other params or
+    data, killed before they finished: their identity no longer matches, so nothing resumes them)."""
+    removed = [p for p in storage.glob(f"{variant}-*") if p.is_dir() and p.name != keep
+               and p.name.removeprefix(f"{variant}-").isalnum()]
+    for path in removed:
+        log.info("removing the checkpoints of an abandoned run: %s", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def _storage_path(path: str) -> str:
