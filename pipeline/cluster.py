@@ -86,6 +86,23 @@ def require_resources(what: str, per_worker: dict[str, float], workers: int, wai
                          "autoscaling cluster")
 
 
+def require_data_pool(what: str, actors: int, task_cpus: float, actor_gpus: float = 0.0) -> None:
+    """Fail before a Ray Data run whose actor pool leaves no CPU for the tasks that feed it: the
+    actors hold ``actors x task_cpus`` for the whole run, and the read and map tasks each need
+    ``task_cpus`` more; with nothing left, Ray Data reads 0 rows forever (``ray.num_cpus: 1`` with
+    two actors of 0.5 CPU did)."""
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if actors * task_cpus + task_cpus > cpus + 1e-9:
+        raise ValueError(f"{what}: {actors} actor(s) x ray.task_cpus {task_cpus:g} CPU + {task_cpus:g} for the tasks "
+                         f"that feed them needs {(actors + 1) * task_cpus:g} CPUs; the cluster has {cpus:g}. Lower "
+                         "extract.actors or ray.task_cpus, or raise ray.num_cpus")
+    if actor_gpus and actors * actor_gpus > gpus + 1e-9:
+        raise ValueError(f"{what}: {actors} actor(s) x extract.actor_gpus {actor_gpus:g} GPU needs "
+                         f"{actors * actor_gpus:g} GPUs; the cluster has {gpus:g}. Lower extract.actors or "
+                         "extract.actor_gpus (0: CPU actors)")
+
+
 # Ray Train's placement-group cleaner polls the State API every second; without a dashboard (the
 # local cluster starts none) every poll fails and logs a warning, hundreds per training. The
 # cleaner still does its job when the controller dies; only that line is silenced.

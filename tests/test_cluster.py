@@ -257,6 +257,20 @@ def test_shared_cluster_runs_a_command_whose_ray_stages_join_it(tmp_path):
     assert not Path(seen["tmp"]).exists()
 
 
+def test_a_data_pool_that_leaves_no_cpu_for_its_feeders_fails_at_once(ray_local, monkeypatch):
+    """ray.num_cpus: 1 with two 0.5-CPU actors read 0 rows for minutes: now one message naming
+    the params and the cluster's CPUs, before Ray Data starts."""
+    from pipeline import cluster
+
+    cluster.require_data_pool("extract", actors=2, task_cpus=0.5)  # 1.5 of the test cluster's 2 CPUs
+    monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {"CPU": 1.0})
+    with pytest.raises(ValueError, match=r"2 actor\(s\) x ray.task_cpus 0.5 CPU .* needs 1.5 CPUs; the cluster has 1"):
+        cluster.require_data_pool("extract", actors=2, task_cpus=0.5)
+    cluster.require_data_pool("extract", actors=1, task_cpus=0.5)
+    with pytest.raises(ValueError, match=r"extract.actor_gpus 1 GPU needs 1 GPUs; the cluster has 0"):
+        cluster.require_data_pool("extract", actors=1, task_cpus=0.5, actor_gpus=1.0)
+
+
 def test_trainings_the_cluster_cannot_hold_fail_at_once_naming_what_is_missing(ray_local, workdir):
     """use_gpu on a machine without a GPU used to wait forever in Ray Train's start-up loop."""
     import time

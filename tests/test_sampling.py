@@ -208,6 +208,42 @@ def ray_local_params():
 
 
 @pytest.mark.flickr
+def test_a_sample_with_an_empty_split_fails_and_keeps_the_previous_one(ray_local, tmp_path):
+    """Every image missing (or a split too small to get a record) is an error at the sample stage,
+    naming the split, not two minutes later in training; the sample already there stays."""
+    (tmp_path / "pairs.csv").write_text("image,caption\n" + "".join(f"gone{i}.jpg,a dog\n" for i in range(20)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the previous sample")
+    params = SampleParams(source=SourceParams(kind="csv", path=str(tmp_path / "pairs.csv")), out_dir=str(out))
+    with pytest.raises(ValueError, match=r"no record landed in the train, val, test split\(s\) \(0 written of 20.*image_missing"):
+        run_sample(params, ray_local_params())
+    assert (out / "keep.txt").read_text() == "the previous sample"
+
+
+def test_readers_take_the_manifests_shards_and_check_their_hashes(ray_local, tmp_path):
+    """A stale shard beside the sample, a truncated one: each an error naming the file."""
+    import shutil
+
+    from pipeline.data.shards import split_shards, verify_shards
+
+    out = tmp_path / "sample"
+    run_sample(SampleParams(source=SourceParams(generator={"num_records": 120}), shard_size=40, out_dir=str(out)),
+               ray_local_params())
+    listed = split_shards(out, "train")
+    assert verify_shards(out) == len(json.loads((out / "manifest.json").read_text())["shards"])
+    stale = out / "train" / "shard-00099.tar"
+    shutil.copy(listed[0], stale)
+    with pytest.raises(ValueError, match="shard-00099.tar: a shard the manifest does not list"):
+        split_shards(out, "train")
+    stale.unlink()
+    listed[0].write_bytes(listed[0].read_bytes()[:3000])
+    with pytest.raises(ValueError, match=f"{listed[0].name}: its sha256 differs"):
+        verify_shards(out)
+    with pytest.raises(ValueError, match=f"{listed[0].name}: unreadable shard"):
+        list(read_shard(listed[0]))
+
+
 def test_flickr_csv_by_params_override(ray_local, flickr_dir, tmp_path):
     """Real photos through the same stage: only the source params change."""
     params = SampleParams(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from pipeline.clip.model import load_model
 from pipeline.config import ExtractParams
 from pipeline.data.evalsets import load_zero_shot_tasks
 from pipeline.data.loading import ClipBatchPreprocessor
-from pipeline.data.shards import caption_rows
+from pipeline.data.shards import caption_rows, verify_shards
 from pipeline.io import file_sha256, write_json
 
 log = logging.getLogger(__name__)
@@ -136,15 +137,17 @@ def evolution_weights(model_dir: Path) -> dict[str, str]:
     return {p.stem: f"evolution/{p.name}" for p in files}
 
 
-def run_extraction(model_dir: str | Path, data_dir: str | Path, vocab_dir: str | Path, out_dir: str | Path,
-                   params: ExtractParams, task_cpus: float, params_hash: str) -> dict[str, Any]:
-    """Extract every set for one trained model; return the manifest (rows per set, width)."""
-    import ray.data
+@dataclass(frozen=True)
+class ExtractionPlan:
+    """Every set one model's extraction encodes, and what its manifest records beside them."""
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    model_dir, data_dir, out_dir = Path(model_dir).resolve(), Path(data_dir).resolve(), Path(out_dir)
-    model = load_model(model_dir)
-    fingerprint = f"{file_sha256(model_dir / 'model.pt')[:16]}-{params_hash}"
+    sets: dict[str, InputSet]
+    weights: dict[str, str]  # actor weights: FINAL and every evolution snapshot
+    words: list[str]
+    zero_shot_tasks: dict[str, Any]
+
+
+def extraction_plan(model_dir: Path, data_dir: Path, vocab_dir: str | Path, params: ExtractParams) -> ExtractionPlan:
     images = image_rows(data_dir, params.splits)
     words = (Path(vocab_dir) / "words.txt").read_text(encoding="utf-8").splitlines()
     tasks = load_zero_shot_tasks(data_dir)
@@ -169,13 +172,26 @@ def run_extraction(model_dir: str | Path, data_dir: str | Path, vocab_dir: str |
         sets["tokens"] = image_set(data_dir, ["test"], token_keys, kind="tokens")
     snapshots = evolution_weights(model_dir) if params.evolution_vocab else {}
     sets.update(evolution_sets(list(snapshots), data_dir, words[: params.evolution_vocab], test_keys))
+    return ExtractionPlan(sets, {FINAL: "model.pt", **snapshots}, words, {**tasks, **folder_tasks})
 
-    counts = write_sets(f"extract-{model_dir.name}", sets, out_dir, fingerprint,
-                        {"model_dir": str(model_dir), "weights": {FINAL: "model.pt", **snapshots}}, params, task_cpus,
+
+def run_extraction(model_dir: str | Path, data_dir: str | Path, vocab_dir: str | Path, out_dir: str | Path,
+                   params: ExtractParams, task_cpus: float, params_hash: str) -> dict[str, Any]:
+    """Extract every set for one trained model; return the manifest (rows per set, width)."""
+    import ray.data
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    model_dir, data_dir, out_dir = Path(model_dir).resolve(), Path(data_dir).resolve(), Path(out_dir)
+    verify_shards(data_dir)
+    model = load_model(model_dir)
+    fingerprint = f"{file_sha256(model_dir / 'model.pt')[:16]}-{params_hash}"
+    plan = extraction_plan(model_dir, data_dir, vocab_dir, params)
+    counts = write_sets(f"extract-{model_dir.name}", plan.sets, out_dir, fingerprint,
+                        {"model_dir": str(model_dir), "weights": plan.weights}, params, task_cpus,
                         actor=SparseEncoder)
     manifest = {"model_dir": str(model_dir), "width": model.width, "pooling": model.params.pooling,
-                "fingerprint": fingerprint, "rows": counts, "vocabulary": len(words),
-                "evolution": list(snapshots), "zero_shot_tasks": {**tasks, **folder_tasks}}
+                "fingerprint": fingerprint, "rows": counts, "vocabulary": len(plan.words),
+                "evolution": [tag for tag in plan.weights if tag != FINAL], "zero_shot_tasks": plan.zero_shot_tasks}
     write_json(out_dir / "manifest.json", manifest)
     return manifest
 

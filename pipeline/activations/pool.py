@@ -42,6 +42,9 @@ def write_sets(label: str, sets: dict[str, InputSet], out_dir: Path, fingerprint
 
     pending = {name: spec for name, spec in sets.items() if not is_complete(out_dir / name, fingerprint)}
     if pending:
+        from pipeline.cluster import require_data_pool
+
+        require_data_pool(label, params.actors, task_cpus, params.actor_gpus)
         log.info("%s: encoding %s", label, ", ".join(pending))
         tmp = out_dir / f".{label}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -43,6 +43,7 @@ from pipeline.clip.zeroshot import class_embeddings, topk_accuracy
 from pipeline.config import ModelParams, OptimParams, Params, TrainParams
 from pipeline.data.evalsets import load_zero_shot_tasks, zero_shot_label
 from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
+from pipeline.data.shards import verify_shards
 from pipeline.io import file_sha256, write_json
 from pipeline.metrics.retrieval import retrieval_recall
 
@@ -464,6 +465,7 @@ def run_training(params: Params, variant: str, *, run_id: str | None = None, tra
 
     train_params, model_params = params.train, params.train.model_for(variant)
     data_dir = str(Path(params.sample.out_dir).resolve())
+    verify_shards(data_dir)  # a truncated or stale shard fails here, named, not inside a worker
     n_train = json.loads((Path(data_dir) / "manifest.json").read_text())["records_by_split"]["train"]
     per_epoch = n_train // train_params.global_batch_size
     if per_epoch == 0:

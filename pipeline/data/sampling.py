@@ -114,6 +114,13 @@ def run_sample(params: SampleParams, ray_params: RayParams) -> dict[str, Any]:
         .take_all()
     )
     manifest = summarise([json.loads(r["result"]) for r in results], params, len(refs))
+    fractions = params.splits.as_dict()
+    if empty := [split for split, n in manifest["records_by_split"].items()
+                 if n == 0 and (fractions[split] > 0 or not manifest["written"])]:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ValueError(f"sample: no record landed in the {', '.join(empty)} split(s) ({manifest['written']} "
+                         f"written of {manifest['requested']} requested, skipped by reason: "
+                         f"{manifest['skipped_by_reason'] or 'none'}); {out_dir} is left as it was")
     manifest["eval_sets"] = build_eval_sets(staging)
     write_json(staging / "manifest.json", manifest)
     _swap_in(staging, out_dir)

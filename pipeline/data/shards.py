@@ -24,6 +24,9 @@ from pipeline.data.records import Record
 SPLITS = ("train", "val", "test")
 
 
+MANIFEST = "manifest.json"
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
@@ -53,13 +56,16 @@ def read_shard(tar_path: str | Path) -> Iterator[Record]:
     """Records of one shard, in order; samples lacking a part raise, since shards are ours."""
     parts: dict[str, dict[str, bytes]] = {}
     order: list[str] = []
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            key, _, ext = member.name.rpartition(".")
-            if key not in parts:
-                parts[key] = {}
-                order.append(key)
-            parts[key][ext] = tar.extractfile(member).read()
+    try:
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                key, _, ext = member.name.rpartition(".")
+                if key not in parts:
+                    parts[key] = {}
+                    order.append(key)
+                parts[key][ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError) as err:
+        raise ValueError(f"{tar_path}: unreadable shard ({err}): re-run the sample stage") from None
     for key in order:
         sample = parts[key]
         try:
@@ -69,11 +75,46 @@ def read_shard(tar_path: str | Path) -> Iterator[Record]:
 
 
 def split_shards(out_dir: str | Path, split: str) -> list[Path]:
-    """The tar shards of one split, sorted; a missing split folder is an error naming it."""
-    folder = Path(out_dir) / split
+    """The tar shards of one split, sorted: the ones the sample's manifest lists (a shard on disk
+    that it does not list is stale, an error naming it), or every ``shard-*.tar`` of a folder
+    without a manifest. A missing split folder or listed shard is an error naming it."""
+    out_dir = Path(out_dir)
+    folder = out_dir / split
     if not folder.is_dir():
         raise FileNotFoundError(f"no '{split}' split under {out_dir} (run the sample stage first)")
-    return sorted(folder.glob("shard-*.tar"))
+    on_disk = sorted(folder.glob("shard-*.tar"))
+    listed = manifest_shards(out_dir)
+    if listed is None:
+        return on_disk
+    shards = sorted(out_dir / entry["path"] for entry in listed if Path(entry["path"]).parts[0] == split)
+    if missing := [p for p in shards if not p.is_file()]:
+        raise FileNotFoundError(f"{missing[0]}: listed in {out_dir / MANIFEST} but missing (re-run the sample stage)")
+    if stale := sorted(set(on_disk) - set(shards)):
+        raise ValueError(f"{stale[0]}: a shard the manifest does not list ({len(stale)} such in {folder}): "
+                         "left from another sample; re-run the sample stage into a fresh folder")
+    return shards
+
+
+def manifest_shards(out_dir: str | Path) -> list[dict[str, Any]] | None:
+    """The manifest's shard entries (path, records, sha256), or None for a folder without one."""
+    path = Path(out_dir) / MANIFEST
+    return json.loads(path.read_text()).get("shards") if path.is_file() else None
+
+
+def verify_shards(out_dir: str | Path) -> int:
+    """Check every shard against the manifest's sha256 before a long job reads it; a mismatch
+    (a truncated copy, an edited file) is an error naming the shard. Returns the shards checked."""
+    from pipeline.io import file_sha256
+
+    listed = manifest_shards(out_dir) or []
+    for entry in listed:
+        path = Path(out_dir) / entry["path"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: listed in {Path(out_dir) / MANIFEST} but missing (re-run the sample stage)")
+        if file_sha256(path) != entry["sha256"]:
+            raise ValueError(f"{path}: its sha256 differs from the manifest's (truncated or changed since the "
+                             "sample stage wrote it): re-run the sample stage")
+    return len(listed)
 
 
 def split_paths(data_dir: str | Path, split: str) -> list[str]:
