@@ -113,11 +113,15 @@ def test_a_killed_train_stage_resumes_from_its_checkpoint_in_the_same_mlflow_run
         first = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                  start_new_session=True)
     storage, deadline = workdir / "ray_results", time.time() + 300
-    while not any(storage.glob("sparse-*/checkpoint_*")):
+
+    def registered() -> bool:  # Ray Train has recorded a checkpoint it can restore
+        return any("checkpoint_" in p.read_text() for p in storage.glob("sparse-*/checkpoint_manager_snapshot.json"))
+
+    while not registered():
         assert first.poll() is None, (workdir / "first.log").read_text()[-3000:]
         assert time.time() < deadline, "no checkpoint within 5 minutes"
         time.sleep(0.2)
-    time.sleep(1.0)  # let it log a few more steps than the checkpoint holds
+    time.sleep(0.5)  # let it log a few more steps than the checkpoint holds
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
 
@@ -129,7 +133,7 @@ def test_a_killed_train_stage_resumes_from_its_checkpoint_in_the_same_mlflow_run
 
     runs = client.search_runs([experiment], "tags.stage = 'train'")
     assert [(r.info.run_id, r.info.status) for r in runs] == [(killed.info.run_id, "FINISHED")]
-    assert int(runs[0].data.tags["resumed_from_step"]) >= 2
+    assert int(runs[0].data.tags["resumed_from_step"]) >= 1  # not a restart from step 0
     total = json.loads((workdir / "metrics" / "train" / "sparse.json").read_text())["total_steps"]
     assert [s for s, _ in history(killed.info.run_id, "train/loss")] == list(range(1, total + 1))
     assert not any(storage.iterdir()), "checkpoints left behind"
