@@ -224,6 +224,7 @@ def test_ray_train_vlm_on_two_workers_and_steering_api(extracted, ray_local, wor
     })
     out = run_vlm_training(params, "sparse")
     assert {p.name for p in out.iterdir()} >= {"adapter.pt", "lm_trained.pt", "vlm.json"}
+    assert not any((workdir / "ray_results").glob("vlm-*")), "Ray's checkpoints outlived the export"
     spec = json.loads((out / "vlm.json").read_text())  # stored relative to the VLM: a moved project loads its own
     assert not any(Path(spec[key]).is_absolute() for key in ("encoder_dir", "lm_dir"))
     vlm = load_vlm(out)
