@@ -36,6 +36,13 @@ SMALL_ARTIFACT_BYTES = 2 * 1024 * 1024  # larger outputs are logged as path + sh
 _MLFLOW_PARAM_CHARS = 6000
 
 
+def numbers_of(results: Mapping[str, Any]) -> dict[str, int | float | bool]:
+    """A stage's results as the flat numbers it publishes: dotted keys (``flatten``), numeric
+    leaves only (strings, lists and None are dropped); booleans stay booleans in the JSON (a
+    check that passed reads ``true``) and are logged to MLflow as 0/1."""
+    return {k: v for k, v in flatten(results).items() if isinstance(v, (int, float))}
+
+
 def tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else the embedded SQLite store in the working directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
@@ -94,16 +101,25 @@ class StageRun:
         for start in range(0, len(entries), 100):
             self.client.log_batch(self.run_id, params=entries[start : start + 100])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Log numbers (NaN and non-numbers are skipped); ``step`` makes them a curve."""
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log the numbers of a (nested) mapping, booleans as 0/1; NaN and non-numbers are
+        skipped. ``step`` makes them a curve."""
         now = int(time.time() * 1000)
-        entries = [
-            Metric(k, float(v), now, step or 0)
-            for k, v in flatten(metrics).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
-        ]
+        entries = [Metric(k, float(v), now, step or 0) for k, v in numbers_of(metrics).items() if v == v]
         for start in range(0, len(entries), 500):
             self.client.log_batch(self.run_id, metrics=entries[start : start + 500])
+
+    def publish(self, results: Mapping[str, Any], path: str | Path | None = None, *, log: bool = True
+                ) -> dict[str, int | float | bool]:
+        """Publish a stage's results: :func:`numbers_of` them, write them to ``path`` (the DVC
+        metrics file, when the stage has one) and log them to this run (``log=False`` where the
+        run already holds them, e.g. as training curves). Returns the numbers."""
+        numbers = numbers_of(results)
+        if path is not None:
+            write_json(path, numbers)
+        if log:
+            self.log_metrics(numbers)
+        return numbers
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

@@ -31,8 +31,8 @@ def ablation(args) -> None:
         figures = plot_panels(summary, results, out)
         # beside out_dir, not in metrics/: the report stage depends on metrics/, and must not pull
         # this hour-long sweep into `dvc repro`
-        metrics = write_json(out.parent / f"{out.name}.json", {**flat_metrics(summary), **checks})
-        run.log_metrics({**flat_metrics(summary), **{k: float(v) for k, v in checks.items()}})
+        metrics = out.parent / f"{out.name}.json"
+        run.publish({**flat_metrics(summary), **checks}, metrics)
         run.log_outputs([points, curves, metrics, *figures])
     print(f"ablation: {len(results)} trainings -> {out}; " + ", ".join(f"{k}={v}" for k, v in checks.items()))
 

@@ -8,8 +8,7 @@ from pathlib import Path
 from pipeline.atlas.build import build_atlas
 from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
-from pipeline.io import write_json
-from pipeline.tracking import flatten, stage_run
+from pipeline.tracking import stage_run
 
 
 def atlas(args) -> None:
@@ -19,9 +18,8 @@ def atlas(args) -> None:
     with stage_run(params, "atlas", section=params.atlas.model_dump(mode="json"), upstream=upstream,
                    lineage_dir=out_dir) as run:
         summary = build_atlas(params)
-        numbers = {k: v for k, v in flatten(summary).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        metrics_path = write_json(Path(params.metrics.out_dir) / "atlas.json", numbers)
-        run.log_metrics(numbers)
+        metrics_path = Path(params.metrics.out_dir) / "atlas.json"
+        run.publish(summary, metrics_path)
         figures = [out_dir / v / f for v in params.atlas_variants() for f in summary[v]["figures"]]
         if summary["heatmap_panel"]:
             figures.append(Path(summary["heatmap_panel"]))

@@ -8,7 +8,7 @@ from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
 from pipeline.io import write_json
 from pipeline.metrics.evaluate import evaluate
-from pipeline.tracking import flatten, stage_run
+from pipeline.tracking import stage_run
 
 
 def metrics(args) -> None:
@@ -21,12 +21,11 @@ def metrics(args) -> None:
         result = evaluate(act_dir, params.reference.out_dir, params.vocab.out_dir, params.metrics, plot_dir,
                           title=args.variant)
         concepts = result.get("recovery", {}).pop("concepts", None)
-        flat = {k: v for k, v in flatten(result).items() if isinstance(v, (int, float))}
-        metrics_path = write_json(Path(params.metrics.out_dir) / f"{args.variant}.json", flat)
+        metrics_path = Path(params.metrics.out_dir) / f"{args.variant}.json"
+        flat = run.publish(result, metrics_path)
         outputs = [metrics_path, plot_dir]
         if concepts:
             outputs.append(write_json(plot_dir / "concept_recovery.json", concepts))
-        run.log_metrics(flat)
         run.log_outputs(outputs)
     print(f"metrics[{args.variant}]: L0 image {flat['image.l0']:.1f} of {flat['width']}, "
           f"clarity {flat['clarity']:.3f} (baseline {flat['clarity_baseline']:.3f}), "

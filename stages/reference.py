@@ -18,7 +18,7 @@ def reference(args) -> None:
         connect(params.ray)
         summary = run_reference(cfg, params.extract, params.sample.out_dir, params.ray.task_cpus,
                                 params.section_hash("reference"))
-        run.log_metrics({"images": summary["images"]})
+        run.publish({"images": summary["images"]})
         run.log_outputs([f"{cfg.out_dir}/images/_complete.json"])
     print(f"reference: {summary['images']} images embedded with {cfg.encoder} -> {cfg.out_dir}")
 

@@ -8,7 +8,7 @@ from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
 from pipeline.io import write_json
 from pipeline.sae.baseline import plot_training, run_sae_baseline, training_curves
-from pipeline.tracking import flatten, stage_run
+from pipeline.tracking import stage_run
 
 PLOTS = Path("plots/sae")
 
@@ -24,11 +24,10 @@ def sae(args) -> None:
             run.log_metrics({f"train/{k}": v for k, v in values.items()}, step=step)
         plot_training(histories, PLOTS / "training.png")
         concepts = result.get("recovery", {}).pop("concepts", None)
-        flat = {k: v for k, v in flatten(result).items() if isinstance(v, (int, float))}
-        metrics_path = write_json(Path(params.metrics.out_dir) / "sae.json", flat)
+        metrics_path = Path(params.metrics.out_dir) / "sae.json"
+        flat = run.publish(result, metrics_path)
         if concepts:
             write_json(PLOTS / "concept_recovery.json", concepts)
-        run.log_metrics(flat)
         run.log_outputs([metrics_path, PLOTS, *Path(cfg.out_dir).glob("*.pt"), Path(cfg.out_dir) / "sae_config.json"])
     print(f"sae: FVU {flat.get('reconstruction.all.fvu', float('nan')):.3f}, L0 {flat['image.l0']:.1f} of "
           f"{flat['width']}, clarity {flat['clarity']:.3f} -> {metrics_path}")

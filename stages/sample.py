@@ -7,7 +7,6 @@ from pathlib import Path
 from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
 from pipeline.data.sampling import run_sample
-from pipeline.io import write_json
 from pipeline.tracking import stage_run
 
 METRICS = Path("metrics/sample.json")
@@ -27,8 +26,7 @@ def sample(args) -> None:
             **{f"retrieval_images.{split}": n for split, n in evals["retrieval"].items()},
             **{f"crops.{split}": n for split, n in evals["crops"].items()},
         }
-        write_json(METRICS, metrics)
-        run.log_metrics(metrics)
+        run.publish(metrics, METRICS)
         run.log_outputs([cfg.out_dir, METRICS])
     print(f"sample: wrote {manifest['written']} records, skipped {manifest['skipped']} "
           f"{manifest['skipped_by_reason'] or ''} -> {cfg.out_dir}")

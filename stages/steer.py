@@ -19,8 +19,9 @@ def steer(args) -> None:
     plot_dir = Path("plots/steer")
     with stage_run(params, "steer", variant=cfg.variant, section=cfg.model_dump(mode="json"), upstream=[vlm_dir],
                    lineage_dir=plot_dir) as run:
-        numbers, path, summary = run_steering(params, vlm_dir, plot_dir)
-        run.log_metrics(numbers)
+        results, summary = run_steering(params, vlm_dir, plot_dir)
+        path = Path(cfg.out_dir) / "steering.json"
+        run.publish(results, path)
         run.log_outputs([path, plot_dir])
     print(f"steer: {summary} -> {path}")
 

@@ -8,7 +8,6 @@ from pipeline.cli import run_stage, stage_parser
 from pipeline.clip.model import clip_config
 from pipeline.clip.train import run_training, training_identity, training_section
 from pipeline.config import load_params
-from pipeline.io import write_json
 from pipeline.plots import plot_curves, write_curve_csv
 from pipeline.tracking import metric_curves, stage_run, tracking_uri
 
@@ -33,9 +32,10 @@ def train(args) -> None:
         outcome = run_training(params, variant, run_id=run.run_id, tracking_uri=tracking_uri())
         curves = metric_curves(run.run_id)
         final = {k: v for values in curves.values() for k, v in values.items()}  # last value of each
-        summary = {"variant": variant, "total_steps": outcome.total_steps, "width": _width(model_params),
+        summary = {"total_steps": outcome.total_steps, "width": _width(model_params),
                    **{k.replace("/", "."): v for k, v in final.items()}}
-        metrics_path = write_json(Path("metrics/train") / f"{variant}.json", summary)
+        metrics_path = Path("metrics/train") / f"{variant}.json"
+        run.publish(summary, metrics_path, log=False)  # the run holds these as curves already
         csv_path = write_curve_csv(curves, Path("plots/train") / f"{variant}.csv")
         png_path = plot_curves(curves, PANELS, Path("plots/train") / f"{variant}.png", title=f"train {variant}")
         run.log_dict(outcome.snapshots, "evolution_snapshots.json")

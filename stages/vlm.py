@@ -28,7 +28,7 @@ def vlm(args) -> None:
             answers = answer_all(model, images, examples, cfg.eval_batch_size, cfg.max_new_tokens,
                                  desc=f"QA {variant}")
             results[variant] = qa_metrics(answers, examples)
-            run.log_metrics({f"qa.{k}": v for k, v in results[variant].items()})
+            run.publish({"qa": results[variant]})
             write_json(out_dir / "answers.json", [{**e, "prediction": a} for e, a in zip(examples, answers)])
             run.log_outputs([out_dir / "vlm.json", out_dir / "answers.json"])
         print(f"vlm[{variant}]: " + ", ".join(f"{k} {v:.3f}" for k, v in results[variant].items() if "exact" in k))

@@ -27,7 +27,7 @@ def vocab(args) -> None:
         pq.write_table(pa.table({"word": sample, "embedding": pa.array(list(embeddings), pa.list_(pa.float32()))}),
                        out / "sbert.parquet")
         write_json(out / "manifest.json", {"counts": counts, "cscore_words": len(sample)})
-        run.log_metrics({f"words.{k}": v for k, v in counts.items()})
+        run.publish({"words": counts})
         run.log_outputs([out])
     print(f"vocab: {counts['vocabulary']} words ({counts}); SBERT sample {len(sample)} -> {out}")
 

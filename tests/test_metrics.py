@@ -261,9 +261,17 @@ def test_keep_topk_ties_go_to_lower_index():
     assert np.array_equal(kept, [[0.0, 2.0, 0.0, 2.0, 0.0]])
 
 
-def test_topk_ladder():
-    assert metrics.topk_ladder() == [1, 2, 4, 8, 16, 32]
-    assert metrics.topk_ladder(8) == [1, 2, 4, 8]
+def test_keep_topk_on_stored_nonzeros_is_the_dense_rule_of_the_heads_and_saes(layout):
+    """One rule, two data structures: the CSR form used by top-k zero-shot keeps what
+    :func:`pipeline.topk.keep_top` (TopK head, TopK SAE) keeps, on ties-free activations."""
+    import torch
+
+    from pipeline.topk import keep_top
+
+    a = sparse_relu(np.random.default_rng(9), 30, 20, fill=0.5)
+    for k in (1, 3, 8):
+        dense = keep_top(torch.as_tensor(a), k, dim=1).numpy()
+        assert np.array_equal(metrics.keep_topk(layout(a), k).toarray(), dense)
 
 
 # ---- concept recovery ---------------------------------------------------------------------
@@ -331,3 +339,25 @@ def test_concept_recovery_on_planted_features(layout):
     assert table["concepts"][1] == {"concept": "b", "best_feature": 3, "auroc": 1.0, "f1": 1.0, "threshold": 1.5}
     assert table["mean_best_auroc"] == pytest.approx(report.best_auroc.mean())
     assert table["mean_best_f1"] == pytest.approx(report.best_f1.mean())
+
+
+def test_training_window_reports_what_the_metrics_compute_on_the_same_rows():
+    """The training curves' L0 and dead fraction (a streaming tally over batches) are the
+    metrics module's numbers on the concatenated batches, not a second definition."""
+    import torch
+
+    from pipeline.clip.train import SparsityWindow
+
+    rng = np.random.default_rng(3)
+    batches = [(sparse_relu(rng, 16, 40, fill=0.05), sparse_relu(rng, 16, 40, fill=0.1)) for _ in range(3)]
+    for image, text in batches:
+        image[:, :10] = text[:, :10] = 0  # ten features dead on both towers
+    window = SparsityWindow(width=40)
+    for image, text in batches:
+        window.update(torch.as_tensor(image), torch.as_tensor(text))
+    summary = window.summary()
+    images, texts = (np.concatenate(tower) for tower in zip(*batches))
+    assert summary["l0_image"] == pytest.approx(metrics.l0(images))
+    assert summary["l0_text_pct"] == pytest.approx(100 * metrics.l0(texts) / 40)
+    both = np.concatenate([images, texts])
+    assert 0 < summary["dead_fraction"] == pytest.approx(metrics.dead_fraction(both))

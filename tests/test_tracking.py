@@ -11,6 +11,7 @@ from pipeline.config import load_params
 from pipeline.tracking import (
     LINEAGE_FILE,
     SMALL_ARTIFACT_BYTES,
+    numbers_of,
     stage_run,
     tracking_uri,
 )
@@ -52,6 +53,26 @@ def test_stage_run_is_queryable_with_everything_it_logged(workdir):
     assert big["bytes"] == SMALL_ARTIFACT_BYTES + 1 and len(big["sha256"]) == 64
     lineage = json.loads((out / LINEAGE_FILE).read_text())
     assert lineage["run_id"] == found.info.run_id and lineage["upstream"] == {"sample": "abc"}
+
+
+def test_numbers_of_keeps_numbers_and_booleans_under_dotted_keys():
+    results = {"l0": 3, "clarity": 0.5, "ok": True, "name": "sparse", "none": None, "curve": [1, 2],
+               "zeroshot": {"colour": {"top1": 0.8}, "labels": ["red"]}}
+    assert numbers_of(results) == {"l0": 3, "clarity": 0.5, "ok": True, "zeroshot.colour.top1": 0.8}
+
+
+def test_publish_writes_the_metrics_file_and_logs_the_same_numbers(workdir):
+    params = load_params(REPO / "params.yaml")
+    results = {"image": {"l0": 12, "dead_fraction": 0.25}, "check": False, "variant": "sparse",
+               "nan": float("nan")}
+    with stage_run(params, "metrics", variant="sparse", lineage_dir=workdir / "out") as run:
+        numbers = run.publish(results, workdir / "metrics" / "sparse.json")
+        run_id = run.run_id
+    written = json.loads((workdir / "metrics" / "sparse.json").read_text())
+    assert written.keys() == numbers.keys() == {"image.l0", "image.dead_fraction", "check", "nan"}
+    assert written["check"] is False and written["image.l0"] == 12
+    logged = MlflowClient(tracking_uri()).get_run(run_id).data.metrics
+    assert logged == {"image.l0": 12.0, "image.dead_fraction": 0.25, "check": 0.0}  # NaN is not logged
 
 
 def test_failed_stage_is_marked_failed(workdir):

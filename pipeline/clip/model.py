@@ -27,6 +27,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
 from pipeline.config import ModelParams
+from pipeline.topk import keep_top
 
 
 class TopK(nn.Module):
@@ -48,10 +49,8 @@ class TopK(nn.Module):
             self.register_buffer("running_mean", torch.zeros(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = min(self.k, x.shape[-1])
         scores = x - self._feature_mean(x) if self.centred else x
-        indices = scores.topk(k, dim=-1).indices
-        return torch.zeros_like(x).scatter(-1, indices, F.relu(x.gather(-1, indices)))
+        return keep_top(F.relu(x), self.k, dim=-1, scores=scores)
 
     def _feature_mean(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:

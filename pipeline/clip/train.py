@@ -45,6 +45,7 @@ from pipeline.data.evalsets import load_zero_shot_tasks, zero_shot_label
 from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
 from pipeline.data.shards import verify_shards
 from pipeline.io import file_sha256, write_json
+from pipeline.metrics import sparsity
 from pipeline.metrics.retrieval import retrieval_recall
 
 log = logging.getLogger(__name__)
@@ -125,26 +126,27 @@ class SparsityWindow:
         self.reset()
 
     def reset(self) -> None:
-        self.active = None
-        self.l0 = {"image": 0.0, "text": 0.0}
+        self.firings = None
+        self.nonzeros = {"image": 0.0, "text": 0.0}
         self.rows = 0
 
     @torch.no_grad()
     def update(self, image: torch.Tensor, text: torch.Tensor) -> None:
         image, text = image.detach().float(), text.detach().float()
-        fired = (image != 0).any(0) | (text != 0).any(0)
-        self.active = fired if self.active is None else self.active | fired
-        self.l0["image"] += (image != 0).sum().item()
-        self.l0["text"] += (text != 0).sum().item()
+        fired = (image > 0).sum(0) + (text > 0).sum(0)
+        self.firings = fired if self.firings is None else self.firings + fired
+        self.nonzeros["image"] += (image != 0).sum().item()
+        self.nonzeros["text"] += (text != 0).sum().item()
         self.rows += image.shape[0]
 
     def summary(self) -> dict[str, float]:
+        """``l0_<tower>``, ``l0_<tower>_pct`` and ``dead_fraction`` (no firing on either tower in the
+        window), by :mod:`pipeline.metrics.sparsity`'s definitions."""
         out = {}
-        for tower, nonzero in self.l0.items():
-            mean = nonzero / max(1, self.rows)
-            out[f"l0_{tower}"] = mean
-            out[f"l0_{tower}_pct"] = 100.0 * mean / self.width
-        out["dead_fraction"] = 1.0 - self.active.float().mean().item() if self.active is not None else 1.0
+        for tower, nonzeros in self.nonzeros.items():
+            tally = sparsity.l0_summary(nonzeros, self.rows, self.width)
+            out[f"l0_{tower}"], out[f"l0_{tower}_pct"] = tally["l0"], tally["l0_pct"]
+        out["dead_fraction"] = sparsity.dead_share(self.firings.cpu().numpy()) if self.firings is not None else 1.0
         return out
 
 

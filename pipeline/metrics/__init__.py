@@ -15,7 +15,7 @@ module                 functions                                   reproduces
 :mod:`.modality`       modality_scores, modality_summary,          Fig 3b (and Fig 6): image-only /
                        plot_modality_density                       text-only / multimodal features
 :mod:`.retrieval`      retrieval_recall                            Table 2 retrieval: IR@1/5, TR@1/5
-:mod:`.topk`           keep_topk, topk_ladder                      supp. Fig 2: zero-shot with only
+:mod:`.topk`           keep_topk                                  supp. Fig 2: zero-shot with only
                                                                    the top-k features per input
 :mod:`.recovery`       auroc_matrix, best_f1, concept_recovery,    beyond the paper: recovery of
                        RecoveryReport                              the synthetic data's concepts
@@ -40,7 +40,7 @@ from .sparsity import (
     l0,
     sparsity_summary,
 )
-from .topk import keep_topk, topk_ladder
+from .topk import keep_topk
 
 __all__ = [
     "RecoveryReport",
@@ -63,5 +63,4 @@ __all__ = [
     "plot_modality_density",
     "retrieval_recall",
     "sparsity_summary",
-    "topk_ladder",
 ]

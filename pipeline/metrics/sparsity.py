@@ -15,7 +15,14 @@ from ._arrays import as_csr, positive_column_max, positive_column_sums
 def l0(activations) -> float:
     """Mean number of non-zero entries per row (the paper's L0)."""
     matrix = as_csr(activations)
-    return matrix.nnz / matrix.shape[0]
+    return l0_summary(matrix.nnz, matrix.shape[0], matrix.shape[1])["l0"]
+
+
+def l0_summary(nonzeros: float, rows: int, width: int) -> dict[str, float]:
+    """L0 from a tally: ``l0`` (non-zeros per row) and ``l0_pct`` (100 * l0 / width). The form a
+    streaming count (the training window) reports without holding the activations."""
+    mean = nonzeros / max(rows, 1)
+    return {"l0": mean, "l0_pct": 100.0 * mean / width}
 
 
 def feature_counts(activations, tau: float = 0.0) -> np.ndarray:
@@ -41,7 +48,13 @@ def active_fraction(activations, tau: float = 0.0, n_min: int = 2) -> float:
 
 def dead_fraction(activations) -> float:
     """Share of features that are never > 0 on any row."""
-    return float((feature_counts(activations) == 0).mean())
+    return dead_share(feature_counts(activations))
+
+
+def dead_share(firings) -> float:
+    """Share of features that never fired, from a per-feature tally of firings ([F] counts or
+    bools, however they were gathered: a CSR pass, a training window, an SAE's chunked eval)."""
+    return float((np.asarray(firings) == 0).mean())
 
 
 def density(activations) -> float:
@@ -67,10 +80,8 @@ def sparsity_summary(activations, tau: float = 0.0, n_min: int = 2) -> dict[str,
     dead_fraction, density and width (F)."""
     matrix = as_csr(activations)
     width = matrix.shape[1]
-    mean_l0 = l0(matrix)
     return {
-        "l0": mean_l0,
-        "l0_pct": 100.0 * mean_l0 / width,
+        **l0_summary(matrix.nnz, matrix.shape[0], width),
         "active_fraction": active_fraction(matrix, tau, n_min),
         "dead_fraction": dead_fraction(matrix),
         "density": density(matrix),

@@ -1,5 +1,8 @@
 """Keeping only each input's strongest features (supplementary §2, Fig 2): zero-shot ImageNet
-with the top-1 feature already reaches 45%, and the top 32 nearly match all features."""
+with the top-1 feature already reaches 45%, and the top 32 nearly match all features.
+
+The rule is :func:`pipeline.topk.keep_top`'s (the TopK head's and the SAEs'), here on stored
+non-zeros so it never densifies an n x F matrix."""
 
 from __future__ import annotations
 
@@ -22,9 +25,3 @@ def keep_topk(activations, k: int) -> sp.csr_matrix:
     kept = np.sort(ranked[place_in_row < k])  # back to CSR order: row-major, columns sorted
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[kept], minlength=n))])
     return sp.csr_matrix((matrix.data[kept], matrix.indices[kept], indptr), shape=matrix.shape)
-
-
-def topk_ladder(max_k: int = 32) -> list[int]:
-    """Powers of two up to max_k, the k values of supplementary Fig 2 ("all" is the untouched
-    activations): [1, 2, 4, 8, 16, 32]."""
-    return [1 << p for p in range(int(max_k).bit_length())]

@@ -13,6 +13,8 @@ import math
 import numpy as np
 import torch
 
+from pipeline.metrics import sparsity
+
 
 def _np(a) -> np.ndarray:
     """float64 2-D numpy view of an array or tensor."""
@@ -43,13 +45,14 @@ def cosine_similarity(x, x_hat, eps: float = 1e-12) -> float:
 
 
 def l0(z) -> float:
-    """Mean number of firing features per row."""
-    return float((_np(z) > 0).sum(axis=1).mean())
+    """Mean number of firing features per row of SAE codes (tensor or array), as
+    :func:`pipeline.metrics.sparsity.l0` counts it."""
+    return sparsity.l0(_np(z))
 
 
 def dead_fraction(z) -> float:
-    """Share of features that fire on no row of the evaluated set."""
-    return float((~(_np(z) > 0).any(axis=0)).mean())
+    """Share of features that fire on no row of the evaluated set (:mod:`pipeline.metrics.sparsity`)."""
+    return sparsity.dead_fraction(_np(z))
 
 
 def outlier_mask(x, quantile: float = 0.99, threshold: float | None = None) -> np.ndarray:
@@ -112,6 +115,6 @@ def reconstruction_report(
         report[f"{prefix}.fvu"] = float(stats["sq_err"][rows].sum() / total) if total > 0 else math.nan
         report[f"{prefix}.cosine"] = float(stats["cos"][rows].mean()) if n else math.nan
         report[f"{prefix}.l0"] = float(stats["l0"][rows].mean()) if n else math.nan
-        report[f"{prefix}.dead_fraction"] = float((~stats[f"fires_{prefix}"]).mean()) if n else math.nan
+        report[f"{prefix}.dead_fraction"] = sparsity.dead_share(stats[f"fires_{prefix}"]) if n else math.nan
         report[f"{prefix}.n"] = float(n)
     return report

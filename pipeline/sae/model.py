@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.topk import keep_top, keep_top_of_all
+
 KINDS = ("batchtopk", "topk", "relu")
 
 
@@ -97,9 +99,9 @@ class SparseAutoencoder(nn.Module):
         if self.kind == "relu":
             return acts
         if self.kind == "topk":
-            return _keep_top(acts, self.k, dim=1)
+            return keep_top(acts, self.k, dim=1)
         if self.training or self.threshold < 0:
-            return _keep_top_of_all(acts, self.k * acts.shape[0], hint=0.5 * float(self.threshold))
+            return keep_top_of_all(acts, self.k * acts.shape[0], hint=0.5 * float(self.threshold))
         return acts * (acts > self.threshold)
 
     def decode_normalized(self, z: torch.Tensor) -> torch.Tensor:
@@ -158,33 +160,6 @@ class SparseAutoencoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, width={self.width}, kind={self.kind!r}, k={self.k}, l1_lambda={self.l1_lambda}"
-
-
-def _keep_top(acts: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    """``acts`` with all but the k largest entries along ``dim`` zeroed (same shape)."""
-    top = torch.topk(acts, k, dim=dim, sorted=False)
-    return torch.zeros_like(acts).scatter(dim, top.indices, top.values)
-
-
-def _keep_top_of_all(acts: torch.Tensor, k: int, hint: float = 0.0) -> torch.Tensor:
-    """``acts`` (>= 0) with all but its k largest entries, over the whole tensor, zeroed.
-
-    Exact, and faster than a top-k over every entry (on CPU that top-k was half of a training
-    step): when ``hint`` > 0 and at least k entries exceed it, the k-th largest is among those
-    few, so the top-k runs on them alone. BatchTopK passes half its running threshold (the
-    smallest kept activation, averaged), which the k-th largest rarely falls below; when it
-    does, the full top-k is the fallback. Entries tied with the k-th largest are all kept (ties
-    between positive floats do not happen in practice; zeros stay zero either way)."""
-    flat = acts.reshape(-1)
-    if k >= flat.numel():
-        return acts
-    pool = flat
-    if hint > 0:
-        candidates = flat[flat > hint]
-        if candidates.numel() >= k:
-            pool = candidates
-    kth = torch.topk(pool.detach(), k, sorted=False).values.min()
-    return acts * (acts >= kth) if kth > 0 else acts
 
 
 @torch.no_grad()

@@ -153,13 +153,12 @@ def _scores(answers: Sequence[str], labels: Sequence[str], boosted: Sequence[str
     }
 
 
-def run_steering(params: Params, vlm_dir: Path, plot_dir: Path) -> tuple[dict[str, float], Path, str]:
+def run_steering(params: Params, vlm_dir: Path, plot_dir: Path) -> tuple[dict[str, Any], str]:
     """The steer stage: :func:`steering_evaluation` for each of ``steer.question_types`` on the
-    test images; writes ``steering.json`` (numbers keyed ``<question>.baseline.*`` and
-    ``<question>.grid.k<K>_ss<SS>.*``), the Fig 8b figure and a qualitative table. Returns the
-    numbers, the JSON's path and a one-line summary."""
+    test images; draws the Fig 8b figure and writes a qualitative table and the examples into
+    ``plot_dir``. Returns the results (numbers under ``<question>.baseline.*`` and
+    ``<question>.grid.k<K>_ss<SS>.*``, beside each cell's examples) and a one-line summary."""
     from pipeline.io import write_json
-    from pipeline.tracking import flatten
     from pipeline.vlm.questions import answers_from_truth
     from pipeline.vlm.train import load_vlm, qa_examples
 
@@ -174,8 +173,6 @@ def run_steering(params: Params, vlm_dir: Path, plot_dir: Path) -> tuple[dict[st
             model, images, labels, sorted(set(labels)), QUESTIONS[question_type], cfg.ks, cfg.strengths,
             seed=params.project.seed, batch_size=params.vlm.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
             max_words=cfg.max_words, quantile=cfg.corruption_quantile)
-    numbers = {k: v for k, v in flatten(results).items() if isinstance(v, (int, float))}
-    path = write_json(Path(cfg.out_dir) / "steering.json", numbers)
     write_json(plot_dir / "examples.json", {q: {k: g["examples"] for k, g in r["grid"].items()}
                                             for q, r in results.items()})
     (plot_dir / "examples.md").write_text(qualitative_table(results))
@@ -184,7 +181,7 @@ def run_steering(params: Params, vlm_dir: Path, plot_dir: Path) -> tuple[dict[st
         f"{q}: K={g['k']} SS={g['strength']:g} similarity to boosted {g['sim_boosted']:.3f} (random "
         f"{g['random.sim_boosted']:.3f}), corrupted {g['corruption']:.0%}"
         for q, r in results.items() for g in [max(r["grid"].values(), key=lambda g: g["sim_boosted"])])
-    return numbers, path, summary
+    return results, summary
 
 
 def fig8b(results: dict[str, dict[str, Any]], path: Path) -> Path:
