@@ -26,9 +26,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import nn
 
-from pipeline.clip.loss import Pair, tiled_clip_loss
-
-LOSSES = ("clip", "tiled")
+from pipeline.clip.loss import LOSSES, Pair, tiled_clip_loss
 
 
 def make_block(index: int, rows: int, width: int, density: float, device: str | torch.device,

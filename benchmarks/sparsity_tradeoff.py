@@ -146,7 +146,7 @@ def main() -> None:
     probe = build_model(base.train.model)
     preprocessor = ClipBatchPreprocessor(probe.image_size, probe.context_length)
     arrays = {split: load_split_arrays(data_dir, split, preprocessor)[0] for split in ("train", "test")}
-    val = load_val(data_dir, preprocessor)
+    val = load_val(data_dir, preprocessor, limit=2000)
     rows = []
     for name, setting in SETTINGS.items():
         if args.only and not any(part in name for part in args.only):

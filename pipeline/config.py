@@ -13,10 +13,10 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 # Stages run from the project root (DVC runs every command there), so relative paths in
 # params.yaml, and the params file itself, resolve against the working directory.
@@ -165,19 +165,20 @@ class ModelParams(Section):
         return self
 
 
-class VariantParams(Section):
-    """Per-variant overrides of :class:`ModelParams` (only the keys given change)."""
+def _overrides_of(base: type[Section], name: str, exclude: set[str]) -> type[Section]:
+    """A section whose keys are ``base``'s (less ``exclude``), each optional with None meaning
+    "as the base": derived, so a new model knob is overridable per variant the day it exists,
+    with the same type, bounds and description."""
+    fields: dict[str, Any] = {}
+    for key, info in base.model_fields.items():
+        if key not in exclude:
+            kind = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+            fields[key] = (Optional[kind], Field(None, description=info.description))  # noqa: UP045
+    return create_model(name, __base__=Section, __doc__=f"Per-variant overrides of :class:`{base.__name__}` "
+                        "(only the keys given change).", **fields)
 
-    arch: str | None = None
-    expansion: int | None = Field(None, ge=0)
-    activation: Literal["relu", "none", "topk", "l1"] | None = None
-    topk: int | None = Field(None, ge=1)
-    topk_selection: Literal["centred", "raw"] | None = None
-    l1_lambda: float | None = Field(None, ge=0.0)
-    pooling: Literal["cls", "avg"] | None = None
-    logit_scale_cap: float | None = Field(None, gt=1.0)
-    logit_scale_mode: Literal["learnable", "fixed"] | None = None
-    head_bias_init: float | None = None
+
+VariantParams = _overrides_of(ModelParams, "VariantParams", exclude={"inline", "checkpoint"})
 
 
 # The paper's models: the dense baseline, Sparse (cap 50), Sparse+ (cap 40), Sparse-Avg.
@@ -211,16 +212,10 @@ class OptimParams(Section):
         return self.head_lr_multiplier == 1.0 and self.head_weight_decay in (None, self.weight_decay)
 
 
-VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+class WorkerGroupParams(Section):
+    """How a Ray Train stage places its workers; ``train`` and ``vlm`` each carry these keys."""
 
-
-class TrainParams(Section):
-    model: ModelParams = ModelParams()
-    optim: OptimParams = OptimParams()
-    variants: dict[str, VariantParams] = Field(default_factory=lambda: dict(PAPER_VARIANTS))
-    epochs: int = Field(20, ge=1)
-    global_batch_size: int = Field(128, ge=2)
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on a cluster)")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a cluster)")
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 0.5})
     threads_per_worker: int | None = Field(
@@ -228,6 +223,17 @@ class TrainParams(Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="where Ray puts the workers: PACK fills a node first (NCCL stays on NVLink); "
         "SPREAD puts them on different nodes when it can")
+
+
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+class TrainParams(WorkerGroupParams):
+    model: ModelParams = ModelParams()
+    optim: OptimParams = OptimParams()
+    variants: dict[str, VariantParams] = Field(default_factory=lambda: dict(PAPER_VARIANTS))  # type: ignore[valid-type]
+    epochs: int = Field(20, ge=1)
+    global_batch_size: int = Field(128, ge=2)
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU")
     grad_checkpointing: bool = False
     loss: Literal["clip", "tiled"] = Field(
@@ -239,6 +245,8 @@ class TrainParams(Section):
                              "own process, and keeps it in memory (false: Ray Data streams every epoch)")
     log_every: int = Field(10, ge=1, description="steps between training metrics")
     eval_every: int = Field(100, ge=1, description="steps between zero-shot evaluations on val")
+    val_images: int = Field(2000, ge=1, description="val images scored at each evaluation (the metrics stage "
+                            "scores every image of the extracted sets)")
     checkpoint_every: int = Field(100, ge=1, description="steps between resume checkpoints")
     evolution: list[float] = Field([0.01, 0.03, 0.1, 0.3, 1.0], description="fractions of training to snapshot")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
@@ -385,7 +393,7 @@ class AtlasParams(Section):
     out_dir: str = "reports/atlas"
 
 
-class VLMParams(Section):
+class VLMParams(WorkerGroupParams):
     """The VLM on a frozen encoder (paper §4): adapter + LM, two-stage training, QA evaluation."""
 
     variants: list[str] = Field(["sparse", "dense"], min_length=1, description="encoders to build a VLM on")
@@ -404,10 +412,6 @@ class VLMParams(Section):
     lm_layers: int | None = Field(None, ge=0, description="LM blocks trained in stage 2, from the top (None: the "
                                   "whole LM, the paper's 'adapter and LLM together'; a number saves memory and time)")
     batch_size: int = Field(16, ge=1)
-    num_workers: int = Field(1, ge=1, description="Ray Train workers")
-    use_gpu: bool = False
-    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 0.5})
-    threads_per_worker: int = Field(2, ge=1, description="torch threads per worker")
     log_every: int = Field(5, ge=1)
     eval_images: int = Field(64, ge=1, description="held-out test images for QA evaluation")
     eval_batch_size: int = Field(32, ge=1)

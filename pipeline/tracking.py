@@ -13,6 +13,7 @@ file store is in maintenance mode); ``MLFLOW_TRACKING_URI`` points it at a serve
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -105,7 +106,7 @@ class StageRun:
         """Log the numbers of a (nested) mapping, booleans as 0/1; NaN and non-numbers are
         skipped. ``step`` makes them a curve."""
         now = int(time.time() * 1000)
-        entries = [Metric(k, float(v), now, step or 0) for k, v in numbers_of(metrics).items() if v == v]
+        entries = [Metric(k, float(v), now, step or 0) for k, v in numbers_of(metrics).items() if not math.isnan(v)]
         for start in range(0, len(entries), 500):
             self.client.log_batch(self.run_id, metrics=entries[start : start + 500])
 

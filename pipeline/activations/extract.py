@@ -23,7 +23,6 @@ import torch
 
 from pipeline.activations.inputs import (
     FINAL,
-    FOLDER_TEMPLATES,
     PASSTHROUGH,
     InputSet,
     crop_set,
@@ -38,7 +37,7 @@ from pipeline.activations.pool import write_sets
 from pipeline.activations.sparse_io import activation_table, evolution_set, sparse_rows
 from pipeline.clip.model import load_model
 from pipeline.config import ExtractParams
-from pipeline.data.evalsets import load_zero_shot_tasks
+from pipeline.data.evalsets import FOLDER_TEMPLATES, load_zero_shot_tasks
 from pipeline.data.loading import ClipBatchPreprocessor
 from pipeline.data.shards import caption_rows, verify_shards
 from pipeline.io import file_sha256, write_json

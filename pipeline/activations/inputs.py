@@ -26,7 +26,6 @@ from pipeline.data.shards import split_paths
 if TYPE_CHECKING:
     from pipeline.config import ExtractParams
 
-FOLDER_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}."]
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 FINAL = "final"
 

@@ -16,14 +16,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
 from pipeline.config import ModelParams
@@ -222,20 +220,6 @@ def build_model(params: ModelParams) -> SparseCLIP:
     return model
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    """Image and text preprocessing that matches a model: open_clip's eval transform, its BPE."""
-
-    image_size: int
-    context_length: int
-
-    def images(self):
-        return open_clip.image_transform(self.image_size, is_train=False)
-
-    def tokenizer(self) -> SimpleTokenizer:
-        return SimpleTokenizer(context_length=self.context_length)
-
-
 def save_model(model: SparseCLIP, out_dir: str | Path, name: str = "model.pt") -> Path:
     """Weights as a plain state dict (loadable with ``weights_only=True``) plus a JSON config."""
     out_dir = Path(out_dir)
@@ -257,10 +241,6 @@ def load_model(model_dir: str | Path, weights: str = "model.pt") -> SparseCLIP:
     weights_path = model_dir / weights if not Path(weights).is_absolute() else Path(weights)
     model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
     return model.eval()
-
-
-def preprocess_for(model: SparseCLIP) -> Preprocess:
-    return Preprocess(model.image_size, model.context_length)
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,9 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import raytrain
 from pipeline.clip.loss import SparseClipObjective
 from pipeline.clip.model import SparseCLIP, build_model, save_model
-from pipeline.clip.zeroshot import class_embeddings, topk_accuracy
+from pipeline.clip.zeroshot import class_embeddings, labelled_rows, zero_shot_accuracy
 from pipeline.config import ModelParams, OptimParams, Params, TrainParams
 from pipeline.data.evalsets import load_zero_shot_tasks, zero_shot_label
 from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
@@ -51,7 +51,6 @@ from pipeline.metrics.retrieval import retrieval_recall
 log = logging.getLogger(__name__)
 
 EVOLUTION_SCORE = 1e12  # evolution snapshots outrank every resume checkpoint, so they are kept
-VAL_EVAL_LIMIT = 2000  # val images scored during training (the metrics stage uses all)
 
 
 # --------------------------------------------------------------------------- schedule, optimiser
@@ -133,7 +132,7 @@ class SparsityWindow:
     @torch.no_grad()
     def update(self, image: torch.Tensor, text: torch.Tensor) -> None:
         image, text = image.detach().float(), text.detach().float()
-        fired = (image > 0).sum(0) + (text > 0).sum(0)
+        fired = (image != 0).sum(0) + (text != 0).sum(0)  # as L0 counts: a signed (dense) feature fires when non-zero
         self.firings = fired if self.firings is None else self.firings + fired
         self.nonzeros["image"] += (image != 0).sum().item()
         self.nonzeros["text"] += (text != 0).sum().item()
@@ -148,34 +147,6 @@ class SparsityWindow:
             out[f"l0_{tower}"], out[f"l0_{tower}_pct"] = tally["l0"], tally["l0_pct"]
         out["dead_fraction"] = sparsity.dead_share(self.firings.cpu().numpy()) if self.firings is not None else 1.0
         return out
-
-
-class MetricSink:
-    """Rank 0's line to the stage's MLflow run; skips steps a previous attempt already logged."""
-
-    def __init__(self, tracking_uri: str | None, run_id: str | None):
-        self.client = self.run_id = None
-        self.logged_up_to = -1
-        if tracking_uri and run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client, self.run_id = MlflowClient(tracking_uri), run_id
-            history = self.client.get_metric_history(run_id, "train/loss")
-            self.logged_up_to = max((m.step for m in history), default=-1)
-
-    def note_resume(self, step: int) -> None:
-        """Tag the run with the step training resumed from (a worker restart or a driver rerun)."""
-        if self.client is not None:
-            self.client.set_tag(self.run_id, "resumed_from_step", str(step))
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None or step <= self.logged_up_to:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        entries = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)]
-        self.client.log_batch(self.run_id, metrics=entries)
 
 
 @torch.no_grad()
@@ -198,14 +169,14 @@ def validation_eval(model: SparseCLIP, val: dict[str, Any], device: torch.device
             lambda t: model.encode_text(torch.as_tensor(t).to(device)).float(), tokenize,
             spec["classes"], spec["templates"],
         )
-        labels = [spec["classes"].index(label) for label in val["labels"][task]]
-        for k, acc in topk_accuracy(features, classifier, labels).items():
+        rows, labels = labelled_rows(val["labels"][task], spec["classes"])
+        for k, acc in zero_shot_accuracy(features[rows], classifier, labels).items():
             out[f"zeroshot/{task}/{k}"] = acc
     model.train()
     return out
 
 
-def load_val(data_dir: str, preprocessor: ClipBatchPreprocessor, limit: int = VAL_EVAL_LIMIT) -> dict[str, Any]:
+def load_val(data_dir: str, preprocessor: ClipBatchPreprocessor, limit: int | None) -> dict[str, Any]:
     """The val split decoded once: images, captions, zero-shot tasks and each image's labels."""
     tasks = load_zero_shot_tasks(data_dir)
     arrays, metas = load_split_arrays(data_dir, "val", preprocessor, limit=limit)
@@ -286,30 +257,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(config["seed"])  # same init on every rank; DDP also broadcasts rank 0's
-    if train_params.threads_per_worker:
-        torch.set_num_threads(train_params.threads_per_worker)
+    raytrain.set_threads(train_params)
 
     model = build_model(model_params)
     if train_params.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model = model.to(device)
     optimizer = make_optimizer(model, train_params.optim)
-    step = _restore(ray.train.get_checkpoint(), model, optimizer)
+    step = _restore(model, optimizer)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     objective = SparseClipObjective(model_params, rank, world, loss=train_params.loss,
                                     sparse_transport_density=train_params.sparse_transport_density)
     autocast_dtype = _autocast_dtype(train_params.precision, device)
-    placement = worker_placement(context, device, autocast_dtype)
+    placement = raytrain.worker_placement(device, autocast_dtype)
 
     total, per_epoch = config["total_steps"], config["steps_per_epoch"]
     train_step = RecipeStep(model, optimizer, objective, train_params.optim, total, autocast_dtype, ddp_model)
     snapshots = evolution_steps(train_params.evolution, total)
     progress = sink = None
     if rank == 0:
-        sink = MetricSink(config.get("tracking_uri"), config.get("run_id"))
+        sink = raytrain.MetricSink(config.get("tracking_uri"), config.get("run_id"))
         if step:
             sink.note_resume(step)
-        val = load_val(config["data_dir"], ClipBatchPreprocessor(model.image_size, model.context_length))
+        val = load_val(config["data_dir"], ClipBatchPreprocessor(model.image_size, model.context_length),
+                       train_params.val_images)
         progress = ProgressLog(model, train_params, total, val, device)
     epoch_batches = _batch_source(config["data_dir"], train_params, model, (rank, world),
                                   config["seed"] + 7919 * rank, device)
@@ -379,48 +350,33 @@ def _maybe_fail(config: dict[str, Any], step: int, rank: int) -> None:
         raise RuntimeError(f"injected worker failure at step {step} on rank {rank}")
 
 
-def worker_placement(context, device: torch.device, autocast_dtype: torch.dtype | None) -> list[dict[str, Any]]:
-    """Every worker's rank, Ray node, device, collective backend and autocast dtype, gathered on all
-    ranks (a collective: call on every rank): the record that a run used the nodes and GPUs it asked for."""
-    import ray
-
-    distributed = torch.distributed.is_initialized()
-    mine = {"rank": context.get_world_rank(), "local_rank": context.get_local_rank(),
-            "node_rank": context.get_node_rank(), "node_id": ray.get_runtime_context().get_node_id(),
-            "device": str(device), "backend": torch.distributed.get_backend() if distributed else None,
-            "autocast": str(autocast_dtype).removeprefix("torch.") if autocast_dtype else None}
-    if context.get_world_size() == 1 or not distributed:
-        return [mine]
-    everyone: list[Any] = [None] * context.get_world_size()
-    torch.distributed.all_gather_object(everyone, mine)
-    return sorted(everyone, key=lambda w: w["rank"])
-
-
 def _report(model: SparseCLIP, optimizer, step: int, evolution: list[float] | None, rank: int,
             placement: list[dict[str, Any]]) -> None:
-    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint and the placement."""
-    import ray.train
-
+    """Every rank reports; rank 0 attaches the model and optimiser state and the placement. The
+    score ranks evolution snapshots above every resume checkpoint, so Ray keeps them for good."""
     score = EVOLUTION_SCORE + step if evolution else float(step)
     metrics = {"step": step, "keep_score": score, "evolution": list(evolution or []), "workers": placement}
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model(model, tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "step": step}, Path(tmp) / "state.pt")
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def write(folder: Path) -> None:
+        save_model(model, folder)
+        torch.save({"optimizer": optimizer.state_dict(), "step": step}, folder / "state.pt")
+
+    raytrain.report(metrics, rank, write)
 
 
-def _restore(checkpoint, model: SparseCLIP, optimizer) -> int:
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as folder:
-        model.load_state_dict(torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=True))
-        state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    log.warning("resumed from checkpoint at step %d", state["step"])
-    return int(state["step"])
+def _restore(model: SparseCLIP, optimizer) -> int:
+    """The step to start from: the restored checkpoint's, or 0 on a fresh start."""
+
+    def read(folder: Path) -> int:
+        model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"])
+
+    step = raytrain.restore(read)
+    if step is not None:
+        log.warning("resumed from checkpoint at step %d", step)
+    return step or 0
 
 
 # --------------------------------------------------------------------------- the driver
@@ -461,9 +417,6 @@ def run_training(params: Params, variant: str, *, run_id: str | None = None, tra
     variant's runs with other params or data (which nothing can resume any more) are deleted
     when the variant next trains, on local storage."""
     import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.cluster import connect, require_resources, worker_resources
 
     train_params, model_params = params.train, params.train.model_for(variant)
     data_dir = str(Path(params.sample.out_dir).resolve())
@@ -475,45 +428,36 @@ def run_training(params: Params, variant: str, *, run_id: str | None = None, tra
                          f"{n_train} training records: lower it or sample more")
     total = per_epoch * train_params.epochs
 
-    connect(params.ray)
-    require_resources("train", worker_resources(train_params.resources_per_worker, train_params.use_gpu),
-                      train_params.num_workers, params.ray.wait_for_resources)
-    storage = _storage_path(params.ray.storage_path)
     name = f"{variant}-{training_identity(params, variant)}"
-    if "://" not in storage:
+    storage = raytrain.storage_path(params.ray.storage_path)
+    if raytrain.is_local(storage):
         remove_abandoned_runs(Path(storage), variant, keep=name)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
+    trainer = raytrain.make_trainer(
+        params, "train", train_params, train_loop_per_worker,
+        config={
             "train": train_params.model_dump(mode="json"), "model": model_params.model_dump(mode="json"),
             "seed": params.project.seed, "data_dir": data_dir, "total_steps": total, "steps_per_epoch": per_epoch,
             "run_id": run_id, "tracking_uri": tracking_uri, "fail_once": fail_once,
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=train_params.num_workers, use_gpu=train_params.use_gpu,
-            resources_per_worker=dict(train_params.resources_per_worker),
-            placement_strategy=train_params.placement_strategy,
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=train_params.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=len(train_params.evolution) + 1, checkpoint_score_attribute="keep_score",
-            ),
+        name=name,
+        failure_config=ray.train.FailureConfig(max_failures=train_params.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=len(train_params.evolution) + 1, checkpoint_score_attribute="keep_score",
         ),
         datasets=None if train_params.cache_data else {"train": _streamed_train_split(params, model_params, data_dir)},
     )
     result = trainer.fit()
     outcome = _export(result, Path(train_params.out_dir) / variant, total)
-    if not train_params.keep_ray_checkpoints and "://" not in storage:
-        shutil.rmtree(result.path, ignore_errors=True)
+    raytrain.discard_run_folder(result, params)
     return outcome
 
 
 def _streamed_train_split(params: Params, model_params: ModelParams, data_dir: str):
     """The train split as a Ray Dataset, decoded by Ray Data tasks; images travel as float16."""
+    from pipeline.cluster import connect
     from pipeline.data.loading import ray_split_dataset
+
+    connect(params.ray)  # the dataset is built before the trainer joins the cluster
 
     probe = build_model(model_params)
     preprocessor = ClipBatchPreprocessor(probe.image_size, probe.context_length, image_dtype=np.float16)
@@ -551,10 +495,6 @@ def remove_abandoned_runs(storage: Path, variant: str, keep: str) -> list[Path]:
         log.info("removing the checkpoints of an abandoned run: %s", path)
         shutil.rmtree(path, ignore_errors=True)
     return removed
-
-
-def _storage_path(path: str) -> str:
-    return path if "://" in path else str(Path(path).resolve())
 
 
 # --------------------------------------------------------------------------- one process, no Ray

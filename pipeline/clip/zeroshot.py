@@ -39,6 +39,23 @@ def cosine_scores(activations, classifier: np.ndarray) -> np.ndarray:
     return np.asarray(rows @ classifier.T) / np.maximum(norms, 1e-12)[:, None]
 
 
+def labelled_rows(names: Sequence[str | None], classes: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+    """The rows that have a label (an image with no main object has none) and each one's class
+    index: the one way every evaluation turns label names into targets."""
+    rows = np.flatnonzero([name is not None for name in names])
+    return rows, [classes.index(names[i]) for i in rows]
+
+
+def zero_shot_accuracy(features, classifier, labels: Sequence[int], ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy of cosine-similarity classification of (dense, sparse or torch) features
+    against [C, F] class embeddings."""
+    if isinstance(features, torch.Tensor):
+        features = features.detach().float().cpu().numpy()
+    if isinstance(classifier, torch.Tensor):
+        classifier = classifier.detach().float().cpu().numpy()
+    return accuracy_from_scores(cosine_scores(features, np.asarray(classifier, dtype=np.float64)), labels, ks)
+
+
 def accuracy_from_scores(scores, labels: Sequence[int], ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Top-k accuracy; k above the class count is capped (so top5 of 3 classes is 1.0)."""
     scores = torch.as_tensor(np.asarray(scores, dtype=np.float64))
@@ -46,10 +63,3 @@ def accuracy_from_scores(scores, labels: Sequence[int], ks: Sequence[int] = (1, 
     ranked = scores.topk(min(max(ks), scores.shape[1]), dim=-1).indices
     hits = ranked == target[:, None]
     return {f"top{k}": hits[:, :k].any(-1).float().mean().item() for k in ks}
-
-
-def topk_accuracy(image_features: torch.Tensor, classifier: torch.Tensor, labels: Sequence[int],
-                  ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracy of cosine-similarity classification of dense torch features."""
-    scores = F.normalize(image_features.float(), dim=-1) @ classifier.float().T
-    return accuracy_from_scores(scores.cpu().numpy(), labels, ks)

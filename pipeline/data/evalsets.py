@@ -29,6 +29,10 @@ from pipeline.io import write_json
 
 EVAL_SPLITS = ("val", "test")
 
+# Prompts for the classes of a labelled image folder (``extract.labelled_folders``: one
+# sub-folder per class, e.g. an ImageNet-style validation set): CLIP's plainest templates.
+FOLDER_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}."]
+
 # Prompt templates in the spirit of CLIP's ImageNet ensemble, worded for rendered scenes.
 ZERO_SHOT_TASKS: dict[str, dict[str, Any]] = {
     "shape": {

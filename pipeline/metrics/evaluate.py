@@ -30,6 +30,8 @@ from pipeline.clip.zeroshot import (
     accuracy_from_scores,
     classifier_from_prompts,
     cosine_scores,
+    labelled_rows,
+    zero_shot_accuracy,
 )
 from pipeline.config import MetricsParams
 from pipeline.data.concepts import concept_ids
@@ -134,15 +136,15 @@ def zero_shot_metrics(acts: ActivationSet, meta: pa.Table, images: sp.csr_matrix
         classifier = classifiers[task]
         if acts.has(f"labelled_{task}"):
             task_meta, task_images = acts.load(f"labelled_{task}")
-            labels = [spec["classes"].index(x) for x in task_meta.column("label").to_pylist()]
+            rows, labels = labelled_rows(task_meta.column("label").to_pylist(), spec["classes"])
+            task_images = task_images[rows]
         else:
-            names = _labels(meta, task)
-            keep = test & np.asarray([n is not None for n in names])
-            task_images = images[np.flatnonzero(keep)]
-            labels = [spec["classes"].index(n) for n, k in zip(names, keep) if k]
+            names = [name if in_test else None for name, in_test in zip(_labels(meta, task), test)]
+            rows, labels = labelled_rows(names, spec["classes"])
+            task_images = images[rows]
         if not labels:
             continue
-        out[task] = accuracy_from_scores(cosine_scores(task_images, classifier), labels)
+        out[task] = zero_shot_accuracy(task_images, classifier, labels)
         for cut in ("labels_topk", "images_topk"):
             accuracy = {k: accuracy_from_scores(topk_cut_scores(cut, task_images, classifier, k), labels)["top1"]
                         for k in params.topk}
@@ -151,8 +153,8 @@ def zero_shot_metrics(acts: ActivationSet, meta: pa.Table, images: sp.csr_matrix
         out[task]["n"] = len(labels)
     if acts.has("crops") and "shape" in tasks:
         crop_meta, crops = acts.load("crops")
-        labels = [tasks["shape"]["classes"].index(x) for x in crop_meta.column("label").to_pylist()]
-        out["box_classification"] = accuracy_from_scores(cosine_scores(crops, classifiers["shape"]), labels)
+        rows, labels = labelled_rows(crop_meta.column("label").to_pylist(), tasks["shape"]["classes"])
+        out["box_classification"] = zero_shot_accuracy(crops[rows], classifiers["shape"], labels)
     if curves:
         plot_topk_zeroshot(curves, {task: out[task]["top1"] for task in curves}, plot_path, title)
     return out

@@ -36,7 +36,7 @@ from pipeline.activations.extract import SparseEncoder
 from pipeline.activations.inputs import image_rows, image_set, text_set
 from pipeline.activations.pool import write_sets
 from pipeline.activations.sparse_io import activation_table, sparse_rows, to_csr
-from pipeline.clip.zeroshot import accuracy_from_scores, cosine_scores
+from pipeline.clip.zeroshot import labelled_rows, zero_shot_accuracy
 from pipeline.config import Params
 from pipeline.data.evalsets import zero_shot_label
 from pipeline.data.shards import caption_rows
@@ -113,13 +113,12 @@ def training_data(params: Params, paths: list[Path], width: int):
 
 
 def train_config(params: Params) -> SAETrainConfig:
+    """The trainer's config from the ``sae`` params (every key the two share), the project seed
+    and the device ``auto`` resolves to."""
     cfg = params.sae
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto"
-                                                                               else cfg.device)
-    return SAETrainConfig(kind=cfg.kind, expansion=cfg.expansion, k=cfg.k, l1_lambda=cfg.l1_lambda, lr=cfg.lr,
-                          epochs=cfg.epochs, batch_size=cfg.batch_size, aux_k=cfg.aux_k,
-                          dead_after_tokens=cfg.dead_after_tokens, log_every=cfg.log_every,
-                          seed=params.project.seed, device=device)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    shared = {f.name for f in dataclasses.fields(SAETrainConfig)} & set(type(cfg).model_fields) - {"device"}
+    return SAETrainConfig(**{name: getattr(cfg, name) for name in shared}, seed=params.project.seed, device=device)
 
 
 @torch.no_grad()
@@ -156,9 +155,9 @@ def reconstruction_zero_shot(sae: SparseAutoencoder, source: ActivationSet) -> d
         if source.has(f"labelled_{task}"):
             continue  # labelled folders are scored by the metrics stage, on their own images
         classifier = classifiers[task]
-        labels = [spec["classes"].index(zero_shot_label(m, task)) for m in metas]
-        out[task] = {"dense": accuracy_from_scores(cosine_scores(dense, classifier), labels),
-                     "sae_reconstruction": accuracy_from_scores(cosine_scores(rebuilt, classifier), labels)}
+        rows, labels = labelled_rows([zero_shot_label(m, task) for m in metas], spec["classes"])
+        out[task] = {"dense": zero_shot_accuracy(dense[rows], classifier, labels),
+                     "sae_reconstruction": zero_shot_accuracy(rebuilt[rows], classifier, labels)}
     return out
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline import raytrain
 from pipeline.clip.model import load_model
 from pipeline.config import Params, VLMParams
 from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
@@ -65,10 +65,8 @@ def train_vlm_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.clip.train import MetricSink
-
     cfg = VLMParams.model_validate(config["vlm"])
-    torch.set_num_threads(cfg.threads_per_worker)
+    raytrain.set_threads(cfg)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config["seed"])  # the same adapter init on every rank
@@ -78,18 +76,15 @@ def train_vlm_worker(config: dict[str, Any]) -> None:
     images, examples, _ = qa_examples(config["data_dir"], "train", cfg,
                                       ClipBatchPreprocessor(vlm.encoder.image_size, vlm.encoder.context_length))
     examples = examples[rank::world]
-    sink = MetricSink(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
+    sink = raytrain.MetricSink(config.get("tracking_uri"), config.get("run_id"), "vlm/loss") if rank == 0 else None
     loss = two_stage_training(vlm, images, examples, cfg, config["seed"] + rank, world, device,
                               sink.log if sink else None)
-    step = cfg.stage1_steps + cfg.stage2_steps
-    metrics = {"step": step, "loss": loss.item()}
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(vlm.adapter.state_dict(), Path(tmp) / "adapter.pt")
-        torch.save(trained_lm_state(vlm, cfg.lm_layers), Path(tmp) / "lm_trained.pt")
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def write(folder: Path) -> None:
+        torch.save(vlm.adapter.state_dict(), folder / "adapter.pt")
+        torch.save(trained_lm_state(vlm, cfg.lm_layers), folder / "lm_trained.pt")
+
+    raytrain.report({"step": cfg.stage1_steps + cfg.stage2_steps, "loss": loss.item()}, rank, write)
 
 
 def two_stage_training(vlm: VisionLanguageModel, images: torch.Tensor, examples: list[dict[str, Any]],
@@ -134,28 +129,15 @@ def _average_gradients(parameters: list[torch.nn.Parameter], world: int) -> None
 def run_vlm_training(params: Params, variant: str, *, run_id: str | None = None,
                      tracking_uri: str | None = None) -> Path:
     """Train the VLM on one encoder variant; write ``<vlm.out_dir>/<variant>/`` and return it."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.clip.train import _storage_path
-    from pipeline.cluster import connect, require_resources, worker_resources
-
     cfg = params.vlm
     lm_dir = prepare_language_model(cfg.language_model, cfg.lm_cache)
     encoder_dir = Path(params.train.out_dir, variant).resolve()
-    storage = _storage_path(params.ray.storage_path)
-    connect(params.ray)
-    require_resources("vlm", worker_resources(cfg.resources_per_worker, cfg.use_gpu), cfg.num_workers,
-                      params.ray.wait_for_resources)
-    trainer = TorchTrainer(
-        train_vlm_worker,
-        train_loop_config={"vlm": cfg.model_dump(mode="json"), "seed": params.project.seed,
-                           "encoder_dir": str(encoder_dir), "lm_dir": str(Path(lm_dir).resolve()),
-                           "data_dir": str(Path(params.sample.out_dir).resolve()),
-                           "run_id": run_id, "tracking_uri": tracking_uri},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker=dict(cfg.resources_per_worker)),
-        run_config=ray.train.RunConfig(name=f"vlm-{variant}-{run_id or int(time.time())}", storage_path=storage),
+    trainer = raytrain.make_trainer(
+        params, "vlm", cfg, train_vlm_worker,
+        config={"vlm": cfg.model_dump(mode="json"), "seed": params.project.seed,
+                "encoder_dir": str(encoder_dir), "lm_dir": str(Path(lm_dir).resolve()),
+                "data_dir": str(Path(params.sample.out_dir).resolve()), "run_id": run_id, "tracking_uri": tracking_uri},
+        name=f"vlm-{variant}-{run_id or int(time.time())}",
     )
     result = trainer.fit()
     out = Path(cfg.out_dir) / variant
@@ -164,8 +146,7 @@ def run_vlm_training(params: Params, variant: str, *, run_id: str | None = None,
     with result.checkpoint.as_directory() as folder:
         for name in ("adapter.pt", "lm_trained.pt"):
             shutil.copy(Path(folder) / name, out / name)
-    if not params.train.keep_ray_checkpoints and "://" not in storage:
-        shutil.rmtree(result.path, ignore_errors=True)  # exported above; every run left ~100 MB (1.5 GB seen)
+    raytrain.discard_run_folder(result, params)  # exported above; every run left ~100 MB (1.5 GB seen)
     (out / "vlm.json").write_text(json.dumps({"encoder_dir": _relative_to(encoder_dir, out),
                                               "lm_dir": _relative_to(lm_dir, out),
                                               "vlm": cfg.model_dump(mode="json"), "final_loss": result.metrics["loss"]},
