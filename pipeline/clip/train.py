@@ -273,30 +273,40 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     total, per_epoch = config["total_steps"], config["steps_per_epoch"]
     train_step = RecipeStep(model, optimizer, objective, train_params.optim, total, autocast_dtype, ddp_model)
-    snapshots = evolution_steps(train_params.evolution, total)
-    progress = sink = None
-    if rank == 0:
-        sink = raytrain.MetricSink(config.get("tracking_uri"), config.get("run_id"))
-        if step:
-            sink.note_resume(step)
-        val = load_val(config["data_dir"], ClipBatchPreprocessor(model.image_size, model.context_length),
-                       train_params.val_images)
-        progress = ProgressLog(model, train_params, total, val, device)
+    log_progress = _rank0_progress(config, model, train_params, device, step) if rank == 0 else None
     epoch_batches = _batch_source(config["data_dir"], train_params, model, (rank, world),
                                   config["seed"] + 7919 * rank, device)
-
+    snapshots = evolution_steps(train_params.evolution, total)
     while step < total:
         epoch = step // per_epoch
         for batch in islice(epoch_batches(epoch), per_epoch - step % per_epoch):
             losses, outputs, lr = train_step(batch, step)
             step += 1
             _maybe_fail(config, step, rank)
-            if progress is not None and (metrics := progress.after_step(step, losses, outputs, lr)):
-                sink.log({"epoch": epoch, **metrics}, step)
+            if log_progress is not None:
+                log_progress(step, epoch, losses, outputs, lr)
             if step % train_params.checkpoint_every == 0 or step in snapshots or step == total:
                 _report(model, optimizer, step, snapshots.get(step), rank, placement)
             if step >= total:
                 break
+
+
+def _rank0_progress(config: dict[str, Any], model: SparseCLIP, train_params: TrainParams, device: torch.device,
+                    resumed_at: int):
+    """Rank 0's logging: the val split loaded once, :class:`ProgressLog` for what is due, the
+    stage's MLflow run as the sink (tagged with the step a resume started from)."""
+    sink = raytrain.MetricSink(config.get("tracking_uri"), config.get("run_id"))
+    if resumed_at:
+        sink.note_resume(resumed_at)
+    val = load_val(config["data_dir"], ClipBatchPreprocessor(model.image_size, model.context_length),
+                   train_params.val_images)
+    progress = ProgressLog(model, train_params, config["total_steps"], val, device)
+
+    def log_progress(step: int, epoch: int, losses, outputs, lr: float) -> None:
+        if metrics := progress.after_step(step, losses, outputs, lr):
+            sink.log({"epoch": epoch, **metrics}, step)
+
+    return log_progress
 
 
 def _batch_source(data_dir: str, train_params: TrainParams, model: SparseCLIP, part: tuple[int, int], seed: int,
