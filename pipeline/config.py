@@ -30,7 +30,7 @@ class ParamsError(ValueError):
 class Section(BaseModel):
     """Base of every params section: unknown keys are errors, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 # --------------------------------------------------------------------------- project-wide

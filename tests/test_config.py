@@ -41,6 +41,19 @@ def test_wrong_value_names_key_value_and_expectation(tmp_path):
     assert "sample.source.kind = 'ftp'" in text and "'generated'" in text
 
 
+def test_types_are_strict_so_a_typo_cannot_be_coerced(tmp_path):
+    """'yes' is not a boolean and 20.0 epochs is not a whole number: lax parsing would read the
+    first as True and silently truncate the second."""
+    path = write(tmp_path, {"train": {"use_gpu": "yes", "epochs": 20.5, "keep_ray_checkpoints": 1}})
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    text = str(err.value)
+    assert "train.use_gpu = 'yes': Input should be a valid boolean" in text
+    assert "train.epochs = 20.5: Input should be a valid integer" in text
+    assert "train.keep_ray_checkpoints = 1: Input should be a valid boolean" in text
+    assert load_params(write(tmp_path, {"train": {"optim": {"lr": 1}}})).train.optim.lr == 1.0  # int for float is fine
+
+
 def test_cross_field_rules(tmp_path):
     with pytest.raises(ParamsError, match="split fractions must sum to 1, got 1.2"):
         load_params(write(tmp_path, {"sample": {"splits": {"train": 1.0, "val": 0.1, "test": 0.1}}}))
