@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DEFAULT_PARAMS, ParamsError, load_params
+from pipeline.cli import INPUT_ERRORS, fail
+from pipeline.config import DEFAULT_PARAMS, load_params
 from pipeline.job import STORAGE_ENV, ray_excludes, read_override
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -171,13 +172,16 @@ def main(argv: list[str] | None = None) -> None:
         spec = build_job(args.project, repro_args, workspace=args.workspace, params_override=args.params_override,
                          storage_path=args.storage_path, mlflow_uri=args.mlflow_uri,
                          submission_id=args.submission_id)
-    except (ParamsError, FileNotFoundError, ValueError) as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except INPUT_ERRORS as err:
+        fail(parser.prog, err)
     if args.dry_run:
         print(ray_job_submit_command(spec, args.address))
         return
-    jobs = submit(spec, args.address)
+    try:
+        jobs = submit(spec, args.address)
+    except ConnectionError as err:
+        fail(parser.prog, f"no Ray Jobs API at {args.address} ({err}): is the cluster up, and is that its "
+                          "dashboard address (--address or RAY_API_SERVER_ADDRESS)?")
     print(f"submitted {spec.submission_id} to {args.address}; workspace {spec.metadata['workspace']}\n"
           f"  follow: ray job logs -f {spec.submission_id} --address {args.address}", flush=True)
     if args.no_wait:

@@ -49,6 +49,28 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+class TrackingUnreachable(ConnectionError):
+    """The MLflow server named by ``MLFLOW_TRACKING_URI`` does not answer."""
+
+
+def require_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, with one line naming the server, when an HTTP tracking server does not
+    answer its health check: MLflow's client would otherwise retry for ~4 minutes and end in a
+    traceback. Local stores (sqlite, file) need no check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingUnreachable(f"MLflow server {uri} does not answer ({reason}): start it, or unset "
+                                  "MLFLOW_TRACKING_URI to use the local sqlite store") from None
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     """Get or create the pipeline's experiment; a SQLite store keeps artifacts in ``mlartifacts/``
     beside its database file (so a store on shared storage has its artifacts there too)."""
@@ -173,6 +195,7 @@ def stage_run(
     with the same key is continued instead: the rerun logs into the killed run, whose metric
     history the resumed training extends rather than repeats.
     """
+    require_reachable(tracking_uri())
     client = MlflowClient(tracking_uri())
     exp_id = experiment_id(client, params.project.experiment)
     resumed = close_orphans(client, exp_id, stage, variant, resume_key)

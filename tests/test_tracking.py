@@ -84,3 +84,52 @@ def test_failed_stage_is_marked_failed(workdir):
     [found] = client.search_runs([client.get_experiment_by_name("sparseclip").experiment_id])
     assert found.info.status == "FAILED" and found.data.tags["variant"] == "sparse"
     assert not (workdir / "out" / LINEAGE_FILE).exists()
+
+
+def test_an_unreachable_tracking_server_fails_a_stage_in_seconds_with_one_line(workdir, monkeypatch, capsys):
+    """MLflow's client retries a dead server for ~4 minutes and ends in a traceback; a stage
+    checks the server's health first and exits 2 naming it (``--debug`` re-raises)."""
+    import socket
+    import time
+
+    from pipeline.tracking import TrackingUnreachable, require_reachable
+    from stages.vocab import main
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--params", str(REPO / "params.yaml")])
+    assert exit_.value.code == 2 and time.monotonic() - started < 30
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"python -m stages.vocab: error: MLflow server http://127.0.0.1:{port} does not answer "
+                     "([Errno 111] Connection refused): start it, or unset MLFLOW_TRACKING_URI to use the local "
+                     "sqlite store"]
+    with pytest.raises(TrackingUnreachable):
+        main(["--params", str(REPO / "params.yaml"), "--debug"])
+    require_reachable("sqlite:///anything.db")  # local stores are not probed
+
+
+def test_a_healthy_tracking_server_passes_the_check():
+    import http.server
+    import threading
+
+    from pipeline.tracking import require_reachable
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        require_reachable(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
