@@ -149,6 +149,29 @@ def test_csv_source_reports_missing_columns_and_files(tmp_path):
         CsvSource(SourceParams(kind="csv", path=str(tmp_path / "other.csv")))
 
 
+def test_webdataset_source_scans_each_tar_once_per_process(dirty_shards, tmp_path):
+    from pipeline.data import sources
+
+    source = sources.WebDatasetSource(SourceParams(kind="webdataset", path=str(dirty_shards)))
+    sources._tar_index.cache_clear()
+    refs = source.refs()
+    assert [r.split("::")[1] for r in refs] == ["good", "corrupt", "empty", "nosidecar", "badjson", "tiny",
+                                                "wide", "noimage", "good2"]
+    # shard-sized subsets, out of order: each reads its members from the one scan refs() made
+    first, second = list(source.load(refs[5:][::-1])), list(source.load(refs[:5]))
+    assert sources._tar_index.cache_info().misses == 1
+    assert [r.key for r in first] == ["good2", "noimage", "wide", "tiny"]
+    assert first[0].image == jpeg(colour=(0, 0, 255)) and first[0].caption == "a blue square"
+    assert first[1].image is None and first[1].sidecar == {}
+    assert second[3].sidecar is None and second[4].sidecar_error.startswith("invalid JSON")
+    # a rewritten tar (other size) is scanned again, never served from the stale index
+    with tarfile.open(dirty_shards, "w") as tar:
+        for ext, payload in {"jpg": jpeg(), "txt": b"a new caption", "json": b"{}"}.items():
+            add(tar, f"fresh.{ext}", payload)
+    assert [r.caption for r in source.load([f"{dirty_shards}::fresh"])] == ["a new caption"]
+    assert sources._tar_index.cache_info().misses == 2
+
+
 def test_run_sample_skips_and_counts_bad_records(ray_local, dirty_shards, tmp_path):
     params = SampleParams(
         source=SourceParams(kind="webdataset", path=str(dirty_shards)),
