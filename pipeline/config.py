@@ -240,7 +240,9 @@ class TrainParams(WorkerGroupParams):
         "clip", description="clip: open_clip's ClipLoss (gathers every embedding); tiled: the exact ring-tiled "
         "loss whose memory does not grow with global batch x width (pipeline/clip/loss.py)")
     sparse_transport_density: float | None = Field(
-        None, gt=0, le=1, description="tiled: send embedding blocks as (index, value) pairs below this density")
+        None, gt=0, le=1, description="tiled: send embedding blocks as (index, value) pairs below this density; "
+        "None: dense. Set it from benchmarks/sparse_transport.py on your transport: on gloo (4 workers, 2 cores) "
+        "sparse shifts were slower at every density down to 0.005")
     cache_data: bool = Field(True, description="each worker decodes its slice of the train split once, in its "
                              "own process, and keeps it in memory (false: Ray Data streams every epoch)")
     log_every: int = Field(10, ge=1, description="steps between training metrics")
