@@ -183,8 +183,8 @@ def tar_index(file: str) -> dict[str, dict[str, Member]]:
 
     A tar has no index: finding a member means reading every header before it. The sample stage
     asks for one shard's records per task, and a source tar of 10,000 samples feeds about ten
-    shards, so scanning it once per shard re-read every header ten times (4x slower than one pass
-    over the source, ``benchmarks/sample_throughput.py``). The index is kept per process for the
+    shards, so scanning it once per shard re-read every header ten times (the stage ran 2-4x slower
+    than one pass over the source, ``benchmarks/sample_throughput.py``). The index is kept per process for the
     last 8 files (~7 MB each for 10,000 samples: offsets, not TarInfo objects), keyed by size and
     mtime so a rewritten tar is scanned again. Scanning a 10,000-sample tar took 2.4 s here."""
     stat = os.stat(file)
