@@ -1,7 +1,7 @@
 """Connecting to Ray: join the cluster named by params or ``$RAY_ADDRESS``, else start a local one.
 
-A local cluster binds to 127.0.0.1, starts no dashboard and sends no usage statistics, so the
-embedded run makes no network traffic beyond loopback. On a cluster the same code joins the
+A local cluster binds every process to 127.0.0.1 (see ``LOOPBACK_SWITCH``), starts no dashboard and
+sends no usage statistics, so the embedded run makes no network traffic beyond loopback. On a cluster the same code joins the
 existing head node (``ray job submit`` sets ``RAY_ADDRESS``) and inherits its resources.
 
 Inside a Ray job the driver's ``runtime_env`` is merged with the job's, and Ray refuses the merge
@@ -24,6 +24,16 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 
 import ray  # noqa: E402
+from ray._private import ray_constants  # noqa: E402
+
+# Ray turns a node address of 127.0.0.1 into the machine's network IP (``resolve_ip_for_localhost``)
+# so that other nodes can reach it, and its processes then listen on every interface (measured:
+# gcs_server, raylet and workers on ``::``, the agents on 0.0.0.0 and the host's IP). Ray's own
+# switch for a one-machine cluster, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (the default on macOS
+# and Windows), keeps the node address 127.0.0.1 and every listener on loopback. Ray reads it into
+# ``ray_constants.ENABLE_RAY_CLUSTER`` when it is imported, so :func:`_one_machine` sets both: the
+# variable for the processes the local cluster starts, the constant for this one.
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +54,10 @@ def connect(params: RayParams) -> dict:
         env = {"env_vars": _worker_env(), "worker_process_setup_hook": "pipeline.cluster.quiet_worker_logs"}
         if address:
             log.info("joining Ray cluster at %s", address)
+            _one_machine(_on_loopback(address))
             ray.init(address=address, runtime_env=env, log_to_driver=True)
         else:
+            _one_machine(True)
             ray.init(
                 address="local",  # a new cluster: never silently join one `ray start` left on this machine
                 num_cpus=params.num_cpus,
@@ -56,6 +68,19 @@ def connect(params: RayParams) -> dict:
                 configure_logging=False,
             )
     return ray.cluster_resources()
+
+
+def _one_machine(loopback: bool) -> None:
+    """Ray's single-machine mode (every listener on 127.0.0.1) for a local cluster or one joined
+    on loopback; its multi-node mode (this node's network IP) for a cluster on the network."""
+    os.environ[LOOPBACK_SWITCH] = "0" if loopback else "1"
+    ray_constants.ENABLE_RAY_CLUSTER = not loopback
+
+
+def _on_loopback(address: str) -> bool:
+    """Whether a cluster address (``host:port``, ``ray://host:port``) is on this machine's loopback."""
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
 
 
 def worker_resources(resources_per_worker: dict[str, float], use_gpu: bool) -> dict[str, float]:

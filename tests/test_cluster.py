@@ -298,3 +298,35 @@ def test_trainings_the_cluster_cannot_hold_fail_at_once_naming_what_is_missing(r
     with pytest.raises(ValueError, match="train: cannot place the workers"):
         run_training(params, "sparse")
     assert time.perf_counter() - started < 60
+
+
+LISTENERS = r"""
+import json, psutil, ray
+from pipeline.cluster import connect
+from pipeline.config import load_params
+import ray.data
+
+connect(load_params("params.yaml").ray)
+assert ray.data.range(8).map_batches(lambda b: b, num_cpus=0.25).count() == 8
+ray.get(ray.remote(num_cpus=0.25)(lambda: 1).remote())
+tree = [psutil.Process(), *psutil.Process().children(recursive=True)]
+found = [{"process": " ".join(p.cmdline()[:2])[:80], "address": c.laddr.ip, "port": c.laddr.port}
+         for p in tree for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+print("LISTENERS " + json.dumps(found))
+ray.shutdown()
+"""
+
+
+def test_a_stage_that_starts_its_own_cluster_listens_on_loopback_only():
+    """A stage run alone (no shared cluster, no RAY_ADDRESS) starts a local Ray; every socket its
+    Ray processes listen on (GCS, raylet, driver, workers, agents) is on 127.0.0.1."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    done = subprocess.run([sys.executable, "-c", LISTENERS], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = [x for x in done.stdout.splitlines() if x.startswith("LISTENERS ")]
+    listeners = json.loads(line.removeprefix("LISTENERS "))
+    names = " ".join(entry["process"] for entry in listeners)
+    assert "gcs_server" in names and "raylet" in names, listeners  # the check saw Ray's own processes
+    exposed = [entry for entry in listeners if entry["address"] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert not exposed, exposed
