@@ -361,3 +361,79 @@ def test_training_window_reports_what_the_metrics_compute_on_the_same_rows():
     assert summary["l0_text_pct"] == pytest.approx(100 * metrics.l0(texts) / 40)
     both = np.concatenate([images, texts])
     assert 0 < summary["dead_fraction"] == pytest.approx(metrics.dead_fraction(both))
+
+
+def _keep_topk_reference(a, k):
+    """Dense brute force: each row's k largest non-zeros, ties to the lower index."""
+    expected = np.zeros_like(a)
+    for r, row in enumerate(a):
+        nonzero = np.flatnonzero(row)
+        keep = nonzero[np.lexsort((nonzero, -row[nonzero]))][:k]
+        expected[r, keep] = row[keep]
+    return expected
+
+
+@pytest.mark.parametrize("budget", [7, 64, 1 << 22])
+def test_keep_topk_in_blocks_matches_brute_force(monkeypatch, budget):
+    """Blocks of a few rows (padded sort) and skewed rows (one long row: the lexsort fallback)."""
+    from pipeline.metrics import topk
+
+    monkeypatch.setattr(topk, "_NNZ_PER_BLOCK", budget)
+    rng = np.random.default_rng(12)
+    a = np.round(sparse_relu(rng, 60, 40, fill=0.15), 1).astype(np.float32)  # ties
+    a[5] = np.round(rng.exponential(size=40), 1)  # a full row among short ones
+    a[9] = 0.0  # an empty row
+    for k in (1, 3, 8, 40):
+        got = metrics.keep_topk(sp.csr_matrix(a), k)
+        assert got.has_canonical_format and got.dtype == np.float32
+        assert np.array_equal(got.toarray(), _keep_topk_reference(a, k))
+
+
+def test_labels_topk_scores_equal_the_densified_classifier():
+    """topk_cut_scores keeps the cut classifier sparse; the scores equal the dense product's."""
+    from pipeline.clip.zeroshot import cosine_scores
+    from pipeline.metrics._arrays import unit_sparse_rows
+    from pipeline.metrics.evaluate import topk_cut_scores
+
+    rng = np.random.default_rng(13)
+    images = sp.csr_matrix(sparse_relu(rng, 50, 30, fill=0.3).astype(np.float32))
+    classifier = rng.random((4, 30))
+    classifier /= np.linalg.norm(classifier, axis=1, keepdims=True)
+    for k in (1, 4, 30):
+        dense = cosine_scores(images, unit_sparse_rows(metrics.keep_topk(classifier, k)).toarray())
+        assert np.array_equal(topk_cut_scores("labels_topk", images, classifier, k), dense)
+
+
+@pytest.mark.parametrize("chunk", [5, 1 << 22])
+def test_chunked_column_reductions_match_dense(monkeypatch, chunk):
+    """feature_counts, feature_density and modality_scores run chunk by chunk (tiny chunks here)
+    and agree with dense numpy: counts exactly, sums to float64 rounding."""
+    from pipeline.metrics import _arrays
+
+    monkeypatch.setattr(_arrays, "_NNZ_PER_CHUNK", chunk)
+    rng = np.random.default_rng(14)
+    images = sparse_relu(rng, 45, 20, fill=0.2).astype(np.float32)
+    texts = sparse_relu(rng, 30, 20, fill=0.2, scale=7.0).astype(np.float32)
+    images[:, 2] = texts[:, 2] = 0.0  # dead: NaN modality
+    images[3] = 0.0  # an empty row stays zero
+    x, t = sp.csr_matrix(images), sp.csr_matrix(texts)
+
+    assert np.array_equal(metrics.feature_counts(x, tau=0.3), (images > 0.3).sum(0))
+    peak = images.max(0).astype(np.float64)
+    mean = images.astype(np.float64).mean(0)
+    assert np.allclose(metrics.feature_density(x), np.divide(mean, peak, out=np.zeros(20), where=peak > 0),
+                       rtol=1e-12, atol=0)
+
+    def unit(a):
+        a = a.astype(np.float64)
+        norms = np.linalg.norm(a, axis=1, keepdims=True)
+        return np.divide(a, norms, out=np.zeros_like(a), where=norms > 0)
+
+    image_mean, text_mean = unit(images).mean(0), unit(texts).mean(0)
+    expected = np.divide(image_mean, image_mean + text_mean, out=np.full(20, np.nan),
+                         where=image_mean + text_mean > 0)
+    # rtol 1e-6: the row norms square float32 values in float32 (as unit_sparse_rows always did)
+    assert np.allclose(metrics.modality_scores(x, t), expected, rtol=1e-6, atol=0, equal_nan=True)
+    # and the unit-row matrix it no longer builds gives the same sums
+    assert np.allclose(_arrays.unit_positive_column_sums(x),
+                       _arrays.positive_column_sums(_arrays.unit_sparse_rows(x)), rtol=1e-12, atol=0)

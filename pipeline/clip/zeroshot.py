@@ -33,10 +33,14 @@ def classifier_from_prompts(prompt_activations, prompt_labels: Sequence[str], cl
 
 
 def cosine_scores(activations, classifier: np.ndarray) -> np.ndarray:
-    """[n, C] cosine similarity of each (sparse or dense) row to each class, without densifying."""
+    """[n, C] cosine similarity of each (sparse or dense) row to each class, without densifying.
+    ``classifier`` may be sparse too (a class embedding cut to its top-k features): the product
+    then costs O(matches), not O(nnz x C)."""
     rows = sp.csr_matrix(activations, dtype=np.float64)
     norms = np.sqrt(np.asarray(rows.multiply(rows).sum(axis=1)).ravel())
-    return np.asarray(rows @ classifier.T) / np.maximum(norms, 1e-12)[:, None]
+    scores = rows @ classifier.T
+    scores = scores.toarray() if sp.issparse(scores) else np.asarray(scores)
+    return scores / np.maximum(norms, 1e-12)[:, None]
 
 
 def labelled_rows(names: Sequence[str | None], classes: Sequence[str]) -> tuple[np.ndarray, list[int]]:

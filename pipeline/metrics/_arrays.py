@@ -35,15 +35,48 @@ def as_csr(activations) -> sp.csr_matrix:
     return matrix
 
 
+_NNZ_PER_CHUNK = 1 << 22  # stored entries per pass of the column reductions: bounds their temporaries
+
+
+def nnz_chunks(nnz: int, size: int = 0) -> Iterator[slice]:
+    """Consecutive slices of range(nnz) of at most ``size`` stored entries (default
+    ``_NNZ_PER_CHUNK``): the column reductions below run chunk by chunk, so their temporaries
+    (float64 weights, intp indices) cost a chunk, not 16 bytes per non-zero of the whole matrix."""
+    return row_blocks(nnz, size or _NNZ_PER_CHUNK)
+
+
 def positive_column_sums(matrix: sp.csr_matrix) -> np.ndarray:
     """[F] sum over rows of max(a, 0): the activation mass of each feature, in O(nnz)."""
-    return np.bincount(matrix.indices, weights=np.maximum(matrix.data, 0.0), minlength=matrix.shape[1])
+    out = np.zeros(matrix.shape[1])
+    for part in nnz_chunks(matrix.nnz):
+        out += np.bincount(matrix.indices[part], weights=np.maximum(matrix.data[part], 0.0),
+                           minlength=matrix.shape[1])
+    return out
 
 
 def positive_column_max(matrix: sp.csr_matrix) -> np.ndarray:
     """[F] max over rows of max(a, 0) (0 for a feature that never fires), in O(nnz)."""
     out = np.zeros(matrix.shape[1])
-    np.maximum.at(out, matrix.indices, matrix.data)
+    for part in nnz_chunks(matrix.nnz):
+        np.maximum.at(out, matrix.indices[part], matrix.data[part])
+    return out
+
+
+def unit_positive_column_sums(matrix: sp.csr_matrix) -> np.ndarray:
+    """[F] ``positive_column_sums(unit_sparse_rows(matrix))`` without building the unit-row matrix:
+    rows are taken a block of about ``_NNZ_PER_CHUNK`` stored entries at a time."""
+    out = np.zeros(matrix.shape[1])
+    indptr, n, start = matrix.indptr, matrix.shape[0], 0
+    while start < n:
+        stop = min(n, max(start + 1, int(np.searchsorted(indptr, indptr[start] + _NNZ_PER_CHUNK, side="right")) - 1))
+        lo, hi = int(indptr[start]), int(indptr[stop])
+        local = np.repeat(np.arange(stop - start), np.diff(indptr[start:stop + 1]))
+        data = matrix.data[lo:hi]
+        norms = np.sqrt(np.bincount(local, weights=data ** 2, minlength=stop - start))
+        scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        out += np.bincount(matrix.indices[lo:hi], weights=np.maximum(data * scale[local], 0.0),
+                           minlength=matrix.shape[1])
+        start = stop
     return out
 
 

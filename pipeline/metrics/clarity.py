@@ -8,7 +8,7 @@ of that over active features. Enumerating pairs costs O(|I_i|^2) per feature, ho
 
     sum_{j != k in I_i} u_j . u_k = ||S_i||^2 - |I_i|,     S = B^T U,
 
-which costs O(nnz x d) time and O(F x d) memory.
+which costs O(nnz x d) time and O(F x d) memory (plus one block of rows at a time).
 """
 
 from __future__ import annotations
@@ -21,22 +21,33 @@ from ._arrays import as_csr, row_blocks, unit_rows
 _ROWS_PER_BLOCK = 65_536
 
 
-def _mean_pair_cosine(members: sp.csr_matrix, embeddings, n_min: int) -> np.ndarray:
+def _mean_pair_cosine(members: sp.csr_matrix, embeddings, n_min: int, tau: float | None = None) -> np.ndarray:
     """[F] mean cosine similarity over ordered pairs of distinct member rows of each column of
-    the binary (n x F) ``members``; NaN for columns with fewer than n_min (>= 2) members.
+    the (n x F) ``members``; NaN for columns with fewer than n_min (>= 2) members. With ``tau``
+    a row is a member of a column where its value is > tau (``members`` holds activations),
+    without it ``members`` is binary already.
 
-    Embeddings are normalised block by block so only a block of rows is ever copied.
+    Rows are taken a block at a time: only a block of rows of the activations (thresholded to
+    0/1) and of the embeddings (normalised) is ever copied, so the extra memory is O(F x d) plus
+    a block, not a float64 copy of the whole (n x F) matrix.
     """
     n, width = members.shape
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2 or embeddings.shape[0] != n:
         raise ValueError(f"embeddings must be ({n} x d) to match the activations, got {embeddings.shape}")
     sums = np.zeros((width, embeddings.shape[1]))
+    counts = np.zeros(width, dtype=np.int64)
     for rows in row_blocks(n, _ROWS_PER_BLOCK):
-        sums += members[rows].T @ unit_rows(np.asarray(embeddings[rows], dtype=np.float64))
-    counts = np.bincount(members.indices, minlength=width).astype(np.float64)
+        block = members[rows]
+        if tau is None:
+            block = block.astype(np.float64, copy=False)
+        else:
+            block.data = (block.data > tau).astype(np.float64)
+            block.eliminate_zeros()
+        counts += np.bincount(block.indices, minlength=width)
+        sums += block.T @ unit_rows(np.asarray(embeddings[rows], dtype=np.float64))
     pair_sums = np.einsum("ij,ij->i", sums, sums) - counts
-    pairs = counts * (counts - 1)
+    pairs = counts * (counts - 1.0)
     return np.divide(pair_sums, pairs, out=np.full(width, np.nan), where=counts >= n_min)
 
 
@@ -53,11 +64,7 @@ def clarity(activations, embeddings, tau: float = 0.001, n_min: int = 2, per_fea
         raise ValueError(f"n_min must be >= 2 (a pair needs two inputs), got {n_min}")
     if tau < 0:
         raise ValueError(f"tau must be >= 0, got {tau}")
-    matrix = as_csr(activations)
-    members = matrix.astype(np.float64, copy=True)  # a copy: pruning rewrites the index arrays
-    members.data = (members.data > tau).astype(np.float64)
-    members.eliminate_zeros()
-    scores = _mean_pair_cosine(members, embeddings, n_min)
+    scores = _mean_pair_cosine(as_csr(activations), embeddings, n_min, tau=tau)
     active = ~np.isnan(scores)
     value = float(scores[active].mean()) if active.any() else float("nan")
     return (value, scores) if per_feature else value

@@ -164,7 +164,7 @@ def topk_cut_scores(cut: str, images, classifier: np.ndarray, k: int) -> np.ndar
     """Cosine scores with only the top-k features of each class label (``labels_topk``) or of
     each image (``images_topk``)."""
     if cut == "labels_topk":
-        return cosine_scores(images, unit_sparse_rows(M.keep_topk(classifier, k)).toarray())
+        return cosine_scores(images, unit_sparse_rows(M.keep_topk(classifier, k)))  # sparse: O(matches)
     return cosine_scores(M.keep_topk(images, k), classifier)
 
 

@@ -19,17 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ._arrays import as_csr, positive_column_sums, unit_sparse_rows
+from ._arrays import as_csr, unit_positive_column_sums
 
 
 def modality_scores(image_activations, text_activations) -> np.ndarray:
     """[F] modality score per feature from image (n_img x F) and text (n_txt x F) activations;
     NaN for features that fire in neither modality."""
-    images, texts = unit_sparse_rows(as_csr(image_activations)), unit_sparse_rows(as_csr(text_activations))
+    images, texts = as_csr(image_activations), as_csr(text_activations)
     if images.shape[1] != texts.shape[1]:
         raise ValueError(f"image and text activations differ in width: {images.shape[1]} vs {texts.shape[1]}")
-    image_mean = positive_column_sums(images) / images.shape[0]
-    text_mean = positive_column_sums(texts) / texts.shape[0]
+    # the unit rows' column sums, a block of rows at a time: no unit-row copy of either matrix
+    image_mean = unit_positive_column_sums(images) / images.shape[0]
+    text_mean = unit_positive_column_sums(texts) / texts.shape[0]
     total = image_mean + text_mean
     return np.divide(image_mean, total, out=np.full(total.shape, np.nan), where=total > 0)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._arrays import as_csr, positive_column_max, positive_column_sums
+from ._arrays import as_csr, nnz_chunks, positive_column_max, positive_column_sums
 
 
 def l0(activations) -> float:
@@ -33,7 +33,10 @@ def feature_counts(activations, tau: float = 0.0) -> np.ndarray:
     if tau < 0:
         raise ValueError(f"tau must be >= 0, got {tau}")
     matrix = as_csr(activations)
-    return np.bincount(matrix.indices[matrix.data > tau], minlength=matrix.shape[1])
+    out = np.zeros(matrix.shape[1], dtype=np.int64)
+    for part in nnz_chunks(matrix.nnz):  # chunk by chunk: no nnz-long mask or index copy
+        out += np.bincount(matrix.indices[part][matrix.data[part] > tau], minlength=matrix.shape[1])
+    return out
 
 
 def active_features(activations, tau: float = 0.0, n_min: int = 2) -> np.ndarray:
