@@ -21,7 +21,7 @@ high-water mark itself (inputs + metric + the interpreter with numpy, scipy, pya
 glibc is told to mmap every allocation over 128 KiB, so freed arrays leave the resident set and
 the mark is not inflated by heap fragmentation. Time is the call's wall clock (one call).
 
-    python -m benchmarks.metrics_scale                       # rows 25k,50k,100k; widths 13,824..55,296
+    python -m benchmarks.metrics_scale                       # rows 10k,20k,40k; widths 13,824..55,296 at 20k
     python -m benchmarks.metrics_scale --rows 20000 --widths 1024 --sweep-rows 2000,4000 --tag tiny
 
 Writes ``benchmarks/results/metrics_scale_cpu[_<tag>].json``; with ``--compare OTHER.json`` the
@@ -156,6 +156,12 @@ def _rss() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
+def _cpu() -> float:
+    """User + system CPU seconds of this process (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _hwm() -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -171,17 +177,18 @@ def measure(name: str, d: dict) -> dict:
     before = _rss()
     with open("/proc/self/clear_refs", "w") as refs:  # reset VmHWM to the current resident set
         refs.write("5")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu()
     value = run_metric(name, d)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, _cpu() - cpu
     peak = _hwm()
-    return {"metric": name, "status": "ok", "seconds": seconds, "peak_extra_gib": max(0, peak - before) / 2**30,
+    return {"metric": name, "status": "ok", "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "peak_extra_gib": max(0, peak - before) / 2**30,
             "peak_rss_gib": peak / 2**30, "inputs_rss_gib": before / 2**30, "value": value}
 
 
 def measure_size(cache: Path, width: int, metrics) -> list[dict]:
     """Every metric on one cached size, one after the other in this process (a fresh subprocess)."""
-    import pipeline.atlas.naming  # noqa: F401  (imports outside the measured spans)
+    import pipeline.atlas.naming
     import pipeline.metrics.evaluate  # noqa: F401
 
     d = load(cache, width)
@@ -242,12 +249,22 @@ def fits(rows: list[dict], width: int, sweep_rows: int, metrics) -> dict:
         by_rows = sorted((r for r in ok if r["width"] == width), key=lambda r: r["rows"])
         by_width = sorted((r for r in ok if r["rows"] == sweep_rows), key=lambda r: r["width"])
         fit = {}
-        for key in ("seconds", "peak_extra_gib"):
-            fit[f"{key}_vs_rows"] = loglog_slope([(r["rows"], r[key]) for r in by_rows])
-            fit[f"{key}_vs_width"] = loglog_slope([(r["width"], r[key]) for r in by_width])
+        for key in ("seconds", "cpu_seconds", "peak_extra_gib"):
+            fit[f"{key}_vs_rows"] = loglog_slope([(r["rows"], r.get(key, 0)) for r in by_rows])
+            fit[f"{key}_vs_width"] = loglog_slope([(r["width"], r.get(key, 0)) for r in by_width])
+        if len({r["rows"] for r in by_rows}) >= 2:
+            # memory is affine in rows for most metrics (a constant plus so much per row), which a
+            # power law fitted where the constant dominates under-states: a straight line as well
+            from benchmarks.fit_table import line_fit
+
+            intercept, slope = line_fit([(r["rows"], r["peak_extra_gib"]) for r in by_rows])
+            fit["peak_extra_gib_per_million_rows"] = slope * 1e6
+            if width == TARGET["width"]:
+                fit["extrapolated_peak_extra_gib_linear"] = intercept + slope * TARGET["rows"]
         if by_rows and width == TARGET["width"]:
             last, scale = by_rows[-1], TARGET["rows"] / by_rows[-1]["rows"]
-            for key, name in (("seconds", "seconds"), ("peak_extra_gib", "peak_extra_gib")):
+            for key, name in (("seconds", "seconds"), ("cpu_seconds", "cpu_seconds"),
+                              ("peak_extra_gib", "peak_extra_gib")):
                 slope = fit[f"{key}_vs_rows"]
                 fit[f"extrapolated_{name}"] = None if slope is None else last[key] * scale ** slope
         out[metric] = fit
@@ -259,15 +276,16 @@ def fits(rows: list[dict], width: int, sweep_rows: int, metrics) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=50_000, help="rows of the width sweep")
+    parser.add_argument("--rows", type=int, default=20_000, help="rows of the width sweep")
     parser.add_argument("--widths", default="13824,27648,55296", help="width sweep (the last: the rows sweep's)")
-    parser.add_argument("--sweep-rows", default="25000,50000,100000", help="rows sweep at the largest width")
+    parser.add_argument("--sweep-rows", default="10000,20000,40000", help="rows sweep at the largest width")
     parser.add_argument("--l0", type=float, default=400.0)
     parser.add_argument("--classes", type=int, default=1000, help="zero-shot classes (ImageNet: 1000)")
     parser.add_argument("--metrics", default=",".join(METRICS))
     parser.add_argument("--tag", default="", help="suffix of the result file")
     parser.add_argument("--compare", default=None, help="an earlier result JSON to show alongside")
     parser.add_argument("--in-process", action="store_true", help="no subprocesses (tests; peaks then share a heap)")
+    parser.add_argument("--table", default=None, help="only print the table of this result JSON (with --compare)")
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--generate", default=None, help=argparse.SUPPRESS)  # child: cache folder
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: metric name
@@ -275,6 +293,10 @@ def main(argv=None) -> dict:
     args.metrics = [m for m in args.metrics.split(",") if m]
     widths = [int(w) for w in args.widths.split(",")]
 
+    if args.table is not None:
+        print(table(json.loads(Path(args.table).read_text()),
+                    json.loads(Path(args.compare).read_text()) if args.compare else None))
+        return {}
     if args.one is not None:
         print(json.dumps({"rows": measure_size(Path(args.generate), widths[-1], args.one.split(","))}))
         return {}
@@ -301,7 +323,8 @@ def main(argv=None) -> dict:
         "machine": {"host": platform.node(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "numpy": np.__version__, "scipy": _scipy_version(), "memory_gib": _memory_gib()},
         "commit": _commit(),
-        "measures": "seconds: one call's wall clock; peak_extra_gib: VmHWM during the call minus RSS before it "
+        "measures": "seconds: one call's wall clock; cpu_seconds: its user + system CPU time (all threads; "
+                    "less sensitive than wall time to other processes on a shared machine); peak_extra_gib: VmHWM during the call minus RSS before it "
                     "(memory on top of the loaded inputs); peak_rss_gib: VmHWM itself",
         "total_seconds": time.perf_counter() - started,
         "rows": rows,
@@ -312,10 +335,11 @@ def main(argv=None) -> dict:
                               "for the BLAS in clarity_baseline)",
     }
     if width == TARGET["width"]:
-        extrapolated = [f["extrapolated_seconds"] for f in result["fits"].values() if f.get("extrapolated_seconds")]
-        memory = [f["extrapolated_peak_extra_gib"] for f in result["fits"].values()
-                  if f.get("extrapolated_peak_extra_gib")]
-        result["extrapolated_total_seconds"] = sum(extrapolated)
+        extrapolated = [f["extrapolated_cpu_seconds"] for f in result["fits"].values()
+                        if f.get("extrapolated_cpu_seconds")]
+        memory = [max(f["extrapolated_peak_extra_gib"], f.get("extrapolated_peak_extra_gib_linear", 0))
+                  for f in result["fits"].values() if f.get("extrapolated_peak_extra_gib")]
+        result["extrapolated_total_cpu_seconds"] = sum(extrapolated)
         result["extrapolated_max_peak_extra_gib"] = max(memory, default=None)
         # the loaded inputs at the target: images + texts CSR (8 B per non-zero) and the reference
         nnz = TARGET["rows"] * args.l0
@@ -339,42 +363,56 @@ def table(result: dict, compare: dict | None = None) -> str:
     def cell(row, before):
         if row is None or row.get("status") != "ok":
             return row.get("status", "-") if row else "-"
-        text = f"{row['seconds']:.2f} s / {row['peak_extra_gib']:.2f} GiB"
+        text = f"{_cpu_or_wall(row):.2f} s / {row['peak_extra_gib']:.2f} GiB"
         if before is not None and before.get("status") == "ok":
-            text += f" (was {before['seconds']:.2f} s / {before['peak_extra_gib']:.2f} GiB)"
+            if "cpu_seconds" in before and "cpu_seconds" in row:
+                text += f" (before: {before['cpu_seconds']:.2f} s / {before['peak_extra_gib']:.2f} GiB)"
+            else:  # wall against wall: the older run has no CPU time
+                text += (f" (wall {row['seconds']:.1f} s; before: wall {before['seconds']:.1f} s / "
+                         f"{before['peak_extra_gib']:.2f} GiB)")
         return text
 
-    head = ["metric", *[f"{n // 1000}k x {w:,}" for n, w in sizes], "exp. rows (t / mem)", "exp. width (t / mem)",
+    head = ["metric (CPU s / extra GiB)", *[f"{n / 1000:g}k x {w:,}" for n, w in sizes], "exp. rows (cpu / mem)",
+            "exp. width (cpu / mem)",
             f"{result['target']['rows'] // 1000}k x {result['target']['width']:,} (extrapolated)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     index = {(r["metric"], r.get("rows"), r.get("width")): r for r in result["rows"]}
-    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"
     for metric, fit in result["fits"].items():
         cells = [cell(index.get((metric, n, w)), old.get((metric, n, w))) for n, w in sizes]
-        extra = (f"{fit['extrapolated_seconds']:.0f} s / {fit['extrapolated_peak_extra_gib']:.1f} GiB"
-                 if fit.get("extrapolated_seconds") and fit.get("extrapolated_peak_extra_gib") is not None else "-")
-        lines.append(f"| {metric} | " + " | ".join(cells) + f" | {fmt(fit['seconds_vs_rows'])} / "
-                     f"{fmt(fit['peak_extra_gib_vs_rows'])} | {fmt(fit['seconds_vs_width'])} / "
+        extra = (f"{fit['extrapolated_cpu_seconds']:.0f} s / {fit['extrapolated_peak_extra_gib']:.1f} GiB"
+                 f" (line: {fit.get('extrapolated_peak_extra_gib_linear', float('nan')):.1f} GiB)"
+                 if fit.get("extrapolated_cpu_seconds") and fit.get("extrapolated_peak_extra_gib") is not None
+                 else "-")
+        lines.append(f"| {metric} | " + " | ".join(cells) + f" | {fmt(fit['cpu_seconds_vs_rows'])} / "
+                     f"{fmt(fit['peak_extra_gib_vs_rows'])} | {fmt(fit['cpu_seconds_vs_width'])} / "
                      f"{fmt(fit['peak_extra_gib_vs_width'])} | {extra} |")
-    if result.get("extrapolated_total_seconds") and result.get("extrapolated_max_peak_extra_gib") is not None:
-        lines.append(f"\nwhole pass extrapolated to the target: {result['extrapolated_total_seconds'] / 60:.1f} min "
+    if result.get("extrapolated_total_cpu_seconds") and result.get("extrapolated_max_peak_extra_gib") is not None:
+        lines.append(f"\nwhole pass extrapolated to the target: {result['extrapolated_total_cpu_seconds'] / 60:.1f} "
+                     "CPU min "
                      f"single process; largest metric's extra memory "
                      f"{result['extrapolated_max_peak_extra_gib']:.1f} GiB on top of "
                      f"{result['target_inputs_gib']:.1f} GiB of inputs (forecast)")
     return "\n".join(lines)
 
 
+def _cpu_or_wall(row: dict) -> float:
+    """CPU seconds where measured (older results: wall seconds)."""
+    return row.get("cpu_seconds", row["seconds"])
+
+
 def _header(args) -> str:
     return (f"metrics at scale: L0 ~ {args.l0:g}, {args.classes} classes, reference dim {REFERENCE_DIM}; "
             f"one fresh process per size\n{'rows':>8} {'width':>7} {'metric':>18} {'s':>9} "
-            f"{'extra GiB':>10} {'peak GiB':>9}")
+            f"{'cpu s':>9} {'extra GiB':>10} {'peak GiB':>9}")
 
 
 def _line(row: dict) -> str:
     head = f"{row.get('rows', 0):>8} {row.get('width', 0):>7} {row['metric']:>18}"
     if row.get("status") != "ok":
         return f"{head} {row.get('status')}"
-    return f"{head} {row['seconds']:>9.2f} {row['peak_extra_gib']:>10.3f} {row['peak_rss_gib']:>9.3f}"
+    return (f"{head} {row['seconds']:>9.2f} {row.get('cpu_seconds', float('nan')):>9.2f} "
+            f"{row['peak_extra_gib']:>10.3f} {row['peak_rss_gib']:>9.3f}")
 
 
 def _scipy_version() -> str:

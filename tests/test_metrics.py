@@ -437,3 +437,21 @@ def test_chunked_column_reductions_match_dense(monkeypatch, chunk):
     # and the unit-row matrix it no longer builds gives the same sums
     assert np.allclose(_arrays.unit_positive_column_sums(x),
                        _arrays.positive_column_sums(_arrays.unit_sparse_rows(x)), rtol=1e-12, atol=0)
+
+
+def test_cosine_scores_in_row_blocks_equal_one_pass(monkeypatch):
+    """cosine_scores converts a block of rows at a time; the scores equal the one-pass product."""
+    from pipeline.clip import zeroshot
+
+    rng = np.random.default_rng(15)
+    a = sparse_relu(rng, 70, 25, fill=0.3).astype(np.float32)
+    a[4] = 0.0
+    classifier = rng.random((6, 25))
+    rows = sp.csr_matrix(a, dtype=np.float64)
+    norms = np.sqrt(np.asarray(rows.multiply(rows).sum(axis=1)).ravel())
+    expected = np.asarray(rows @ classifier.T) / np.maximum(norms, 1e-12)[:, None]
+    for block in (1, 16, 1 << 16):
+        monkeypatch.setattr(zeroshot, "_ROWS_PER_BLOCK", block)
+        for layout in (np.asarray, sp.csr_matrix, sp.csc_matrix):
+            assert np.array_equal(zeroshot.cosine_scores(layout(a), classifier), expected)
+    assert zeroshot.cosine_scores(sp.csr_matrix((0, 25)), classifier).shape == (0, 6)

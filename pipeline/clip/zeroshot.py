@@ -32,15 +32,32 @@ def classifier_from_prompts(prompt_activations, prompt_labels: Sequence[str], cl
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
+_ROWS_PER_BLOCK = 65_536
+
+
 def cosine_scores(activations, classifier: np.ndarray) -> np.ndarray:
     """[n, C] cosine similarity of each (sparse or dense) row to each class, without densifying.
     ``classifier`` may be sparse too (a class embedding cut to its top-k features): the product
-    then costs O(matches), not O(nnz x C)."""
-    rows = sp.csr_matrix(activations, dtype=np.float64)
-    norms = np.sqrt(np.asarray(rows.multiply(rows).sum(axis=1)).ravel())
-    scores = rows @ classifier.T
-    scores = scores.toarray() if sp.issparse(scores) else np.asarray(scores)
-    return scores / np.maximum(norms, 1e-12)[:, None]
+    then costs O(matches), not O(nnz x C). Rows are converted to float64 a block at a time, so
+    the memory beyond the [n, C] result is a block's, not a float64 copy of the whole matrix."""
+    matrix = sp.csr_matrix(activations)
+    out = None
+    for start in range(0, matrix.shape[0], _ROWS_PER_BLOCK):
+        block = slice(start, min(start + _ROWS_PER_BLOCK, matrix.shape[0]))
+        rows = sp.csr_matrix(matrix[block], dtype=np.float64)
+        norms = np.sqrt(np.asarray(rows.multiply(rows).sum(axis=1)).ravel())
+        scores = rows @ classifier.T
+        scores = scores.toarray() if sp.issparse(scores) else np.asarray(scores)  # fresh: ours to scale
+        scores = scores.astype(np.result_type(scores.dtype, np.float64), copy=False)
+        scores /= np.maximum(norms, 1e-12)[:, None]
+        if block == slice(0, matrix.shape[0]):  # one block: no second [n, C] array
+            return scores
+        if out is None:
+            out = np.empty((matrix.shape[0], scores.shape[1]), dtype=scores.dtype)
+        out[block] = scores
+    if out is None:  # no rows
+        out = np.zeros((0, classifier.shape[0]))
+    return out
 
 
 def labelled_rows(names: Sequence[str | None], classes: Sequence[str]) -> tuple[np.ndarray, list[int]]:

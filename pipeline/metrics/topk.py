@@ -11,7 +11,6 @@ import scipy.sparse as sp
 
 from ._arrays import as_csr
 
-
 _NNZ_PER_BLOCK = 1 << 22  # stored entries ranked at once: bounds the working memory
 
 
