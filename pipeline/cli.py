@@ -15,7 +15,6 @@ def stage_parser(stage: str, description: str, variant: bool = False) -> argpars
     if variant:
         parser.add_argument("variant", help="variant name, a key of train.variants in params.yaml")
     parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     return parser
 
 
@@ -24,6 +23,7 @@ def run_stage(body: Callable[[argparse.Namespace], None], parser: argparse.Argum
     """Parse arguments and run ``body``; input errors (bad params, a missing file, a server that
     does not answer) exit 2 with one clear line, the traceback only with ``--debug``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     args = parser.parse_args(argv)
     try:
         body(args)

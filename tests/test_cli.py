@@ -30,3 +30,16 @@ def test_a_stage_names_a_missing_params_file(capsys, tmp_path):
     assert exit_.value.code == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("python -m stages.sample: error: ") and "nope.yaml" in line
+
+
+def test_the_steering_cli_names_a_missing_image_in_one_line_and_debug_shows_the_traceback(capsys, tmp_path):
+    from pipeline.vlm.steering import main
+
+    vlm = tmp_path / "no_vlm"
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "x.jpg"), "--vlm", str(vlm)])
+    assert exit_.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line == f"python -m pipeline.vlm.steering: error: no image file {tmp_path / 'x.jpg'}"
+    with pytest.raises(FileNotFoundError):
+        main([str(tmp_path / "x.jpg"), "--vlm", str(vlm), "--debug"])

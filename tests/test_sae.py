@@ -281,3 +281,27 @@ def test_batch_sources_are_regrouped_and_cycled(planted):
     by_steps = sae.SAETrainConfig(width=64, k=4, batch_size=256, steps=10, log_every=1)
     assert len(sae.train_sae(lambda: iter(pieces), by_steps)[1]) == 10  # callable: cycled
     assert len(sae.train_sae(iter(pieces), by_steps)[1]) == 4  # one-shot iterator: one pass
+
+
+def test_cached_training_rows_do_not_depend_on_file_order(tmp_path):
+    """Ray Data names activation files by write task, so their order changes between runs; the
+    SAE's training rows come in (key, token) order whatever the files are called."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.sae.baseline import read_dense
+
+    def write(folder, name, keys, tokens, first_feature):
+        folder.mkdir(exist_ok=True)
+        rows = [[first_feature + i] for i in range(len(keys))]
+        pq.write_table(pa.table({"key": keys, "token": tokens, "indices": pa.array(rows, pa.list_(pa.int32())),
+                                 "values": pa.array([[1.0]] * len(keys), pa.list_(pa.float32()))}), folder / name)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a, "0.parquet", ["k2", "k2"], [1, 0], 0)  # run A: key k2 written first...
+    write(a, "1.parquet", ["k1"], [0], 2)
+    write(b, "0.parquet", ["k1"], [0], 2)  # ...run B: the same rows, the other file order
+    write(b, "1.parquet", ["k2", "k2"], [1, 0], 0)
+    first, second = read_dense([a], 4), read_dense([b], 4)
+    assert torch.equal(first, second)
+    assert first.argmax(1).tolist() == [2, 1, 0]  # k1/0, k2/0, k2/1

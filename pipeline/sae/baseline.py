@@ -103,9 +103,14 @@ def stream_dense(paths: list[Path], width: int, batch_size: int = 4096):
 def read_dense(paths: list[Path], width: int) -> torch.Tensor:
     """Parquet activation sets read once in this process, dense, stacked (the cached path: the
     trainer reshuffles the rows per epoch; a Ray Data read would spend ~14 s starting workers
-    for a few MB)."""
-    return torch.cat([torch.from_numpy(to_csr(pq.read_table(p, columns=["indices", "values"]), width).toarray())
-                      for p in paths])
+    for a few MB). Rows come in (key, token) order: Ray Data names its files by write task, so
+    file order differs between runs, and the seeded shuffle must start from the same rows for
+    the same SAE to come out."""
+    def rows(path: Path):
+        table = pq.read_table(path, columns=["key", "token", "indices", "values"])
+        return table.sort_by([("key", "ascending"), ("token", "ascending")])
+
+    return torch.cat([torch.from_numpy(to_csr(rows(p), width).toarray()) for p in paths])
 
 
 def training_data(params: Params, paths: list[Path], width: int):
