@@ -120,36 +120,34 @@ def run_config(loss: str, width: int, args) -> dict:
     return run_child(cmd, {"loss": loss, "width": width}, env)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--small", action="store_true", help="CPU preset: " + str(SMALL)
-    )
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="CPU preset: " + str(SMALL))
     parser.add_argument("--global-batch", type=int, default=None)
     parser.add_argument("--local-batch", type=int, default=None)
-    parser.add_argument(
-        "--base", type=int, default=None, help="embed_dim (width = base x e)"
-    )
+    parser.add_argument("--base", type=int, default=None, help="embed_dim (width = base x e)")
     parser.add_argument("--expansions", default=None)
     parser.add_argument("--losses", default="clip,tiled")
     parser.add_argument("--density", type=float, default=0.01, help="non-zero fraction")
-    parser.add_argument(
-        "--repeats", type=int, default=3, help="timed steps after the first"
-    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps after the first")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"])
-    parser.add_argument(
-        "--one", default=None, help=argparse.SUPPRESS
-    )  # child: loss:width
-    args = parser.parse_args(argv)
-    preset = SMALL if args.small else FULL
-    for key, value in preset.items():
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: loss:width
+    return parser
+
+
+def _with_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """Options not given take the preset's value (SMALL on CPU, FULL for the paper's shapes)."""
+    for key, value in (SMALL if args.small else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.device is None:
         args.device = "cpu" if args.small else _default_device()
+    return args
 
+
+def main(argv=None) -> dict:
+    parser = _parser()
+    args = _with_preset(parser.parse_args(argv))
     if args.one is not None:
         loss, width = args.one.split(":")
         print(json.dumps(measure(loss, int(width), args)))

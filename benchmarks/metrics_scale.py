@@ -275,6 +275,34 @@ def fits(rows: list[dict], width: int, sweep_rows: int, metrics) -> dict:
 
 
 def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    args.metrics = [m for m in args.metrics.split(",") if m]
+    widths = [int(w) for w in args.widths.split(",")]
+    if args.table is not None or args.one is not None or args.generate is not None:
+        _child_or_table(args, widths)
+        return {}
+
+    width = widths[-1]
+    sizes = sorted({(args.rows, w) for w in widths} | {(int(n), width) for n in args.sweep_rows.split(",")})
+    print(_header(args), flush=True)
+    rows: list[dict] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="metrics_scale_") as scratch:
+        for n, w in sizes:
+            rows += run_size(n, w, args, Path(scratch))
+    result = summarise(rows, args, width, time.perf_counter() - started)
+    compare = json.loads(Path(args.compare).read_text()) if args.compare else None
+    if compare:
+        result["compared_with"] = {"file": Path(args.compare).name, "commit": compare.get("commit")}
+    print(table(result, compare))
+    out = Path(args.out) if args.out else RESULTS / f"metrics_scale_cpu{'_' + args.tag if args.tag else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=20_000, help="rows of the width sweep")
     parser.add_argument("--widths", default="13824,27648,55296", help="width sweep (the last: the rows sweep's)")
@@ -289,29 +317,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--generate", default=None, help=argparse.SUPPRESS)  # child: cache folder
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: metric name
-    args = parser.parse_args(argv)
-    args.metrics = [m for m in args.metrics.split(",") if m]
-    widths = [int(w) for w in args.widths.split(",")]
+    return parser
 
+
+def _child_or_table(args, widths: list[int]) -> None:
+    """The modes that are not a benchmark run: print a saved result's table, or, as the child
+    process of one size, generate its store or measure one metric on it (JSON on stdout)."""
     if args.table is not None:
         print(table(json.loads(Path(args.table).read_text()),
                     json.loads(Path(args.compare).read_text()) if args.compare else None))
-        return {}
-    if args.one is not None:
+    elif args.one is not None:
         print(json.dumps({"rows": measure_size(Path(args.generate), widths[-1], args.one.split(","))}))
-        return {}
-    if args.generate is not None:
+    else:
         print(json.dumps(generate(Path(args.generate), args.rows, widths[-1], args.l0, args.classes)))
-        return {}
 
-    width = widths[-1]
-    sizes = sorted({(args.rows, w) for w in widths} | {(int(n), width) for n in args.sweep_rows.split(",")})
-    print(_header(args), flush=True)
-    rows: list[dict] = []
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="metrics_scale_") as scratch:
-        for n, w in sizes:
-            rows += run_size(n, w, args, Path(scratch))
+
+def summarise(rows: list[dict], args, width: int, seconds: float) -> dict:
+    """The result file: the measured rows, their growth fits and, at the paper's width, the
+    whole pass extrapolated to the target size (a forecast, labelled as one)."""
     result = {
         "benchmark": "metrics_scale",
         "target": TARGET,
@@ -326,7 +349,7 @@ def main(argv=None) -> dict:
         "measures": "seconds: one call's wall clock; cpu_seconds: its user + system CPU time (all threads; "
                     "less sensitive than wall time to other processes on a shared machine); peak_extra_gib: VmHWM during the call minus RSS before it "
                     "(memory on top of the loaded inputs); peak_rss_gib: VmHWM itself",
-        "total_seconds": time.perf_counter() - started,
+        "total_seconds": seconds,
         "rows": rows,
         "fits": fits(rows, width, args.rows, args.metrics),
         "extrapolation_note": f"extrapolated to {TARGET['rows']:,} x {TARGET['width']:,} along each metric's fitted "
@@ -344,14 +367,6 @@ def main(argv=None) -> dict:
         # the loaded inputs at the target: images + texts CSR (8 B per non-zero) and the reference
         nnz = TARGET["rows"] * args.l0
         result["target_inputs_gib"] = (2 * nnz * 8 + TARGET["rows"] * REFERENCE_DIM * 4) / 2**30
-    compare = json.loads(Path(args.compare).read_text()) if args.compare else None
-    if compare:
-        result["compared_with"] = {"file": Path(args.compare).name, "commit": compare.get("commit")}
-    print(table(result, compare))
-    out = Path(args.out) if args.out else RESULTS / f"metrics_scale_cpu{'_' + args.tag if args.tag else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
     return result
 
 
