@@ -237,6 +237,33 @@ def test_retrieval_matches_argsort(monkeypatch):
     assert got == pytest.approx({key: expected[key] for key in got})
 
 
+def test_sparse_embeddings_retrieve_as_dense_ones_without_densifying(monkeypatch):
+    rng = np.random.default_rng(16)
+    owner = np.repeat(np.arange(30), 2)
+    images = sparse_relu(rng, 30, 50, fill=0.2) + 0.0
+    texts = np.where(rng.random((60, 50)) < 0.5, images[owner], 0.0) + sparse_relu(rng, 60, 50, fill=0.05)
+    expected = metrics.retrieval_recall(images, texts, owner, ks=(1, 5))
+    monkeypatch.setattr("pipeline.metrics.retrieval._BLOCK_ELEMENTS", 200)  # several blocks
+    assert metrics.retrieval_recall(sp.csr_matrix(images), sp.csr_matrix(texts), owner, ks=(1, 5)) == expected
+
+
+def test_an_all_zero_code_finds_nothing_and_is_found_last():
+    """A caption whose code is all zero is a miss at every k (its similarities all tie at 0, which
+    would otherwise count as rank 0); an all-zero image ranks below every other image."""
+    images = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    texts = np.array([[1.0, 0.1], [0.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    owner = np.array([0, 1, 1, 2])  # caption 1 is empty; image 2 is empty
+    for layout in (np.asarray, sp.csr_matrix):
+        got = metrics.retrieval_recall(layout(images), layout(texts), owner, ks=(1, 2, 3))
+        # captions: 0 hits image 0 (rank 0); 1 is empty (miss); 2 finds image 1 (rank 0); 3's image
+        # is empty, ranked after images 0 and 1 (rank 2)
+        assert got["image_retrieval_r1"] == 0.5 and got["image_retrieval_r2"] == 0.5
+        assert got["image_retrieval_r3"] == 0.75
+        # images: 0's caption first (rank 0); 1's best caption (2 or 3) ties with the other at the
+        # top (rank 0); the empty image finds nothing (rank = every caption)
+        assert got["text_retrieval_r1"] == pytest.approx(2 / 3) and got["text_retrieval_r3"] == pytest.approx(2 / 3)
+
+
 # ---- top-k --------------------------------------------------------------------------------
 
 

@@ -196,11 +196,8 @@ def retrieval_metrics(images_meta: pa.Table, images: sp.csr_matrix, texts_meta: 
     keep = np.asarray([g in owner for g in text_groups])
     if not image_split.any() or not keep.any():
         return {}
-    image_emb = images[np.flatnonzero(image_split)].toarray()
-    text_emb = texts[np.flatnonzero(text_split)[keep]].toarray()
-    if not (np.abs(image_emb).sum(1) > 0).all() or not (np.abs(text_emb).sum(1) > 0).all():
-        image_emb, text_emb = image_emb + 1e-12, text_emb + 1e-12  # an all-zero sparse code ranks last
-    return M.retrieval_recall(image_emb, text_emb, np.asarray([owner[g] for g in text_groups[keep]]))
+    return M.retrieval_recall(images[np.flatnonzero(image_split)], texts[np.flatnonzero(text_split)[keep]],
+                              np.asarray([owner[g] for g in text_groups[keep]]))
 
 
 def cscore_metrics(acts: ActivationSet, vocab_dir: str | Path, params: MetricsParams, plot_path: Path,
