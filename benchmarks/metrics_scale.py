@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.child import DOES_NOT_FIT, run_child
+from pipeline.io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -296,9 +297,7 @@ def main(argv=None) -> dict:
         result["compared_with"] = {"file": Path(args.compare).name, "commit": compare.get("commit")}
     print(table(result, compare))
     out = Path(args.out) if args.out else RESULTS / f"metrics_scale_cpu{'_' + args.tag if args.tag else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(out, result)}")
     return result
 
 

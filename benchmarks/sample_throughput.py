@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.io import write_json
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_PAIRS = 15_000_000
 EXTRAPOLATE_CORES = (2, 16, 64)
@@ -251,9 +253,7 @@ def main(argv=None) -> dict:
               f"{run.get('vs_plain_stream', 1.0):>9.2f} "
               + " ".join(f"{run['paper_15m_hours'][str(n)]:>15.2f}h" for n in EXTRAPOLATE_CORES))
     print("15M hours: linear extrapolation from the measured records/s per core")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {args.out}")
+    print(f"-> {write_json(args.out, result)}")
     return result
 
 

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.io import write_json
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DENSITIES = (0.5, 0.2, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
 
@@ -197,9 +199,7 @@ def main(argv=None) -> dict:
     sw = result["switch_over"]
     print(f"switch-over: sparse wins at density <= {sw['highest_winning_density']} "
           f"(interpolated crossing {sw['interpolated']}); project: {result['project_thresholds']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {args.out}")
+    print(f"-> {write_json(args.out, result)}")
     return result
 
 

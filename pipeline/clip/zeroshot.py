@@ -41,22 +41,14 @@ def cosine_scores(activations, classifier: np.ndarray) -> np.ndarray:
     then costs O(matches), not O(nnz x C). Rows are converted to float64 a block at a time, so
     the memory beyond the [n, C] result is a block's, not a float64 copy of the whole matrix."""
     matrix = sp.csr_matrix(activations)
-    out = None
+    out = np.empty((matrix.shape[0], classifier.shape[0]))
     for start in range(0, matrix.shape[0], _ROWS_PER_BLOCK):
         block = slice(start, min(start + _ROWS_PER_BLOCK, matrix.shape[0]))
         rows = sp.csr_matrix(matrix[block], dtype=np.float64)
         norms = np.sqrt(np.asarray(rows.multiply(rows).sum(axis=1)).ravel())
         scores = rows @ classifier.T
-        scores = scores.toarray() if sp.issparse(scores) else np.asarray(scores)  # fresh: ours to scale
-        scores = scores.astype(np.result_type(scores.dtype, np.float64), copy=False)
-        scores /= np.maximum(norms, 1e-12)[:, None]
-        if block == slice(0, matrix.shape[0]):  # one block: no second [n, C] array
-            return scores
-        if out is None:
-            out = np.empty((matrix.shape[0], scores.shape[1]), dtype=scores.dtype)
-        out[block] = scores
-    if out is None:  # no rows
-        out = np.zeros((0, classifier.shape[0]))
+        out[block] = scores.toarray() if sp.issparse(scores) else scores
+        out[block] /= np.maximum(norms, 1e-12)[:, None]
     return out
 
 

@@ -86,9 +86,7 @@ def split_shards(out_dir: str | Path, split: str) -> list[Path]:
     listed = manifest_shards(out_dir)
     if listed is None:
         return on_disk
-    shards = sorted(out_dir / entry["path"] for entry in listed if Path(entry["path"]).parts[0] == split)
-    if missing := [p for p in shards if not p.is_file()]:
-        raise FileNotFoundError(f"{missing[0]}: listed in {out_dir / MANIFEST} but missing (re-run the sample stage)")
+    shards = sorted(_listed_shard(out_dir, entry) for entry in listed if Path(entry["path"]).parts[0] == split)
     if stale := sorted(set(on_disk) - set(shards)):
         raise ValueError(f"{stale[0]}: a shard the manifest does not list ({len(stale)} such in {folder}): "
                          "left from another sample; re-run the sample stage into a fresh folder")
@@ -101,6 +99,14 @@ def manifest_shards(out_dir: str | Path) -> list[dict[str, Any]] | None:
     return json.loads(path.read_text()).get("shards") if path.is_file() else None
 
 
+def _listed_shard(out_dir: str | Path, entry: dict[str, Any]) -> Path:
+    """The path of a shard the manifest lists; an error naming it when it is not on disk."""
+    path = Path(out_dir) / entry["path"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: listed in {Path(out_dir) / MANIFEST} but missing (re-run the sample stage)")
+    return path
+
+
 def verify_shards(out_dir: str | Path) -> int:
     """Check every shard against the manifest's sha256 before a long job reads it; a mismatch
     (a truncated copy, an edited file) is an error naming the shard. Returns the shards checked."""
@@ -108,9 +114,7 @@ def verify_shards(out_dir: str | Path) -> int:
 
     listed = manifest_shards(out_dir) or []
     for entry in listed:
-        path = Path(out_dir) / entry["path"]
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: listed in {Path(out_dir) / MANIFEST} but missing (re-run the sample stage)")
+        path = _listed_shard(out_dir, entry)
         if file_sha256(path) != entry["sha256"]:
             raise ValueError(f"{path}: its sha256 differs from the manifest's (truncated or changed since the "
                              "sample stage wrote it): re-run the sample stage")

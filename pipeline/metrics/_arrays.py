@@ -63,21 +63,23 @@ def positive_column_max(matrix: sp.csr_matrix) -> np.ndarray:
 
 
 def unit_positive_column_sums(matrix: sp.csr_matrix) -> np.ndarray:
-    """[F] ``positive_column_sums(unit_sparse_rows(matrix))`` without building the unit-row matrix:
-    rows are taken a block of about ``_NNZ_PER_CHUNK`` stored entries at a time."""
+    """[F] ``positive_column_sums(unit_sparse_rows(matrix))`` without building the whole unit-row
+    matrix: rows are taken a block of about ``_NNZ_PER_CHUNK`` stored entries at a time."""
     out = np.zeros(matrix.shape[1])
-    indptr, n, start = matrix.indptr, matrix.shape[0], 0
-    while start < n:
-        stop = min(n, max(start + 1, int(np.searchsorted(indptr, indptr[start] + _NNZ_PER_CHUNK, side="right")) - 1))
-        lo, hi = int(indptr[start]), int(indptr[stop])
-        local = np.repeat(np.arange(stop - start), np.diff(indptr[start:stop + 1]))
-        data = matrix.data[lo:hi]
-        norms = np.sqrt(np.bincount(local, weights=data ** 2, minlength=stop - start))
-        scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-        out += np.bincount(matrix.indices[lo:hi], weights=np.maximum(data * scale[local], 0.0),
-                           minlength=matrix.shape[1])
-        start = stop
+    for rows in row_blocks_by_nnz(matrix.indptr, _NNZ_PER_CHUNK):
+        out += positive_column_sums(unit_sparse_rows(matrix[rows]))
     return out
+
+
+def row_blocks_by_nnz(indptr: np.ndarray, budget: int) -> Iterator[slice]:
+    """Consecutive row slices of a CSR matrix holding about ``budget`` stored entries each (at
+    least one row): bounded working memory however the non-zeros spread over the rows."""
+    n, start = len(indptr) - 1, 0
+    while start < n:
+        stop = int(np.searchsorted(indptr, indptr[start] + budget, side="right")) - 1
+        stop = min(n, max(start + 1, stop))
+        yield slice(start, stop)
+        start = stop
 
 
 def unit_sparse_rows(matrix: sp.csr_matrix) -> sp.csr_matrix:
@@ -88,10 +90,11 @@ def unit_sparse_rows(matrix: sp.csr_matrix) -> sp.csr_matrix:
     return matrix.multiply(scale[:, None]).tocsr()
 
 
-def unit_rows(embeddings) -> np.ndarray:
+def unit_rows(embeddings, keep_zero_rows: bool = False) -> np.ndarray:
     """Rows scaled to unit L2 norm (float32 or wider), so dot products are cosine similarities.
 
-    A zero row has no direction and therefore no cosine similarity: it is an error, not a 0.
+    A zero row has no direction and therefore no cosine similarity: it is an error, not a 0,
+    unless the caller handles such rows itself (``keep_zero_rows``: they stay zero).
     """
     x = np.asarray(embeddings)
     if x.ndim != 2:
@@ -99,7 +102,9 @@ def unit_rows(embeddings) -> np.ndarray:
     x = x.astype(np.result_type(x.dtype, np.float32), copy=False)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if (norms == 0).any():
-        raise ValueError("embeddings contain an all-zero row; cosine similarity is undefined for it")
+        if not keep_zero_rows:
+            raise ValueError("embeddings contain an all-zero row; cosine similarity is undefined for it")
+        norms = np.where(norms > 0, norms, 1)
     return x / norms
 
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-
 import scipy.sparse as sp
 
-from ._arrays import as_csr, row_blocks, unit_sparse_rows
+from ._arrays import as_csr, row_blocks, unit_rows, unit_sparse_rows
 
 _BLOCK_ELEMENTS = 1 << 24  # similarity entries per block: 128 MiB in float64
 
@@ -29,20 +28,14 @@ def _unit(embeddings):
     if sp.issparse(embeddings):
         matrix = as_csr(embeddings)
         return unit_sparse_rows(matrix), np.diff(matrix.indptr) == 0
-    x = np.asarray(embeddings)
-    if x.ndim != 2:
-        raise ValueError(f"embeddings must be 2-D (n x d), got shape {x.shape}")
-    x = x.astype(np.result_type(x.dtype, np.float32), copy=False)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    zero = norms[:, 0] == 0
-    return x / np.where(norms > 0, norms, 1), zero
+    unit = unit_rows(embeddings, keep_zero_rows=True)
+    return unit, ~unit.any(axis=1)
 
 
 def _similarities(queries, candidates, dead_candidates: np.ndarray) -> np.ndarray:
     """[q, c] dense cosine similarities of a block of queries; all-zero candidates at -inf."""
     sims = queries @ candidates.T
     sims = sims.toarray() if sp.issparse(sims) else np.asarray(sims)
-    sims = sims.astype(np.result_type(sims.dtype, np.float32), copy=False)
     sims[:, dead_candidates] = -np.inf
     return sims
 

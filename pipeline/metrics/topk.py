@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from ._arrays import as_csr
+from ._arrays import as_csr, row_blocks_by_nnz
 
 _NNZ_PER_BLOCK = 1 << 22  # stored entries ranked at once: bounds the working memory
 
@@ -25,21 +25,11 @@ def keep_topk(activations, k: int) -> sp.csr_matrix:
     matrix = as_csr(activations)
     n = matrix.shape[0]
     lengths = np.diff(matrix.indptr)
-    kept = [_kept_positions(matrix, lengths, rows, k) for rows in _nnz_blocks(matrix.indptr, _NNZ_PER_BLOCK)]
+    kept = [_kept_positions(matrix, lengths, rows, k) for rows in row_blocks_by_nnz(matrix.indptr, _NNZ_PER_BLOCK)]
     kept = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.minimum(lengths, k), out=indptr[1:])
     return sp.csr_matrix((matrix.data[kept], matrix.indices[kept], indptr), shape=matrix.shape)
-
-
-def _nnz_blocks(indptr: np.ndarray, budget: int):
-    """Consecutive row slices holding about ``budget`` stored entries each (at least one row)."""
-    n, start = len(indptr) - 1, 0
-    while start < n:
-        stop = int(np.searchsorted(indptr, indptr[start] + budget, side="right")) - 1
-        stop = min(n, max(start + 1, stop))
-        yield slice(start, stop)
-        start = stop
 
 
 def _kept_positions(matrix: sp.csr_matrix, lengths: np.ndarray, rows: slice, k: int) -> np.ndarray:
