@@ -310,7 +310,8 @@ connect(load_params("params.yaml").ray)
 assert ray.data.range(8).map_batches(lambda b: b, num_cpus=0.25).count() == 8
 ray.get(ray.remote(num_cpus=0.25)(lambda: 1).remote())
 tree = [psutil.Process(), *psutil.Process().children(recursive=True)]
-found = [{"process": " ".join(p.cmdline()[:2])[:80], "address": c.laddr.ip, "port": c.laddr.port}
+# program names without their folders: a deep checkout path would push "gcs_server" past the cut
+found = [{"process": " ".join(a.rsplit("/", 1)[-1] for a in p.cmdline()[:2])[:80], "address": c.laddr.ip, "port": c.laddr.port}
          for p in tree for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
 print("LISTENERS " + json.dumps(found))
 ray.shutdown()
