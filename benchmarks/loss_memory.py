@@ -14,7 +14,9 @@ is recorded as "does not fit".
     python -m benchmarks.loss_memory --small            # CPU: global 1024, width 64 x {32,72,128}
     python -m benchmarks.loss_memory --device cuda      # global 32768, width 768 x {32,72,128,256}
 
-Results go to ``benchmarks/results/loss_memory_<device>_<small|full>.json``.
+On CUDA both losses run under bf16 autocast by default, as training does (``--precision
+fp32`` for the fp32 comparison). Results go to
+``benchmarks/results/loss_memory_<device>_<small|full>[_bf16].json``.
 """
 
 from __future__ import annotations
@@ -57,9 +59,12 @@ def measure(loss: str, width: int, args) -> dict:
     scale = torch.tensor(50.0, device=args.device, requires_grad=True)
     contrastive = loss_fn(loss)
 
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
     def step() -> float:
         image.grad = text.grad = scale.grad = None
-        value = contrastive(image, text, scale, others, workers)
+        with autocast:
+            value = contrastive(image, text, scale, others, workers)
         value.backward()
         return value.item()
 
@@ -112,7 +117,7 @@ def _peak(device: str) -> int:
 def run_config(loss: str, width: int, args) -> dict:
     """One configuration in a fresh process: its own peak, and an OOM kills only it."""
     cmd = [sys.executable, "-m", "benchmarks.loss_memory", "--one", f"{loss}:{width}"]
-    for key in ("global_batch", "local_batch", "density", "repeats", "device"):
+    for key in ("global_batch", "local_batch", "density", "repeats", "device", "precision"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     # glibc keeps freed heap memory resident, so the peak RSS would count fragmentation;
     # serving every allocation over 128 KiB with mmap makes frees return memory at once
@@ -131,6 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--density", type=float, default=0.01, help="non-zero fraction")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after the first")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                        help="bf16: both losses under bf16 autocast, as training runs on GPU "
+                             "(default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child: loss:width
     return parser
 
@@ -142,6 +150,8 @@ def _with_preset(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if args.device is None:
         args.device = "cpu" if args.small else _default_device()
+    if args.precision is None:
+        args.precision = "bf16" if args.device == "cuda" else "fp32"
     return args
 
 
@@ -169,7 +179,7 @@ def main(argv=None) -> dict:
         "preset": "small" if args.small else "full",
         **{
             k: getattr(args, k)
-            for k in ("global_batch", "local_batch", "base", "density")
+            for k in ("global_batch", "local_batch", "base", "density", "precision")
         },
         "repeats": args.repeats,
         "host": platform.node(),
@@ -179,7 +189,8 @@ def main(argv=None) -> dict:
         "rows": rows,
     }
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"loss_memory_{args.device}_{result['preset']}.json"
+    precision = "" if args.precision == "fp32" else f"_{args.precision}"
+    out = RESULTS / f"loss_memory_{args.device}_{result['preset']}{precision}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return result
@@ -224,7 +235,7 @@ def _header(args) -> str:
     return (
         f"loss fwd+bwd on {args.device}: global batch {args.global_batch} "
         f"({args.global_batch // args.local_batch} workers x {args.local_batch}), "
-        f"density {args.density}\n"
+        f"density {args.density}, {args.precision}\n"
         f"{'x':>4} {'width':>7} {'loss':>6} {'peak MiB':>10} {'ms':>9} "
         f"{'gen ms':>8} {'net ms':>9} {'value':>9}"
     )

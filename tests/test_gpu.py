@@ -25,9 +25,11 @@ pytestmark = [
 ]
 
 
-def test_tiled_loss_equals_clip_loss_on_cuda():
-    """Rank 0 of 16 workers at a sparse head's width, fp32 (TF32 off, torch's default)."""
-    check_simulated_worker("cuda", workers=16, rows=64, width=16384, atol=1e-5)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_tiled_loss_equals_clip_loss_on_cuda(bf16):
+    """Rank 0 of 16 workers at a sparse head's width: fp32 (TF32 off, torch's default), and
+    both losses under bf16 autocast as training runs (equal to bf16 tolerance)."""
+    check_simulated_worker("cuda", workers=16, rows=64, width=16384, atol=1e-5, bf16=bf16)
 
 
 @pytest.mark.parametrize("loss", ["clip", "tiled"])

@@ -1,11 +1,13 @@
 """TiledClipLoss equals open_clip's ClipLoss: value and gradients, in one process and on
-2 and 4 gloo workers, with blocks sent densely or as (index, value) pairs; the
-single-process simulation equals brute force on the concatenated batch."""
+1, 2 and 4 gloo workers, with blocks sent densely or as (index, value) pairs, in fp32
+and under bf16 autocast (to bf16 tolerance); the single-process simulation equals brute
+force on the concatenated batch."""
 
 from __future__ import annotations
 
 import socket
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -45,6 +47,22 @@ def assert_close(actual, expected, what: str, atol: float = 1e-6) -> None:
     )
 
 
+# bf16 keeps 8 significant bits: a product of unit vectors is off by up to ~2^-8 of the
+# largest term, so a loss (scale x products) by ~scale x 2^-8 and a gradient by a few
+# 2^-8 of its largest entry; open_clip's own loss under autocast is that far from fp64
+BF16_RELATIVE = 2**-5
+
+
+def assert_bf16_close(actual, expected, what: str) -> None:
+    """Equal to bf16 tolerance: the gap is small next to the largest entry."""
+    gap = (actual - expected).abs().max().item()
+    assert gap <= BF16_RELATIVE * max(expected.abs().max().item(), 1.0), (what, gap)
+
+
+def bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_single_process_equals_clip_loss(dtype, sparse):
@@ -55,6 +73,47 @@ def test_single_process_equals_clip_loss(dtype, sparse):
     assert_close(actual[0], expected[0], "loss")
     for name, a, e in zip(("image", "text", "scale"), actual[1], expected[1]):
         assert_close(a, e, name)
+
+
+def bf16_products_loss(image, text, scale):
+    """Brute force with the tile products rounded as autocast rounds them: bf16 inputs,
+    fp32 out, then fp32 logits and cross-entropy."""
+    raw = (image.bfloat16() @ text.bfloat16().T).float()
+    labels = torch.arange(len(image))
+    logits = scale * raw
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_under_bf16_autocast_the_products_are_bf16_and_the_rest_exact(sparse):
+    image, text = features(64, 0, sparse), features(64, 1, sparse)
+    scale = torch.tensor(30.0)
+    with bf16_autocast():
+        tiled = loss_and_grads(TiledClipLoss(), image, text, scale)
+        clip = loss_and_grads(ClipLoss(), image, text, scale)
+    fp32 = loss_and_grads(TiledClipLoss(), image, text, scale)
+    same_rounding = loss_and_grads(bf16_products_loss, image, text, scale)
+    # the products did run in bf16: fp32 tiles would give another value
+    assert (tiled[0] - fp32[0]).abs() > 1e-5
+    # the logsumexp and the scale's gradient are exact given the bf16 products
+    assert_close(tiled[0], same_rounding[0], "loss", atol=1e-5)
+    assert_close(tiled[1][2], same_rounding[1][2], "dscale", atol=1e-5)
+    for name, a, e in zip(("image", "text"), tiled[1], same_rounding[1]):
+        assert_bf16_close(a, e, f"d{name}")
+    # and open_clip under the same autocast agrees to bf16 tolerance
+    assert_bf16_close(tiled[0], clip[0], "loss vs ClipLoss")
+    assert all(g.dtype == torch.float32 for g in tiled[1])
+    for name, a, e in zip(("image", "text", "scale"), tiled[1], clip[1]):
+        assert_bf16_close(a, e, f"d{name} vs ClipLoss")
+
+
+def test_fp64_features_ignore_autocast():
+    image, text = features(8, 0, False, torch.float64), features(8, 1, False, torch.float64)
+    scale = torch.tensor(20.0, dtype=torch.float64)
+    with bf16_autocast():
+        tiled = loss_and_grads(TiledClipLoss(), image, text, scale)
+    expected = loss_and_grads(ClipLoss(), image, text, scale)
+    assert_close(tiled[0], expected[0], "loss", atol=1e-12)
 
 
 def test_output_dict_and_unsupported_combinations():
@@ -105,25 +164,30 @@ def test_simulated_helper_equals_brute_force_on_the_concatenated_batch():
         assert_close(a, e, f"gradient {k}")
 
 
-def check_simulated_worker(device: str, workers: int, rows: int, width: int, atol: float = 1e-6) -> None:
+def check_simulated_worker(device: str, workers: int, rows: int, width: int, atol: float = 1e-6,
+                           bf16: bool = False) -> None:
     """The benchmarks' rank-0 simulation: open_clip's ClipLoss (its gather a concatenation of the
-    fed-in blocks) and the tiled loss give the same value and gradients on the same blocks."""
+    fed-in blocks) and the tiled loss give the same value and gradients on the same blocks
+    (``bf16``: both under bf16 autocast, equal to bf16 tolerance)."""
     others = simulated.other_blocks(workers, rows, width, 0.05, device)
     local = simulated.make_block(0, rows, width, 0.05, device)
     scale = torch.tensor(30.0, device=device)
-    results = [
-        loss_and_grads(lambda i, t, s, fn=fn: fn(i, t, s, others, workers), *local, scale)
-        for fn in (simulated.clip_loss, simulated.tiled_loss)
-    ]
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        results = [
+            loss_and_grads(lambda i, t, s, fn=fn: fn(i, t, s, others, workers), *local, scale)
+            for fn in (simulated.clip_loss, simulated.tiled_loss)
+        ]
     (clip_value, clip_grads), (tiled_value, tiled_grads) = results
     assert clip_value.item() > 0
-    assert_close(tiled_value, clip_value, "loss", atol)
+    close = assert_bf16_close if bf16 else partial(assert_close, atol=atol)
+    close(tiled_value, clip_value, "loss")
     for name, a, e in zip(("image", "text", "scale"), tiled_grads, clip_grads):
-        assert_close(a, e, name, atol)
+        close(a, e, name)
 
 
-def test_simulated_worker_losses_agree():
-    check_simulated_worker("cpu", workers=6, rows=16, width=512)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_simulated_worker_losses_agree(bf16):
+    check_simulated_worker("cpu", workers=6, rows=16, width=512, bf16=bf16)
 
 
 def test_objective_selects_the_loss():
@@ -146,12 +210,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# (features sparse?, sparse_transport_density, gather_with_grad)
+# (features sparse?, sparse_transport_density, gather_with_grad, under bf16 autocast?)
 MODES = {
-    "dense": (False, None, True),
-    "sparse_features_dense_grads": (True, 0.3, True),  # features as COO, grads dense
-    "coo_everything": (True, 2.0, True),  # every block as COO, gradients too
-    "no_gather_grad": (False, None, False),
+    "dense": (False, None, True, False),
+    "sparse_features_dense_grads": (True, 0.3, True, False),  # features as COO, grads dense
+    "coo_everything": (True, 2.0, True, False),  # every block as COO, gradients too
+    "no_gather_grad": (False, None, False, False),
+    "bf16": (True, None, True, True),  # both losses under autocast: bf16 products
 }
 
 
@@ -161,7 +226,7 @@ def _worker(rank: int, world: int, port: int, out_dir) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     results = {}
-    for mode, (sparse, density, with_grad) in MODES.items():
+    for mode, (sparse, density, with_grad, bf16) in MODES.items():
         image, text = features(3, 2 * rank, sparse), features(3, 2 * rank + 1, sparse)
         scale = torch.tensor(12.0)
         flags = {"local_loss": True, "gather_with_grad": with_grad}
@@ -169,11 +234,12 @@ def _worker(rank: int, world: int, port: int, out_dir) -> None:
         tiled = TiledClipLoss(
             **flags, rank=rank, world_size=world, sparse_transport_density=density
         )
-        results[mode] = {
-            "clip": loss_and_grads(clip, image, text, scale),
-            "tiled": loss_and_grads(tiled, image, text, scale),
-            "stats": dict(tiled.transport.stats),
-        }
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            results[mode] = {
+                "clip": loss_and_grads(clip, image, text, scale),
+                "tiled": loss_and_grads(tiled, image, text, scale),
+                "stats": dict(tiled.transport.stats),
+            }
     torch.save(results, out_dir / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -194,7 +260,7 @@ def run_workers(world: int, tmp_path) -> list[dict]:
     ]
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [1, 2, 4])
 def test_gloo_workers_match_clip_loss_with_gather_with_grad(world, tmp_path):
     for rank, results in enumerate(run_workers(world, tmp_path)):
         for mode, result in results.items():
@@ -202,11 +268,15 @@ def test_gloo_workers_match_clip_loss_with_gather_with_grad(world, tmp_path):
                 result["clip"],
                 result["tiled"],
             )
-            assert_close(tiled_loss, clip_loss, f"rank {rank} {mode} loss")
+            close = assert_bf16_close if MODES[mode][3] else assert_close
+            close(tiled_loss, clip_loss, f"rank {rank} {mode} loss")
             for name, a, e in zip(("image", "text", "scale"), tiled_grads, clip_grads):
-                assert_close(a, e, f"rank {rank} {mode} d{name}")
+                close(a, e, f"rank {rank} {mode} d{name}")
         stats = {mode: result["stats"] for mode, result in results.items()}
         assert stats["dense"]["sparse_blocks"] == 0
+        if world == 1:  # nothing travels
+            assert all(s["sparse_blocks"] + s["dense_blocks"] == 0 for s in stats.values())
+            continue
         # each pass sends W - 1 feature blocks (as COO here); W gradient accumulators
         sparse_run = stats["sparse_features_dense_grads"]
         assert sparse_run["sparse_blocks"] + sparse_run["dense_blocks"] == 3 * world - 2
