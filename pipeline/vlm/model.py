@@ -114,7 +114,10 @@ class VisionLanguageModel(nn.Module):
         mask = torch.stack([F.pad(torch.ones(len(e), device=e.device, dtype=torch.long), (length - len(e), 0))
                             for e, _ in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        # only the last position's logits are read: projecting every prompt position onto the
+        # 49k-word vocabulary was most of the prefill's cost
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                      logits_to_keep=1)
         tokens, done = [], torch.zeros(len(rows), dtype=torch.bool, device=mask.device)
         for _ in range(max_new_tokens):
             next_ids = out.logits[:, -1].argmax(-1)
