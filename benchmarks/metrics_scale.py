@@ -23,6 +23,11 @@ the mark is not inflated by heap fragmentation. Time is the call's wall clock (o
 
     python -m benchmarks.metrics_scale                       # rows 10k,20k,40k; widths 13,824..55,296 at 20k
     python -m benchmarks.metrics_scale --rows 20000 --widths 1024 --sweep-rows 2000,4000 --tag tiny
+    python -m benchmarks.metrics_scale --threads 1,2 --rows 40000 --widths 55296 --sweep-rows 40000 --tag threads
+
+With ``--threads 1,N`` every size is measured once per thread count (``metrics.threads``: the
+row blocks of Clarity, zero-shot and top-k on N threads), side by side in the same run on the same
+inputs; the growth fits use the first count, and ``speedup`` is its wall time over each other's.
 
 Writes ``benchmarks/results/metrics_scale_cpu[_<tag>].json``; with ``--compare OTHER.json`` the
 table also shows OTHER's numbers (e.g. the run before a fix) next to these.
@@ -187,18 +192,21 @@ def measure(name: str, d: dict) -> dict:
             "peak_rss_gib": peak / 2**30, "inputs_rss_gib": before / 2**30, "value": value}
 
 
-def measure_size(cache: Path, width: int, metrics) -> list[dict]:
-    """Every metric on one cached size, one after the other in this process (a fresh subprocess)."""
+def measure_size(cache: Path, width: int, metrics, threads: int = 1) -> list[dict]:
+    """Every metric on one cached size, one after the other in this process (a fresh subprocess),
+    with the metrics' row blocks on ``threads`` threads, as the metrics stage runs them."""
     import pipeline.atlas.naming  # imported before the measured spans, so no import is timed
     import pipeline.metrics.evaluate  # noqa: F401
+    from pipeline.metrics._arrays import block_threads
 
     d = load(cache, width)
     rows = []
-    for name in metrics:
-        try:
-            rows.append(measure(name, d))
-        except MemoryError:
-            rows.append({"metric": name, "status": DOES_NOT_FIT})
+    with block_threads(threads):
+        for name in metrics:
+            try:
+                rows.append({**measure(name, d), "threads": threads})
+            except MemoryError:
+                rows.append({"metric": name, "status": DOES_NOT_FIT, "threads": threads})
     return rows
 
 
@@ -208,18 +216,21 @@ def run_size(rows: int, width: int, args, scratch: Path) -> list[dict]:
     cache = scratch / f"{rows}x{width}"
     if args.in_process:
         info = generate(cache, rows, width, args.l0, args.classes)
-        measured = measure_size(cache, width, args.metrics)
+        measured = [row for t in args.threads for row in measure_size(cache, width, args.metrics, t)]
     else:
         gen = [sys.executable, "-m", "benchmarks.metrics_scale", "--generate", str(cache), "--rows", str(rows),
                "--widths", str(width), "--l0", str(args.l0), "--classes", str(args.classes)]
         info = run_child(gen, {"rows": rows, "width": width})
         if info.get("status"):
-            return [{**info, "metric": m} for m in args.metrics]
+            return [{**info, "metric": m, "threads": t} for t in args.threads for m in args.metrics]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-        cmd = [sys.executable, "-m", "benchmarks.metrics_scale", "--one", ",".join(args.metrics),
-               "--generate", str(cache), "--widths", str(width)]
-        done = run_child(cmd, {"status": "none"}, env)
-        measured = done["rows"] if "rows" in done else [{**done, "metric": m} for m in args.metrics]
+        measured = []
+        for threads in args.threads:
+            cmd = [sys.executable, "-m", "benchmarks.metrics_scale", "--one", ",".join(args.metrics),
+                   "--generate", str(cache), "--widths", str(width), "--threads", str(threads)]
+            done = run_child(cmd, {"status": "none"}, env)
+            measured += done["rows"] if "rows" in done else [{**done, "metric": m, "threads": threads}
+                                                             for m in args.metrics]
     out = [{**info, **row} for row in measured]
     for row in out:
         print(_line(row), flush=True)
@@ -278,6 +289,7 @@ def fits(rows: list[dict], width: int, sweep_rows: int, metrics) -> dict:
 def main(argv=None) -> dict:
     args = _parser().parse_args(argv)
     args.metrics = [m for m in args.metrics.split(",") if m]
+    args.threads = [int(t) for t in str(args.threads).split(",") if t]
     widths = [int(w) for w in args.widths.split(",")]
     if args.table is not None or args.one is not None or args.generate is not None:
         _child_or_table(args, widths)
@@ -309,6 +321,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--l0", type=float, default=400.0)
     parser.add_argument("--classes", type=int, default=1000, help="zero-shot classes (ImageNet: 1000)")
     parser.add_argument("--metrics", default=",".join(METRICS))
+    parser.add_argument("--threads", default="1", help="metrics.threads to measure, e.g. 1,2 (side by side)")
     parser.add_argument("--tag", default="", help="suffix of the result file")
     parser.add_argument("--compare", default=None, help="an earlier result JSON to show alongside")
     parser.add_argument("--in-process", action="store_true", help="no subprocesses (tests; peaks then share a heap)")
@@ -326,7 +339,8 @@ def _child_or_table(args, widths: list[int]) -> None:
         print(table(json.loads(Path(args.table).read_text()),
                     json.loads(Path(args.compare).read_text()) if args.compare else None))
     elif args.one is not None:
-        print(json.dumps({"rows": measure_size(Path(args.generate), widths[-1], args.one.split(","))}))
+        print(json.dumps({"rows": measure_size(Path(args.generate), widths[-1], args.one.split(","),
+                                               args.threads[0])}))
     else:
         print(json.dumps(generate(Path(args.generate), args.rows, widths[-1], args.l0, args.classes)))
 
@@ -349,12 +363,14 @@ def summarise(rows: list[dict], args, width: int, seconds: float) -> dict:
                     "less sensitive than wall time to other processes on a shared machine); peak_extra_gib: VmHWM during the call minus RSS before it "
                     "(memory on top of the loaded inputs); peak_rss_gib: VmHWM itself",
         "total_seconds": seconds,
+        "threads": args.threads,
         "rows": rows,
-        "fits": fits(rows, width, args.rows, args.metrics),
+        "fits": fits([r for r in rows if r.get("threads", 1) == args.threads[0]], width, args.rows, args.metrics),
+        "speedup": speedups(rows, args.threads),
         "extrapolation_note": f"extrapolated to {TARGET['rows']:,} x {TARGET['width']:,} along each metric's fitted "
                               "rows exponent from the largest measured size; a forecast, not a measurement "
-                              f"(measured on {os.cpu_count()} cores; the metric code is single-threaded but "
-                              "for the BLAS in clarity_baseline)",
+                              f"(measured on {os.cpu_count()} cores with the metrics' row blocks on "
+                              f"{args.threads[0]} thread(s))",
     }
     if width == TARGET["width"]:
         extrapolated = [f["extrapolated_cpu_seconds"] for f in result["fits"].values()
@@ -367,6 +383,18 @@ def summarise(rows: list[dict], args, width: int, seconds: float) -> dict:
         nnz = TARGET["rows"] * args.l0
         result["target_inputs_gib"] = (2 * nnz * 8 + TARGET["rows"] * REFERENCE_DIM * 4) / 2**30
     return result
+
+
+def speedups(rows: list[dict], threads: list[int]) -> dict:
+    """Per metric and size: wall seconds on ``threads[0]`` threads over those on each other count."""
+    wall = {(r["metric"], r["rows"], r["width"], r.get("threads", 1)): r["seconds"]
+            for r in rows if r.get("status") == "ok"}
+    out: dict = {}
+    for (metric, n, w, t), seconds in wall.items():
+        base = wall.get((metric, n, w, threads[0]))
+        if t != threads[0] and base:
+            out.setdefault(metric, {})[f"{n}x{w}@{t}"] = base / seconds
+    return out
 
 
 def table(result: dict, compare: dict | None = None) -> str:
@@ -390,7 +418,8 @@ def table(result: dict, compare: dict | None = None) -> str:
             "exp. width (cpu / mem)",
             f"{result['target']['rows'] // 1000}k x {result['target']['width']:,} (extrapolated)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    index = {(r["metric"], r.get("rows"), r.get("width")): r for r in result["rows"]}
+    first = result.get("threads", [1])[0]
+    index = {(r["metric"], r.get("rows"), r.get("width")): r for r in result["rows"] if r.get("threads", 1) == first}
     fmt = lambda x: "-" if x is None else f"{x:.2f}"
     for metric, fit in result["fits"].items():
         cells = [cell(index.get((metric, n, w)), old.get((metric, n, w))) for n, w in sizes]
@@ -407,6 +436,9 @@ def table(result: dict, compare: dict | None = None) -> str:
                      f"single process; largest metric's extra memory "
                      f"{result['extrapolated_max_peak_extra_gib']:.1f} GiB on top of "
                      f"{result['target_inputs_gib']:.1f} GiB of inputs (forecast)")
+    for metric, ratios in result.get("speedup", {}).items():
+        lines.append(f"{metric}: wall on {first} thread(s) / on more: " +
+                     ", ".join(f"{size}: {ratio:.2f}x" for size, ratio in ratios.items()))
     return "\n".join(lines)
 
 

@@ -339,6 +339,8 @@ class MetricsParams(Section):
     cscore_thresholds: list[float] = Field([0.0, 0.5, 1.0, 1.5], min_length=1)
     topk: list[int] = Field([1, 2, 4, 8, 16, 32], description="zero-shot with each image's top-k features")
     mono_auroc: float = Field(0.9, gt=0.5, le=1.0)
+    threads: int | None = Field(None, ge=1, description="threads for the row blocks of Clarity, zero-shot and "
+                                "top-k (None: one per core); the numbers do not depend on it")
     out_dir: str = "metrics"
 
 

@@ -41,3 +41,17 @@ def test_benchmark_runs_on_a_tiny_size(tmp_path):
         fit = written["fits"][metric]
         assert set(fit) >= {"seconds_vs_rows", "seconds_vs_width", "peak_extra_gib_vs_rows", "peak_extra_gib_vs_width"}
         assert fit["seconds_vs_rows"] is not None
+
+
+def test_thread_counts_are_measured_side_by_side_with_the_same_values(tmp_path):
+    out = tmp_path / "result.json"
+    result = metrics_scale.main(["--rows", "300", "--widths", "256", "--sweep-rows", "300", "--l0", "12",
+                                 "--classes", "5", "--in-process", "--threads", "1,2", "--out", str(out),
+                                 "--metrics", "clarity,zeroshot,images_topk,labels_topk"])
+    assert result["threads"] == [1, 2]
+    by_threads = {t: {r["metric"]: r["value"] for r in result["rows"] if r["threads"] == t} for t in (1, 2)}
+    assert by_threads[1] == by_threads[2]  # the same numbers on either count
+    assert set(result["speedup"]) == {"clarity", "zeroshot", "images_topk", "labels_topk"}
+    assert all(set(ratios) == {"300x256@2"} and all(v > 0 for v in ratios.values())
+               for ratios in result["speedup"].values())
+    assert "wall on 1 thread(s) / on more" in metrics_scale.table(result)

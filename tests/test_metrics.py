@@ -482,3 +482,58 @@ def test_cosine_scores_in_row_blocks_equal_one_pass(monkeypatch):
         for layout in (np.asarray, sp.csr_matrix, sp.csc_matrix):
             assert np.array_equal(zeroshot.cosine_scores(layout(a), classifier), expected)
     assert zeroshot.cosine_scores(sp.csr_matrix((0, 25)), classifier).shape == (0, 6)
+
+
+def test_map_blocks_keeps_order_and_bounds_what_is_in_flight():
+    """Results come back in block order on any thread count, with at most threads + 1 blocks
+    started and not yet consumed (a fold over partial sums holds a few, not all)."""
+    import threading
+
+    from pipeline.metrics._arrays import block_threads, map_blocks
+
+    started, lock = [], threading.Lock()
+
+    def work(i):
+        with lock:
+            started.append(i)
+        return i * i
+
+    with block_threads(3):
+        results = []
+        for value in map_blocks(work, range(20)):
+            with lock:
+                assert len(started) - len(results) <= 4
+            results.append(value)
+    assert results == [i * i for i in range(20)]
+    assert list(map_blocks(work, range(3))) == [0, 1, 4]  # outside: on the calling thread
+    with pytest.raises(ValueError, match="threads"):
+        with block_threads(0):
+            pass
+
+
+def test_metrics_give_the_same_bits_on_several_threads(monkeypatch):
+    """Clarity, cosine scores and keep_topk in many small blocks on 4 threads equal 1 thread."""
+    import importlib
+
+    from pipeline.clip import zeroshot
+    from pipeline.metrics import topk
+    from pipeline.metrics._arrays import block_threads
+
+    clarity = importlib.import_module("pipeline.metrics.clarity")  # the package exports the function
+    monkeypatch.setattr(clarity, "_ROWS_PER_BLOCK", 7)
+    monkeypatch.setattr(zeroshot, "_ROWS_PER_BLOCK", 5)
+    monkeypatch.setattr(topk, "_NNZ_PER_BLOCK", 11)
+    rng = np.random.default_rng(16)
+    a = sp.csr_matrix(sparse_relu(rng, 90, 30, fill=0.25).astype(np.float32))
+    reference = rng.normal(size=(90, 8))
+    classifier = rng.random((5, 30))
+
+    def everything():
+        return (metrics.clarity(a, reference, per_feature=True)[1], zeroshot.cosine_scores(a, classifier),
+                metrics.keep_topk(a, 3).toarray())
+
+    one = everything()
+    with block_threads(4):
+        four = everything()
+    for x, y in zip(one, four):
+        assert np.array_equal(x, y, equal_nan=True)

@@ -11,6 +11,8 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+from pipeline.metrics._arrays import map_blocks, row_blocks
+
 
 @torch.no_grad()
 def class_embeddings(encode_text, tokenize, classes: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
@@ -32,23 +34,28 @@ def classifier_from_prompts(prompt_activations, prompt_labels: Sequence[str], cl
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
-_ROWS_PER_BLOCK = 65_536
+_ROWS_PER_BLOCK = 16_384
 
 
 def cosine_scores(activations, classifier: np.ndarray) -> np.ndarray:
     """[n, C] cosine similarity of each (sparse or dense) row to each class, without densifying.
     ``classifier`` may be sparse too (a class embedding cut to its top-k features): the product
     then costs O(matches), not O(nnz x C). Rows are converted to float64 a block at a time, so
-    the memory beyond the [n, C] result is a block's, not a float64 copy of the whole matrix."""
+    the memory beyond the [n, C] result is a block's, not a float64 copy of the whole matrix;
+    each block fills its own rows of the result, on :func:`~pipeline.metrics._arrays.block_threads`'
+    threads (a row's scores do not depend on the blocks, so neither do the bits)."""
     matrix = sp.csr_matrix(activations)
     out = np.empty((matrix.shape[0], classifier.shape[0]))
-    for start in range(0, matrix.shape[0], _ROWS_PER_BLOCK):
-        block = slice(start, min(start + _ROWS_PER_BLOCK, matrix.shape[0]))
+
+    def fill(block: slice) -> None:
         rows = sp.csr_matrix(matrix[block], dtype=np.float64)
         norms = np.sqrt(np.asarray(rows.multiply(rows).sum(axis=1)).ravel())
         scores = rows @ classifier.T
         out[block] = scores.toarray() if sp.issparse(scores) else scores
         out[block] /= np.maximum(norms, 1e-12)[:, None]
+
+    for _ in map_blocks(fill, row_blocks(matrix.shape[0], _ROWS_PER_BLOCK)):
+        pass
     return out
 
 

@@ -3,11 +3,22 @@
 Activations arrive as dense arrays (small runs, tests) or as ``scipy.sparse`` matrices (cluster
 scale: n = 1.2M rows by F = 55,296 features). Every metric converts them here to canonical CSR
 and then works on the stored non-zeros only, so nothing ever densifies an n x F matrix.
+
+The big metrics walk the rows a block at a time; :func:`map_blocks` runs those blocks on threads
+inside :func:`block_threads` (the sparse and BLAS kernels release the GIL). The blocks are the
+same whatever the thread count and their results are combined in block order, so a metric gives
+the same bits on 1 thread or 64.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextvars
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TypeVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -113,3 +124,42 @@ def row_blocks(n: int, size: int) -> Iterator[slice]:
     size = max(1, int(size))
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
+
+
+_THREADS = contextvars.ContextVar("block_threads", default=1)
+T = TypeVar("T")
+B = TypeVar("B")
+
+
+@contextmanager
+def block_threads(threads: int | None) -> Iterator[int]:
+    """Inside, :func:`map_blocks` (called from this thread) uses ``threads`` threads; None: one
+    per core. Outside, and in the blocks themselves, work stays on the calling thread."""
+    count = (os.cpu_count() or 1) if threads is None else threads
+    if count < 1:
+        raise ValueError(f"threads must be >= 1 or None, got {threads}")
+    token = _THREADS.set(count)
+    try:
+        yield count
+    finally:
+        _THREADS.reset(token)
+
+
+def map_blocks(fn: Callable[[B], T], blocks: Iterable[B]) -> Iterator[T]:
+    """``fn(block)`` for every block, yielded in block order, on :func:`block_threads`' threads.
+
+    At most as many blocks as threads are in flight beyond the one being consumed, so a caller
+    that folds the results as they come (a sum of partial products) holds a few of them, not all.
+    """
+    threads = _THREADS.get()
+    if threads <= 1:
+        yield from map(fn, blocks)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="metric-block") as pool:
+        pending = deque()
+        for block in blocks:
+            pending.append(pool.submit(fn, block))
+            if len(pending) > threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

@@ -16,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from ._arrays import as_csr, row_blocks, unit_rows
+from ._arrays import as_csr, map_blocks, row_blocks, unit_rows
 
-_ROWS_PER_BLOCK = 65_536
+_ROWS_PER_BLOCK = 16_384  # a block's partial sums are F x d float64 (340 MB at 55,296 x 768) each
 
 
 def _mean_pair_cosine(members: sp.csr_matrix, embeddings, n_min: int, tau: float | None = None) -> np.ndarray:
@@ -35,17 +35,22 @@ def _mean_pair_cosine(members: sp.csr_matrix, embeddings, n_min: int, tau: float
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2 or embeddings.shape[0] != n:
         raise ValueError(f"embeddings must be ({n} x d) to match the activations, got {embeddings.shape}")
-    sums = np.zeros((width, embeddings.shape[1]))
-    counts = np.zeros(width, dtype=np.int64)
-    for rows in row_blocks(n, _ROWS_PER_BLOCK):
+
+    def block_sums(rows: slice) -> tuple[np.ndarray, np.ndarray]:
         block = members[rows]
         if tau is None:
             block = block.astype(np.float64, copy=False)
         else:
             block.data = (block.data > tau).astype(np.float64)
             block.eliminate_zeros()
-        counts += np.bincount(block.indices, minlength=width)
-        sums += block.T @ unit_rows(np.asarray(embeddings[rows], dtype=np.float64))
+        return np.bincount(block.indices, minlength=width), block.T @ unit_rows(
+            np.asarray(embeddings[rows], dtype=np.float64))
+
+    sums = np.zeros((width, embeddings.shape[1]))
+    counts = np.zeros(width, dtype=np.int64)
+    for block_counts, block_sum in map_blocks(block_sums, row_blocks(n, _ROWS_PER_BLOCK)):
+        counts += block_counts
+        sums += block_sum
     pair_sums = np.einsum("ij,ij->i", sums, sums) - counts
     pairs = counts * (counts - 1.0)
     return np.divide(pair_sums, pairs, out=np.full(width, np.nan), where=counts >= n_min)

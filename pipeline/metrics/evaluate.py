@@ -36,7 +36,7 @@ from pipeline.clip.zeroshot import (
 from pipeline.config import MetricsParams
 from pipeline.data.concepts import concept_ids
 from pipeline.data.evalsets import zero_shot_label
-from pipeline.metrics._arrays import unit_sparse_rows
+from pipeline.metrics._arrays import block_threads, unit_sparse_rows
 from pipeline.plots import panel_row, plot_curves, save_figure
 
 
@@ -70,9 +70,14 @@ def evaluate(act_dir: str | Path, reference_dir: str | Path, vocab_dir: str | Pa
              plot_dir: str | Path, title: str = "", modality: bool = True) -> dict[str, Any]:
     """All metrics of one model as a nested dict of numbers; figures written under ``plot_dir``.
     ``modality=False`` for a model that saw one modality only (an image SAE): it is single-modal
-    by construction, and scoring it on the other modality would measure how it misreads it."""
-    acts = ActivationSet(act_dir)
-    plot_dir = Path(plot_dir)
+    by construction, and scoring it on the other modality would measure how it misreads it.
+    The row blocks of the big metrics run on ``params.threads`` threads."""
+    with block_threads(params.threads):
+        return _evaluate(ActivationSet(act_dir), reference_dir, vocab_dir, params, Path(plot_dir), title, modality)
+
+
+def _evaluate(acts: ActivationSet, reference_dir, vocab_dir, params: MetricsParams, plot_dir: Path, title: str,
+              modality: bool) -> dict[str, Any]:
     images_meta, images = acts.load("images")
     texts_meta, texts = acts.load("texts")
     result: dict[str, Any] = {"width": acts.width}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from ._arrays import as_csr, row_blocks_by_nnz
+from ._arrays import as_csr, map_blocks, row_blocks_by_nnz
 
 _NNZ_PER_BLOCK = 1 << 22  # stored entries ranked at once: bounds the working memory
 
@@ -25,7 +25,8 @@ def keep_topk(activations, k: int) -> sp.csr_matrix:
     matrix = as_csr(activations)
     n = matrix.shape[0]
     lengths = np.diff(matrix.indptr)
-    kept = [_kept_positions(matrix, lengths, rows, k) for rows in row_blocks_by_nnz(matrix.indptr, _NNZ_PER_BLOCK)]
+    kept = list(map_blocks(lambda rows: _kept_positions(matrix, lengths, rows, k),
+                           row_blocks_by_nnz(matrix.indptr, _NNZ_PER_BLOCK)))
     kept = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.minimum(lengths, k), out=indptr[1:])
