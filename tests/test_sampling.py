@@ -176,6 +176,51 @@ def test_webdataset_source_scans_each_tar_once_per_process(dirty_shards, tmp_pat
     assert sources._tar_index.cache_info().misses == 2
 
 
+def test_webdataset_refs_carry_offsets_so_loading_scans_no_tar(tmp_path):
+    """Twelve tars (more than the per-process index keeps) and a shard drawing from all of them
+    in shuffled order: loading reads every member at its offset with no scan, the bytes equal
+    tarfile's; a gzipped tar gets plain refs (its offsets are into the decompressed stream) and is
+    read through tarfile; a tar rewritten after listing is scanned afresh, not read at old offsets."""
+    import gzip
+    import random
+
+    from pipeline.data import sources
+
+    for t in range(12):
+        with tarfile.open(tmp_path / f"src-{t:02d}.tar", "w") as tar:
+            for i in range(3):
+                for ext, payload in {"jpg": jpeg(colour=(20 * t, i, 0)), "txt": f"caption {t} {i}".encode(),
+                                     "json": b"{}"}.items():
+                    add(tar, f"s{t:02d}_{i}.{ext}", payload)
+    source = sources.WebDatasetSource(SourceParams(kind="webdataset", path=str(tmp_path / "src-*.tar")))
+    refs = source.refs()
+    assert len(refs) == 36 and all("@jpg=" in r for r in refs)
+    assert [source.group(r) for r in refs[:2]] == ["s00_0", "s00_1"]
+    shard = random.Random(0).sample(refs, len(refs))
+    sources._tar_index.cache_clear()
+    records = list(source.load(shard))
+    assert sources._tar_index.cache_info().misses == 0  # no tar was scanned
+    for ref, record in zip(shard, records):
+        t, i = int(record.key[1:3]), int(record.key[4])
+        assert record.key == source.group(ref) and record.caption == f"caption {t} {i}"
+        assert record.image == jpeg(colour=(20 * t, i, 0)) and record.sidecar == {}
+
+    gz = tmp_path / "packed.tar.gz"
+    gz.write_bytes(gzip.compress((tmp_path / "src-00.tar").read_bytes()))
+    packed = sources.WebDatasetSource(SourceParams(kind="webdataset", path=str(gz)))
+    packed_refs = packed.refs()
+    assert all("@" not in r for r in packed_refs)
+    assert [r.caption for r in packed.load(packed_refs)] == [f"caption 0 {i}" for i in range(3)]
+
+    stale = [r for r in refs if "src-05.tar" in r]
+    with tarfile.open(tmp_path / "src-05.tar", "w") as tar:  # rewritten: new sizes, new offsets
+        add(tar, "pad.txt", b"x" * 5000)
+        for i in range(3):
+            add(tar, f"s05_{i}.txt", f"rewritten {i}".encode())
+    assert [r.caption for r in source.load(stale)] == [f"rewritten {i}" for i in range(3)]
+    assert [r.image for r in source.load(stale)] == [None] * 3
+
+
 def test_run_sample_skips_and_counts_bad_records(ray_local, dirty_shards, tmp_path):
     params = SampleParams(
         source=SourceParams(kind="webdataset", path=str(dirty_shards)),

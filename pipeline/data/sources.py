@@ -14,9 +14,11 @@ import functools
 import glob
 import json
 import os
+import re
 import tarfile
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Protocol
 
@@ -102,23 +104,34 @@ class WebDatasetSource:
         self.caption_ext = params.caption_key if params.caption_key != "caption" else "txt"
 
     def refs(self) -> list[str]:
-        refs = []
-        for file in self.files:
-            refs.extend(f"{file}{_REF_SEP}{key}" for key in tar_index(file))
-        return refs
+        """``file::key::stamp@ext=offset+size;...``: where each member of the sample lies, from
+        the one scan of each tar that listing its keys needs anyway, so :meth:`load` seeks straight
+        to the bytes and no worker reads a tar header again (with a per-process index instead,
+        workers re-scanned tars whenever a shard drew from more tars than the index kept:
+        ``benchmarks/sample_throughput.py`` at 10 tars ran 0.62x the plain loop). ``stamp`` is the
+        tar's size and mtime: a tar rewritten since is scanned afresh, never read at stale
+        offsets. A key with a member only tarfile can read (GNU sparse) gets a plain
+        ``file::key`` ref and the scan."""
+        return [_member_ref(file, key, members) for file in self.files for key, members in tar_index(file).items()]
 
     def group(self, ref: str) -> str:
-        return ref.split(_REF_SEP, 1)[1]
+        return ref.split(_REF_SEP)[1]
 
     def load(self, refs: Sequence[str]) -> Iterator[RawRecord]:
-        wanted = _by_file(refs)
         loaded: dict[str, RawRecord] = {}
-        for file, keys in wanted.items():
-            index = tar_index(file)
-            with tarfile.open(file) as tar:
-                for key in keys:
-                    parts = {ext: _read_member(tar, where) for ext, where in index.get(key, {}).items()}
-                    loaded[f"{file}{_REF_SEP}{key}"] = self._record(file, key, parts)
+        for file, items in _by_file(refs).items():
+            stamp = _stamp(file)
+            with open(file, "rb") as raw, ExitStack() as scan:
+                index = tar = None
+                for item in items:
+                    key, _, located = item.partition(_REF_SEP)
+                    places, source = _parse_places(located, stamp), raw
+                    if places is None:  # no offsets, or stale ones: find the key by a scan
+                        if index is None:
+                            index, tar = tar_index(file), scan.enter_context(tarfile.open(file))
+                        places, source = index.get(key, {}), tar
+                    parts = {ext: _read_member(source, where) for ext, where in places.items()}
+                    loaded[f"{file}{_REF_SEP}{item}"] = self._record(file, key, parts)
         yield from (loaded[ref] for ref in refs)
 
     def _record(self, file: str, key: str, parts: dict[str, bytes]) -> RawRecord:
@@ -181,12 +194,12 @@ Member = tuple[int, int] | tarfile.TarInfo  # (data offset, size); a TarInfo onl
 def tar_index(file: str) -> dict[str, dict[str, Member]]:
     """Where each regular member of a tar lies, by key and extension, in the tar's order.
 
-    A tar has no index: finding a member means reading every header before it. The sample stage
-    asks for one shard's records per task, and a source tar of 10,000 samples feeds about ten
-    shards, so scanning it once per shard re-read every header ten times (the stage ran 2-4x slower
-    than one pass over the source, ``benchmarks/sample_throughput.py``). The index is kept per process for the
-    last 8 files (~7 MB each for 10,000 samples: offsets, not TarInfo objects), keyed by size and
-    mtime so a rewritten tar is scanned again. Scanning a 10,000-sample tar took 2.4 s here."""
+    A tar has no index: finding a member means reading every header before it (2.4 s for a
+    10,000-sample tar here). :meth:`WebDatasetSource.refs` scans each tar once and writes the
+    offsets into the refs, so shard builders never scan; this index serves that scan and the refs
+    that cannot carry offsets (compressed tars, GNU sparse members). It is kept per process for
+    the last 8 files (~7 MB each for 10,000 samples: offsets, not TarInfo objects), keyed by size
+    and mtime so a rewritten tar is scanned again."""
     stat = os.stat(file)
     return _tar_index(file, stat.st_size, stat.st_mtime_ns)
 
@@ -202,13 +215,54 @@ def _tar_index(file: str, size: int, mtime_ns: int) -> dict[str, dict[str, Membe
     return dict(index)
 
 
-def _read_member(tar: tarfile.TarFile, where: Member) -> bytes:
-    """A member's bytes: what ``tar.extractfile`` reads for a regular file, from the same file object."""
+def _read_member(source, where: Member) -> bytes:
+    """A member's bytes, as ``tar.extractfile`` reads a regular file: ``source`` is the opened
+    TarFile (offsets into its, possibly decompressed, stream; a GNU sparse member's TarInfo) or,
+    for an uncompressed tar, the raw file, whose offsets are the same."""
     if isinstance(where, tarfile.TarInfo):
-        return tar.extractfile(where).read()
+        return source.extractfile(where).read()
     offset, size = where
-    tar.fileobj.seek(offset)
-    return tar.fileobj.read(size)
+    stream = source.fileobj if isinstance(source, tarfile.TarFile) else source
+    stream.seek(offset)
+    return stream.read(size)
+
+
+def _stamp(file: str) -> str:
+    stat = os.stat(file)
+    return f"{stat.st_size}.{stat.st_mtime_ns}"
+
+
+def _member_ref(file: str, key: str, members: dict[str, Member]) -> str:
+    """``file::key::stamp@ext=offset+size;...``, or ``file::key`` where offsets cannot say it."""
+    if not _uncompressed(file) or any(isinstance(m, tarfile.TarInfo) or not _PLAIN_EXT.fullmatch(ext)
+                                      for ext, m in members.items()):
+        return f"{file}{_REF_SEP}{key}"
+    places = ";".join(f"{ext}={offset}+{size}" for ext, (offset, size) in members.items())
+    return f"{file}{_REF_SEP}{key}{_REF_SEP}{_stamp(file)}@{places}"
+
+
+def _parse_places(located: str, stamp: str) -> dict[str, Member] | None:
+    """The members' (offset, size) from a ref's tail; None if it has none or the tar changed."""
+    ref_stamp, _, places = located.partition("@")
+    if not places or ref_stamp != stamp:
+        return None
+    out: dict[str, Member] = {}
+    for place in places.split(";"):
+        ext, _, span = place.partition("=")
+        offset, _, size = span.partition("+")
+        out[ext] = (int(offset), int(size))
+    return out
+
+
+_PLAIN_EXT = re.compile(r"[^=;+@]*")
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: offsets are into the decompressed stream
+
+
+@functools.lru_cache(maxsize=1024)
+def _uncompressed(file: str) -> bool:
+    with open(file, "rb") as f:
+        head = f.read(6)
+    return not head.startswith(_COMPRESSED)
 
 
 def _split_member(name: str) -> tuple[str, str]:
