@@ -232,7 +232,7 @@ def measure(records: int, per_tar: int, pool: int, shard_size: int, task_cpus: l
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=50_000,
-                        help="source size (50k: the 100k of issue 17 ran past 8 minutes on 2 shared cores)")
+                        help="source size (100k: 4m41s for the whole benchmark on 2 quiet cores)")
     parser.add_argument("--per-tar", type=int, default=10_000, help="records per source tar (img2dataset: 10,000)")
     parser.add_argument("--pool", type=int, default=1000, help="distinct images rendered, then cycled")
     parser.add_argument("--shard-size", type=int, default=1000, help="sample.shard_size (params.yaml: 1000)")
