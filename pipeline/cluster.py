@@ -20,6 +20,9 @@ for _name, _value in {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
     "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0"),
+    # Without a terminal (a log file, CI) Ray Data prints a dozen progress lines every 10 s; once a
+    # minute is enough to see that a long extraction moves, and leaves a stage's log readable.
+    "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": "60",
 }.items():
     os.environ.setdefault(_name, _value)
 
@@ -128,16 +131,23 @@ def require_data_pool(what: str, actors: int, task_cpus: float, actor_gpus: floa
                          "extract.actor_gpus (0: CPU actors)")
 
 
-# Ray Train's placement-group cleaner polls the State API every second; without a dashboard (the
-# local cluster starts none) every poll fails and logs a warning, hundreds per training. The
-# cleaner still does its job when the controller dies; only that line is silenced.
-NOISY_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# Loggers of Ray's own that drown a stage's log, and the level each is raised to in every worker:
+# - Ray Train's placement-group cleaner polls the State API every second; without a dashboard (the
+#   local cluster starts none) every poll fails and logs a warning, hundreds per training. The
+#   cleaner still does its job when the controller dies; only that line is silenced.
+# - Ray Train logs two INFO lines per reported checkpoint (the report and the folder it landed in),
+#   each several hundred characters; the stage's own progress lines say the same. Warnings stay.
+NOISY_WORKER_LOGGERS = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    "ray.train.v2._internal.execution.context": logging.WARNING,
+    "ray.train.v2._internal.execution.storage": logging.WARNING,
+}
 
 
 def quiet_worker_logs() -> None:
     """Runs in every Ray worker process at start (``worker_process_setup_hook``)."""
-    for name in NOISY_WORKER_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name, level in NOISY_WORKER_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def _worker_env() -> dict[str, str]:

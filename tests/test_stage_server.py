@@ -1,0 +1,135 @@
+"""The warm stage server: a stage forked from it runs as its own command would, or not at all.
+
+A server here preloads one light stage module (report) and, for the tests' sake, runs a probe
+instead of the stage when the arguments ask for one (`--probe-*`): printing what the child sees,
+or sleeping so that a test can kill its client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import stage_server
+from pipeline.stage_server import SERVER_ENV, WarmState, _refusal
+
+from .conftest import REPO
+
+SERVER = """
+import json, os, sys, time
+from pipeline.stage_server import serve, run_forked_stage
+request = serve(sys.argv[1], ["stages.report"])
+if request.args[:1] == ["--probe-env"]:
+    print(json.dumps({"cwd": os.getcwd(), "pid": os.getpid(), "pgid": os.getpgid(0),
+                      "env": {k: os.environ.get(k) for k in request.args[1:]}}), flush=True)
+    raise SystemExit(7)
+if request.args[:1] == ["--probe-sleep"]:
+    print(os.getpid(), flush=True)
+    time.sleep(600)
+run_forked_stage(request)
+"""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A server on a socket in a private folder, and the environment that sends stages to it."""
+    folder = tmp_path_factory.mktemp("warm")
+    address = str(folder / "stages.sock")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_DISABLE_TELEMETRY", None)  # pipeline.tracking sets it when imported: the child must too
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, address], cwd=REPO, env=env, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not Path(address).exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.2)
+    yield {**env, SERVER_ENV: address}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def stage(env: dict, *args: str, cwd: Path = REPO, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120, **kwargs)
+
+
+def test_a_warm_stage_runs_in_the_clients_folder_with_its_environment_and_output(server, tmp_path):
+    # SERVER_ENV is the one variable the client has and the server had not
+    proc = stage(server, "report", "--probe-env", "MLFLOW_DISABLE_TELEMETRY", "PYTHONPATH", cwd=tmp_path)
+    assert proc.returncode == 7, proc.stderr  # the child's exit status is the command's
+    seen = json.loads(proc.stdout)
+    assert seen["cwd"] == str(tmp_path) and seen["pid"] != os.getpid()
+    assert seen["pgid"] == seen["pid"]  # its own process group: the client's signals reach all it starts
+    assert seen["env"] == {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(REPO)}  # + what imports set
+    assert "declined" not in proc.stderr and "cold" not in proc.stderr
+
+
+def test_a_warm_stage_is_the_real_stage_with_its_errors_and_status(server):
+    proc = stage(server, "report", "--experiment")  # argparse: the option needs a value
+    assert proc.returncode == 2 and "usage: python -m stages.report" in proc.stderr
+    assert "cold" not in proc.stderr
+
+
+def test_without_a_server_or_with_a_dead_one_the_stage_runs_in_its_own_process(server, tmp_path):
+    for env in ({k: v for k, v in server.items() if k != SERVER_ENV}, {**server, SERVER_ENV: str(tmp_path / "no")}):
+        proc = stage(env, "report", "--experiment")
+        assert proc.returncode == 2 and "usage: python -m stages.report" in proc.stderr
+    assert "no warm stage server" in proc.stderr and "running report cold" in proc.stderr
+    assert stage(server, "nosuch").returncode == 2
+
+
+def test_a_client_under_another_environment_is_declined_and_runs_cold(server):
+    proc = stage({**server, "OMP_NUM_THREADS": "3"}, "report", "--experiment")
+    assert "declined (the environment differs from the one it imported under (OMP_NUM_THREADS))" in proc.stderr
+    assert proc.returncode == 2 and "usage: python -m stages.report" in proc.stderr
+
+
+def test_interrupting_the_client_interrupts_the_stage(server):
+    client = subprocess.Popen([sys.executable, "-m", "stages", "report", "--probe-sleep"], cwd=REPO, env=server,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = int(client.stdout.readline())
+    client.send_signal(signal.SIGINT)
+    assert client.wait(timeout=30) == 128 + signal.SIGINT  # the child's KeyboardInterrupt, as a shell reports it
+    assert not _alive(child)
+
+
+def test_killing_the_client_takes_its_stage_with_it(server):
+    client = subprocess.Popen([sys.executable, "-m", "stages", "report", "--probe-sleep"], cwd=REPO, env=server,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    child = int(client.stdout.readline())
+    client.kill()
+    client.wait()
+    deadline = time.monotonic() + stage_server.KILL_GRACE_S + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return status.exists() and status.read_text().split(")")[-1].split()[0] != "Z"
+
+
+def test_refused_when_a_module_changed_another_checkout_asks_or_the_environment_differs(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("x = 1\n")
+    env = {"HOME": "/root", "PWD": "/a", "DVC_ROOT": "/b"}
+    warm = WarmState({str(module): os.stat(module).st_mtime}, "/repo/stages", env, {})
+    request = {"stage": "train", "package": "/repo/stages", "env": {**env, "PWD": "/c", "SHLVL": "2"}}
+    assert _refusal(request, warm) is None  # per-command variables do not count
+    assert "not /copy/stages" in _refusal({**request, "package": "/copy/stages"}, warm)
+    assert "unknown stage" in _refusal({**request, "stage": "nosuch"}, warm)
+    assert "(HOME)" in _refusal({**request, "env": {**env, "HOME": "/x"}}, warm)
+    assert "(EXTRA)" in _refusal({**request, "env": {**env, "EXTRA": "1"}}, warm)
+    os.utime(module, (0, 0))
+    assert f"changed since it imported them, e.g. {module}" in _refusal(request, warm)
