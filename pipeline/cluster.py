@@ -54,13 +54,13 @@ def connect(params: RayParams) -> dict:
     """Initialise Ray once per process and return the cluster's resources."""
     if not ray.is_initialized():
         address = params.address or os.environ.get("RAY_ADDRESS")
-        env = {"env_vars": _worker_env(), "worker_process_setup_hook": "pipeline.cluster.quiet_worker_logs"}
+        one_machine = not address or _on_loopback(address)
+        env = {"env_vars": _worker_env(one_machine), "worker_process_setup_hook": "pipeline.cluster.quiet_worker_logs"}
+        _one_machine(one_machine)
         if address:
             log.info("joining Ray cluster at %s", address)
-            _one_machine(_on_loopback(address))
             ray.init(address=address, runtime_env=env, log_to_driver=True)
         else:
-            _one_machine(True)
             ray.init(
                 address="local",  # a new cluster: never silently join one `ray start` left on this machine
                 num_cpus=params.num_cpus,
@@ -131,28 +131,27 @@ def require_data_pool(what: str, actors: int, task_cpus: float, actor_gpus: floa
                          "extract.actor_gpus (0: CPU actors)")
 
 
-# Loggers of Ray's own that drown a stage's log, and the level each is raised to in every worker:
-# - Ray Train's placement-group cleaner polls the State API every second; without a dashboard (the
-#   local cluster starts none) every poll fails and logs a warning, hundreds per training. The
-#   cleaner still does its job when the controller dies; only that line is silenced.
-# - Ray Train logs two INFO lines per reported checkpoint (the report and the folder it landed in),
-#   each several hundred characters; the stage's own progress lines say the same. Warnings stay.
-NOISY_WORKER_LOGGERS = {
-    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
-    "ray.train.v2._internal.execution.context": logging.WARNING,
-    "ray.train.v2._internal.execution.storage": logging.WARNING,
-}
+# Ray Train's placement-group cleaner polls the State API every second; without a dashboard (the
+# local cluster starts none) every poll fails and logs a warning, hundreds per training. The
+# cleaner still does its job when the controller dies; only that line is silenced. (Ray Train's
+# other INFO lines are left to its own switch, ``LoggingConfig``: see ``pipeline.raytrain``.)
+NOISY_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 
 def quiet_worker_logs() -> None:
     """Runs in every Ray worker process at start (``worker_process_setup_hook``)."""
-    for name, level in NOISY_WORKER_LOGGERS.items():
-        logging.getLogger(name).setLevel(level)
+    for name in NOISY_WORKER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _worker_env() -> dict[str, str]:
+# A node of a one-machine cluster is never drained, so Ray Train's preemption watcher (an actor
+# process per training, polling the node's drain state) has nothing to watch there.
+ONE_MACHINE_WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def _worker_env(one_machine: bool = False) -> dict[str, str]:
     """What workers need, minus what the enclosing Ray job (if any) already gives them."""
-    wanted = {**WORKER_ENV, **_forwarded_env()}
+    wanted = {**WORKER_ENV, **(ONE_MACHINE_WORKER_ENV if one_machine else {}), **_forwarded_env()}
     return {k: v for k, v in wanted.items() if k not in _job_env_vars()}
 
 

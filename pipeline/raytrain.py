@@ -56,7 +56,10 @@ def make_trainer(params: Params, what: str, group: WorkerGroupParams, worker: Ca
             num_workers=group.num_workers, use_gpu=group.use_gpu,
             resources_per_worker=dict(group.resources_per_worker), placement_strategy=group.placement_strategy,
         ),
-        run_config=ray.train.RunConfig(name=name, storage_path=storage_path(params.ray.storage_path), **run_config),
+        # Ray Train's own INFO lines (worker-group start-up, and two long lines per checkpoint) stay in the
+        # session's logs/train files; the console shows its warnings beside the stage's own progress.
+        run_config=ray.train.RunConfig(name=name, storage_path=storage_path(params.ray.storage_path),
+                                       logging_config=ray.train.LoggingConfig(log_level="WARNING"), **run_config),
         datasets=datasets,
     )
 

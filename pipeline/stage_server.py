@@ -46,7 +46,8 @@ TRACE_ENV = "SPARSECLIP_STAGE_SERVER_TRACE"  # set: each warm stage lists what i
 STAGES = ("sample", "train", "vocab", "reference", "extract", "metrics", "sae", "atlas", "vlm", "steer",
           "report", "ablation")
 # Imported by the stages inside functions, so not by importing them; measured with TRACE_ENV.
-LAZY_IMPORTS = ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.db.utils")
+LAZY_IMPORTS = ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.db.utils", "ray.data", "ray.train.torch",
+                "sentence_transformers", "wordfreq")
 MAX_MESSAGE = 1 << 20
 KILL_GRACE_S = 10.0
 

@@ -148,11 +148,24 @@ def test_a_job_driver_does_not_repeat_the_jobs_env_vars(monkeypatch):
     assert "MLFLOW_TRACKING_URI" not in env and env["HF_HUB_OFFLINE"] == "1"
 
 
-def test_ray_workers_raise_only_the_noisy_loggers_and_keep_warnings(ray_local):
+def test_one_machine_workers_start_no_preemption_watcher(ray_local):
+    """Nothing drains a node of a one-machine cluster: Ray Train's watcher actor is switched off
+    there (one process less per training) and left on for a cluster on the network."""
+    import os
+
+    from pipeline import cluster
+
+    @ray_local.remote(num_cpus=0.1)
+    def switch():
+        return os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+
+    assert ray_local.get(switch.remote()) == "0"  # the session's local cluster
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in cluster._worker_env(one_machine=False)
+
+
+def test_ray_workers_silence_only_the_placement_group_cleaners_state_api_warning(ray_local):
     """Without a dashboard the cleaner's State API poll fails every second (hundreds of warnings per
-    training), and Ray Train logs two long INFO lines per checkpoint: every worker process starts
-    with those loggers raised (the cleaner to ERROR, the checkpoint lines to WARNING, so their
-    warnings still show), Ray Train's others untouched."""
+    training); every worker process starts with that one logger at ERROR, the others untouched."""
     import logging
 
     from pipeline.cluster import NOISY_WORKER_LOGGERS
@@ -162,8 +175,7 @@ def test_ray_workers_raise_only_the_noisy_loggers_and_keep_warnings(ray_local):
         return [logging.getLogger(n).getEffectiveLevel() for n in (*NOISY_WORKER_LOGGERS, "ray.train")]
 
     *noisy, train = ray_local.get(levels.remote())
-    assert noisy == list(NOISY_WORKER_LOGGERS.values()) and train < logging.ERROR
-    assert all(level <= logging.WARNING for name, level in NOISY_WORKER_LOGGERS.items() if "cleaner" not in name)
+    assert noisy == [logging.ERROR] * len(NOISY_WORKER_LOGGERS) and train < logging.ERROR
 
 
 # --------------------------------------------------------------------------- a real two-node cluster
