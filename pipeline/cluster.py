@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 
 from pipeline.config import RayParams
 
@@ -80,6 +81,13 @@ def _one_machine(loopback: bool) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = not loopback
 
 
+def on_one_machine() -> bool:
+    """Whether this process joined a one-machine cluster (a local one, or one on loopback): then
+    every listener, torch's process group included (:mod:`pipeline.process_group`), stays on
+    127.0.0.1."""
+    return ray.is_initialized() and not ray_constants.ENABLE_RAY_CLUSTER
+
+
 def _on_loopback(address: str) -> bool:
     """Whether a cluster address (``host:port``, ``ray://host:port``) is on this machine's loopback."""
     host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
@@ -138,20 +146,43 @@ def require_data_pool(what: str, actors: int, task_cpus: float, actor_gpus: floa
 NOISY_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 
+# Ray Train logs each report ("Reporting training result N: TrainingReport(...)", several hundred
+# characters, once per checkpoint) on a logger named by its source file's path rather than its
+# module, so its LoggingConfig, which filters the ``ray.train`` loggers, does not reach it.
+REPORT_LOGGER_FILE = ("train", "v2", "_internal", "execution", "context.py")
+
+
 def quiet_worker_logs() -> None:
     """Runs in every Ray worker process at start (``worker_process_setup_hook``)."""
     for name in NOISY_WORKER_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger(os.path.join(os.path.dirname(ray.__file__), *REPORT_LOGGER_FILE)).setLevel(logging.WARNING)
 
 
-# A node of a one-machine cluster is never drained, so Ray Train's preemption watcher (an actor
-# process per training, polling the node's drain state) has nothing to watch there.
-ONE_MACHINE_WORKER_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+def one_machine_worker_env() -> dict[str, str]:
+    """Worker settings for a one-machine cluster: a node there is never drained, so Ray Train's
+    preemption watcher (an actor process per training, polling the node's drain state) has
+    nothing to watch; gloo's listeners go on the loopback interface (else on the address the host
+    name resolves to, which may be the machine's network IP)."""
+    env = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    if interface := loopback_interface():
+        env["GLOO_SOCKET_IFNAME"] = interface
+    return env
+
+
+def loopback_interface() -> str | None:
+    """The network interface that holds 127.0.0.1 (``lo`` on Linux, ``lo0`` on macOS)."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addresses):
+            return name
+    return None
 
 
 def _worker_env(one_machine: bool = False) -> dict[str, str]:
     """What workers need, minus what the enclosing Ray job (if any) already gives them."""
-    wanted = {**WORKER_ENV, **(ONE_MACHINE_WORKER_ENV if one_machine else {}), **_forwarded_env()}
+    wanted = {**WORKER_ENV, **(one_machine_worker_env() if one_machine else {}), **_forwarded_env()}
     return {k: v for k, v in wanted.items() if k not in _job_env_vars()}
 
 

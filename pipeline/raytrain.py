@@ -43,7 +43,8 @@ def make_trainer(params: Params, what: str, group: WorkerGroupParams, worker: Ca
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.cluster import connect, require_resources, worker_resources
+    from pipeline.cluster import connect, on_one_machine, require_resources, worker_resources
+    from pipeline.process_group import torch_config
 
     connect(params.ray)
     require_resources(what, worker_resources(group.resources_per_worker, group.use_gpu), group.num_workers,
@@ -52,6 +53,7 @@ def make_trainer(params: Params, what: str, group: WorkerGroupParams, worker: Ca
     return TorchTrainer(
         worker,
         train_loop_config=config,
+        torch_config=torch_config(on_one_machine()),
         scaling_config=ray.train.ScalingConfig(
             num_workers=group.num_workers, use_gpu=group.use_gpu,
             resources_per_worker=dict(group.resources_per_worker), placement_strategy=group.placement_strategy,

@@ -85,37 +85,69 @@ def run_stage_in_process(stage: str, args: list[str]) -> int:
 def _run_warm(address: str, stage: str, args: list[str]) -> int | None:
     """The stage's exit status from a server-forked child, or None to run it here instead."""
     request = {"stage": stage, "args": args, "cwd": os.getcwd(), "env": dict(os.environ), "package": stages_package()}
-    try:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        conn.connect(address)
-        socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
-        reply = json.loads(conn.recv(MAX_MESSAGE) or b"{}")
-    except (OSError, ValueError) as err:
-        print(f"stages: no warm stage server at {address} ({err}); running {stage} cold", file=sys.stderr)
-        return None
-    if "pid" not in reply:
-        print(f"stages: the warm stage server declined ({reply.get('refused', 'no reply')}); running {stage} cold",
-              file=sys.stderr)
-        conn.close()
-        return None
-    return _wait_for_child(conn, reply["pid"])
-
-
-def _wait_for_child(conn: socket.socket, pid: int) -> int:
-    """Relay interrupts to the child's process group; return its exit status."""
-    def relay(signum, _frame):
+    with SignalRelay() as relay:  # from before the child exists: an early Ctrl-C must reach it too
         try:
-            os.killpg(pid, signum)
-        except ProcessLookupError:
-            pass
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, relay)
-    message = conn.recv(MAX_MESSAGE)  # retried across the relayed signals (PEP 475)
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            conn.connect(address)
+            socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
+            reply = json.loads(conn.recv(MAX_MESSAGE) or b"{}")
+        except (OSError, ValueError) as err:
+            print(f"stages: no warm stage server at {address} ({err}); running {stage} cold", file=sys.stderr)
+            return None
+        if "pid" not in reply:
+            print(f"stages: the warm stage server declined ({reply.get('refused', 'no reply')}); running {stage} "
+                  "cold", file=sys.stderr)
+            conn.close()
+            return None
+        relay.to(reply["pid"])
+        message = conn.recv(MAX_MESSAGE)  # retried across the relayed signals (PEP 475)
     if not message:
         print("stages: the warm stage server went away before the stage ended", file=sys.stderr)
         return 1
     return int(json.loads(message)["exit"])
+
+
+class SignalRelay:
+    """Forwards SIGINT, SIGTERM and SIGHUP to the child's process group once its pid is known,
+    holding any that arrive before; on leaving, the handlers are restored and a held SIGINT
+    becomes this process's KeyboardInterrupt (the stage then never started)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.held: list[int] = []
+
+    def __enter__(self) -> SignalRelay:
+        self.previous = {signum: signal.signal(signum, self._receive) for signum in self.SIGNALS}
+        return self
+
+    def to(self, pid: int) -> None:
+        self.pid = pid
+        for signum in self.held:
+            self._send(signum)
+        self.held.clear()
+
+    def _receive(self, signum: int, _frame) -> None:
+        if self.pid is None:
+            self.held.append(signum)
+        else:
+            self._send(signum)
+
+    def _send(self, signum: int) -> None:
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:  # not yet its own group leader
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def __exit__(self, *_exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        for signum in self.held:
+            signal.raise_signal(signum)
 
 
 # ---------------------------------------------------------------------------------------------

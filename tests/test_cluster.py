@@ -178,6 +178,20 @@ def test_ray_workers_silence_only_the_placement_group_cleaners_state_api_warning
     assert noisy == [logging.ERROR] * len(NOISY_WORKER_LOGGERS) and train < logging.ERROR
 
 
+def test_ray_trains_report_lines_are_raised_to_warning_in_workers(ray_local):
+    """Ray Train logs each report on a logger named by its file's path, out of reach of its own
+    LoggingConfig: every worker raises exactly that logger to WARNING."""
+    import logging
+
+    @ray_local.remote(num_cpus=0.1)
+    def level():
+        import ray.train.v2._internal.execution.context as context
+
+        return logging.getLogger(context.__file__).getEffectiveLevel()  # the name Ray Train logs under
+
+    assert ray_local.get(level.remote()) == logging.WARNING
+
+
 # --------------------------------------------------------------------------- a real two-node cluster
 
 
@@ -316,18 +330,40 @@ def test_trainings_the_cluster_cannot_hold_fail_at_once_naming_what_is_missing(r
 
 
 LISTENERS = r"""
-import json, psutil, ray
+import json, sys, tempfile, psutil, ray
 from pipeline.cluster import connect
 from pipeline.config import load_params
+from pipeline.raytrain import make_trainer
 import ray.data
 
-connect(load_params("params.yaml").ray)
+def listeners(process):
+    # program names without their folders: a deep checkout path would push "gcs_server" past the cut
+    try:
+        name = " ".join(a.rsplit("/", 1)[-1] for a in process.cmdline()[:2])[:80]
+        return [{"process": name, "address": c.laddr.ip, "port": c.laddr.port}
+                for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:  # a worker that has just exited
+        return []
+
+def training_worker(config):  # inside Ray Train, with its torch process group up
+    import torch.distributed as dist
+    assert dist.is_initialized() and dist.get_world_size() == 2
+    dist.barrier()
+    with open(f"{config['out']}/rank{dist.get_rank()}.json", "w") as f:
+        json.dump(listeners(psutil.Process()), f)
+    dist.barrier()
+
+params = load_params("params.yaml")
+connect(params.ray)
 assert ray.data.range(8).map_batches(lambda b: b, num_cpus=0.25).count() == 8
 ray.get(ray.remote(num_cpus=0.25)(lambda: 1).remote())
+with tempfile.TemporaryDirectory() as out:
+    params = params.model_copy(update={"ray": params.ray.model_copy(update={"storage_path": out})})
+    group = params.train.model_copy(update={"num_workers": 2, "resources_per_worker": {"CPU": 0.25}})
+    make_trainer(params, "probe", group, training_worker, {"out": out}, "probe").fit()
+    found = [entry for rank in (0, 1) for entry in json.load(open(f"{out}/rank{rank}.json"))]
 tree = [psutil.Process(), *psutil.Process().children(recursive=True)]
-# program names without their folders: a deep checkout path would push "gcs_server" past the cut
-found = [{"process": " ".join(a.rsplit("/", 1)[-1] for a in p.cmdline()[:2])[:80], "address": c.laddr.ip, "port": c.laddr.port}
-         for p in tree for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+found += [entry for p in tree for entry in listeners(p)]
 print("LISTENERS " + json.dumps(found))
 ray.shutdown()
 """
@@ -335,7 +371,9 @@ ray.shutdown()
 
 def test_a_stage_that_starts_its_own_cluster_listens_on_loopback_only():
     """A stage run alone (no shared cluster, no RAY_ADDRESS) starts a local Ray; every socket its
-    Ray processes listen on (GCS, raylet, driver, workers, agents) is on 127.0.0.1."""
+    Ray processes listen on (GCS, raylet, driver, workers, agents) is on 127.0.0.1, and so is every
+    socket of a two-worker training while its torch process group is up (the rendezvous store,
+    which torch binds to every interface unless handed a loopback socket, and gloo's pairs)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     done = subprocess.run([sys.executable, "-c", LISTENERS], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=300, check=False)
@@ -344,5 +382,6 @@ def test_a_stage_that_starts_its_own_cluster_listens_on_loopback_only():
     listeners = json.loads(line.removeprefix("LISTENERS "))
     names = " ".join(entry["process"] for entry in listeners)
     assert "gcs_server" in names and "raylet" in names, listeners  # the check saw Ray's own processes
+    assert "RayTrainWorker" in names, listeners  # ... and the training's workers, group up
     exposed = [entry for entry in listeners if entry["address"] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
     assert not exposed, exposed
