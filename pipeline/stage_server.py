@@ -15,7 +15,8 @@ when a module it imported has changed since, when the client's ``stages`` packag
 checkout, or when the client's environment differs from the one the imports saw (Ray, torch and
 MLflow read settings when imported); the client then runs the stage in its own process, as it
 also does when no server is up (a bare ``dvc repro``, a Ray job). So a stage computes the same
-thing either way; only where its imports come from differs. Nothing here imports more than the standard library: the client must start fast.
+thing either way; only where its imports come from differs. Nothing here imports more than the
+standard library: the client must start fast.
 
 Protocol (``SOCK_SEQPACKET``, one JSON message each way, file descriptors as ancillary data):
 client -> ``{"stage", "args", "cwd", "env", "package"}`` + fds 0, 1, 2; server -> ``{"pid"}`` or
@@ -33,9 +34,9 @@ import os
 import select
 import signal
 import socket
+import subprocess
 import sys
 import time
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -84,8 +85,9 @@ def run_stage_in_process(stage: str, args: list[str]) -> int:
 
 def _run_warm(address: str, stage: str, args: list[str]) -> int | None:
     """The stage's exit status from a server-forked child, or None to run it here instead."""
-    request = {"stage": stage, "args": args, "cwd": os.getcwd(), "env": dict(os.environ), "package": stages_package()}
     with SignalRelay() as relay:  # from before the child exists: an early Ctrl-C must reach it too
+        request = {"stage": stage, "args": args, "cwd": os.getcwd(), "env": dict(os.environ),
+                   "package": stages_package(), "ignored_signals": relay.ignored}
         try:
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             conn.connect(address)
@@ -120,6 +122,8 @@ class SignalRelay:
 
     def __enter__(self) -> SignalRelay:
         self.previous = {signum: signal.signal(signum, self._receive) for signum in self.SIGNALS}
+        # what this process ignores (a job started in the background ignores SIGINT), the child must too
+        self.ignored = [int(signum) for signum, handler in self.previous.items() if handler == signal.SIG_IGN]
         return self
 
     def to(self, pid: int) -> None:
@@ -277,6 +281,9 @@ def _become_client_process(request: dict, fds: list[int], set_by_imports: dict[s
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update({**request["env"], **set_by_imports})
+    for signum in SignalRelay.SIGNALS:  # the client's dispositions, not the server's
+        default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        signal.signal(signum, signal.SIG_IGN if signum in request.get("ignored_signals", []) else default)
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
     sys.stdout = _text_stream(1, unbuffered)
@@ -301,20 +308,26 @@ def _wait_or_kill(conn: socket.socket, pid: int) -> int:
         if pidfd in ready:
             return _status(os.waitpid(pid, 0)[1])
         if not conn.recv(MAX_MESSAGE):  # the client closed: it was killed
-            _stop(pid)
-            return _status(os.waitpid(pid, 0)[1])
+            return _stop(pid)
 
 
-def _stop(pid: int) -> None:
+def _stop(pid: int) -> int:
+    """SIGTERM to the child's process group, SIGKILL after a grace period; its exit status."""
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + KILL_GRACE_S
+    while time.monotonic() < deadline:
+        done, wait_status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return _status(wait_status)
+        time.sleep(0.1)
+    _signal_group(pid, signal.SIGKILL)
+    return _status(os.waitpid(pid, 0)[1])
+
+
+def _signal_group(pid: int, signum: int) -> None:
     try:
-        os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + KILL_GRACE_S
-        while time.monotonic() < deadline:
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                return
-            time.sleep(0.1)
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, ChildProcessError):
+        os.killpg(pid, signum)
+    except ProcessLookupError:  # the group's processes have all exited
         pass
 
 

@@ -30,6 +30,10 @@ if request.args[:1] == ["--probe-env"]:
     print(json.dumps({"cwd": os.getcwd(), "pid": os.getpid(), "pgid": os.getpgid(0),
                       "env": {k: os.environ.get(k) for k in request.args[1:]}}), flush=True)
     raise SystemExit(7)
+if request.args[:1] == ["--probe-signals"]:
+    import signal
+    print(json.dumps({"sigint_ignored": signal.getsignal(signal.SIGINT) == signal.SIG_IGN}), flush=True)
+    raise SystemExit(0)
 if request.args[:1] == ["--probe-sleep"]:
     print(os.getpid(), flush=True)
     time.sleep(600)
@@ -38,13 +42,21 @@ run_forked_stage(request)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def folder(tmp_path_factory):
+    """The server's private folder: its socket and its own output (``server.log``)."""
+    return tmp_path_factory.mktemp("warm")
+
+
+@pytest.fixture(scope="module")
+def server(folder):
     """A server on a socket in a private folder, and the environment that sends stages to it."""
-    folder = tmp_path_factory.mktemp("warm")
     address = str(folder / "stages.sock")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_DISABLE_TELEMETRY", None)  # pipeline.tracking sets it when imported: the child must too
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, address], cwd=REPO, env=env, stdin=subprocess.DEVNULL)
+    log = folder / "server.log"  # the server's and its supervisors' own output
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", SERVER, address], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out)
     deadline = time.monotonic() + 120
     while not Path(address).exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the server did not come up"
@@ -90,16 +102,30 @@ def test_a_client_under_another_environment_is_declined_and_runs_cold(server):
     assert proc.returncode == 2 and "usage: python -m stages.report" in proc.stderr
 
 
+def sigint(disposition):
+    """For Popen: start the child with SIGINT at ``disposition`` whatever this process has (a
+    test run started in the background ignores SIGINT, and its children inherit that)."""
+    return lambda: signal.signal(signal.SIGINT, disposition)
+
+
+def test_the_stage_ignores_sigint_exactly_when_its_client_does(server):
+    for disposition, ignored in ((signal.SIG_DFL, False), (signal.SIG_IGN, True)):
+        proc = subprocess.run([sys.executable, "-m", "stages", "report", "--probe-signals"], cwd=REPO, env=server,
+                              capture_output=True, text=True, timeout=60, preexec_fn=sigint(disposition))
+        assert json.loads(proc.stdout) == {"sigint_ignored": ignored}, proc.stderr
+
+
 def test_interrupting_the_client_interrupts_the_stage(server):
     client = subprocess.Popen([sys.executable, "-m", "stages", "report", "--probe-sleep"], cwd=REPO, env=server,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=sigint(signal.SIG_DFL))
     child = int(client.stdout.readline())
     client.send_signal(signal.SIGINT)
     assert client.wait(timeout=30) == 128 + signal.SIGINT  # the child's KeyboardInterrupt, as a shell reports it
     assert not _alive(child)
 
 
-def test_killing_the_client_takes_its_stage_with_it(server):
+def test_killing_the_client_takes_its_stage_with_it(server, folder):
     client = subprocess.Popen([sys.executable, "-m", "stages", "report", "--probe-sleep"], cwd=REPO, env=server,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     child = int(client.stdout.readline())
@@ -109,6 +135,8 @@ def test_killing_the_client_takes_its_stage_with_it(server):
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(child)
+    time.sleep(0.5)  # the supervisor reaps the child and ends
+    assert "Traceback" not in (folder / "server.log").read_text()
 
 
 def _alive(pid: int) -> bool:
