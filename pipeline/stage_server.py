@@ -129,23 +129,14 @@ class SignalRelay:
     def to(self, pid: int) -> None:
         self.pid = pid
         for signum in self.held:
-            self._send(signum)
+            signal_child(self.pid, signum)
         self.held.clear()
 
     def _receive(self, signum: int, _frame) -> None:
         if self.pid is None:
             self.held.append(signum)
         else:
-            self._send(signum)
-
-    def _send(self, signum: int) -> None:
-        try:
-            os.killpg(self.pid, signum)
-        except ProcessLookupError:  # not yet its own group leader
-            try:
-                os.kill(self.pid, signum)
-            except ProcessLookupError:
-                pass
+            signal_child(self.pid, signum)
 
     def __exit__(self, *_exc) -> None:
         for signum, handler in self.previous.items():
@@ -313,22 +304,27 @@ def _wait_or_kill(conn: socket.socket, pid: int) -> int:
 
 def _stop(pid: int) -> int:
     """SIGTERM to the child's process group, SIGKILL after a grace period; its exit status."""
-    _signal_group(pid, signal.SIGTERM)
+    signal_child(pid, signal.SIGTERM)
     deadline = time.monotonic() + KILL_GRACE_S
     while time.monotonic() < deadline:
         done, wait_status = os.waitpid(pid, os.WNOHANG)
         if done:
             return _status(wait_status)
         time.sleep(0.1)
-    _signal_group(pid, signal.SIGKILL)
+    signal_child(pid, signal.SIGKILL)
     return _status(os.waitpid(pid, 0)[1])
 
 
-def _signal_group(pid: int, signum: int) -> None:
+def signal_child(pid: int, signum: int) -> None:
+    """``signum`` to a stage child's process group, or to the child alone if it is not yet its
+    group's leader (it calls ``setsid`` first thing); nothing if it has exited."""
     try:
         os.killpg(pid, signum)
-    except ProcessLookupError:  # the group's processes have all exited
-        pass
+    except ProcessLookupError:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
 
 
 def _status(wait_status: int) -> int:
