@@ -10,11 +10,19 @@ import pytest
 import torch
 
 from pipeline.clip.model import build_model
-from pipeline.config import VLMParams
+from pipeline.config import VLMParams, load_params
 from pipeline.data.generator import render_record
 from pipeline.data.loading import ClipBatchPreprocessor
 from pipeline.vlm.language_model import load_language_model, prepare_language_model
-from pipeline.vlm.model import FeatureEdit, VisionLanguageModel, edit_features
+from pipeline.vlm.model import (
+    ASSISTANT,
+    END,
+    IGNORE,
+    USER,
+    FeatureEdit,
+    VisionLanguageModel,
+    edit_features,
+)
 from pipeline.vlm.questions import (
     QUESTIONS,
     answers_from_truth,
@@ -23,6 +31,7 @@ from pipeline.vlm.questions import (
 )
 from pipeline.vlm.train import lm_trainable, two_stage_training
 
+from .conftest import REPO
 from .test_model_loss import micro
 
 
@@ -113,9 +122,7 @@ def test_steering_reports_corruption_when_edits_make_answers_long(monkeypatch, t
 
 
 def test_steering_answers_must_be_allowed_to_run_long():
-    from pipeline.config import ParamsError, load_params
-
-    from .conftest import REPO
+    from pipeline.config import ParamsError
 
     with pytest.raises(ParamsError, match="steer.max_new_tokens 8 must exceed vlm.max_new_tokens 8"):
         load_params(REPO / "params.yaml", overrides={"steer.max_new_tokens": 8, "vlm.max_new_tokens": 8})
@@ -186,6 +193,42 @@ def test_stage_one_trains_the_adapter_and_leaves_the_lm_unchanged(tokenizer):
         assert changed == (id(p) in trained), name  # stage 2: exactly the top block (+ final norm) moves
 
 
+def test_the_pipeline_tunes_the_whole_lm_in_stage_two(tokenizer):
+    """Paper §4: stage 2 fine-tunes "the adapter and LLM together": params.yaml's default moves every
+    LM parameter, the tied embeddings included."""
+    cfg = load_params(REPO / "params.yaml").vlm
+    assert cfg.lm_layers is None
+    vlm = tiny_vlm(tokenizer)
+    images, examples = _data()
+    before = {k: v.clone() for k, v in vlm.lm.state_dict().items()}
+    two_stage_training(vlm, images, examples, cfg.model_copy(update={"stage1_steps": 0, "stage2_steps": 2,
+                                                                      "batch_size": 4}), seed=0)
+    assert [k for k, v in vlm.lm.state_dict().items() if torch.equal(v, before[k])] == []
+
+
+def test_a_batch_is_embedded_in_one_lookup_with_the_per_piece_values(tokenizer):
+    """One embedding call per batch (each call's backward is a dense vocabulary-sized gradient when
+    the LM trains), giving exactly the embeddings of the prompt pieces looked up one by one."""
+    vlm = tiny_vlm(tokenizer)
+    images, examples = _data(3)
+    questions, answers = [e["question"] for e in examples], [e["answer"] for e in examples]
+    visual = vlm.visual_tokens(images[[e["image"] for e in examples]])
+    calls = []
+    hook = vlm.lm.get_input_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    rows = vlm.sequences(visual, questions, answers)
+    hook.remove()
+    assert len(calls) == 1
+    for i, (embeds, labels) in enumerate(rows):
+        prompt = vlm._ids(f"{questions[i]}{END}\n{ASSISTANT}")
+        answer = vlm._ids(answers[i]) + [vlm.end_id]
+        expected = torch.cat([vlm._embed_ids(vlm._ids(USER)), visual[i], vlm._embed_ids(prompt),
+                              vlm._embed_ids(answer)])
+        assert torch.equal(embeds, expected)
+        assert labels[-len(answer):].tolist() == answer and (labels[:-len(answer)] == IGNORE).all()
+    unanswered = vlm.sequences(visual, questions)
+    assert all(len(e) == len(r[0]) - len(vlm._ids(a)) - 1 for (e, _), r, a in zip(unanswered, rows, answers))
+
+
 def test_training_lowers_the_answer_loss(tokenizer):
     vlm = tiny_vlm(tokenizer)
     images, examples = _data(8)
@@ -205,13 +248,11 @@ def test_training_lowers_the_answer_loss(tokenizer):
 def test_ray_train_vlm_on_two_workers_and_steering_api(extracted, ray_local, workdir):
     """The real path: SmolLM2 on a trained-model folder, 2 Ray Train workers (gradients
     all-reduced), weights exported, reloaded, answering, and the steering API on one image."""
-    from pipeline.config import load_params
     from pipeline.data.shards import read_split
     from pipeline.vlm.evaluate import answer_all, qa_metrics
     from pipeline.vlm.steering import Steerer
     from pipeline.vlm.train import load_vlm, qa_examples, run_vlm_training
 
-    from .conftest import REPO
 
     root, _, _ = extracted
     params = load_params(REPO / "params.yaml", overrides={
@@ -256,13 +297,11 @@ def test_on_embedded_data_the_vlm_answers_above_chance_and_named_boosts_beat_ran
     (p = 5e-5); the boosted colour on 23 of 96 images against 5 with random edits (18 images flip
     only under the named edit, none only under the random one: p = 4e-6)."""
     from pipeline.clip.train import run_training
-    from pipeline.config import RayParams, load_params
+    from pipeline.config import RayParams
     from pipeline.data.sampling import run_sample
     from pipeline.vlm.evaluate import answer_all, qa_metrics
     from pipeline.vlm.steering import steering_evaluation
     from pipeline.vlm.train import build_vlm, qa_examples
-
-    from .conftest import REPO
 
     params = load_params(REPO / "params.yaml", overrides={
         "sample.source.generator.num_records": 2400, "sample.out_dir": str(workdir / "data"),

@@ -73,14 +73,18 @@ class VisionLanguageModel(nn.Module):
         """Per example (embeddings [T, d], labels [T]): prompt around the visual tokens, then the
         answer and end token when given (only those are labelled)."""
         prefix = self._ids(USER)
+        prompts = [self._ids(f"{question}{END}\n{ASSISTANT}") for question in questions]
+        replies = [self._ids(a) + [self.end_id] for a in answers] if answers is not None else [[] for _ in questions]
+        # One embedding lookup for the whole batch: when stage 2 trains the LM, each lookup's backward
+        # writes a dense vocabulary-sized gradient (49k x 576 for SmolLM2), and one lookup per piece
+        # (48 per batch of 16) was most of a whole-LM step.
+        pieces = [prefix, *prompts, *replies]
+        embedded = self._embed_ids([t for ids in pieces for t in ids]).split([len(ids) for ids in pieces])
+        n = len(questions)
         out = []
-        for i, question in enumerate(questions):
-            prompt = self._ids(f"{question}{END}\n{ASSISTANT}")
-            answer = self._ids(answers[i]) + [self.end_id] if answers is not None else []
-            parts = [self._embed_ids(prefix), visual[i], self._embed_ids(prompt)]
-            if answer:
-                parts.append(self._embed_ids(answer))
-            labels = [IGNORE] * (len(prefix) + visual.shape[1] + len(prompt)) + answer
+        for i in range(n):
+            parts = (embedded[0], visual[i], embedded[1 + i], embedded[1 + n + i])
+            labels = [IGNORE] * (len(prefix) + visual.shape[1] + len(prompts[i])) + replies[i]
             out.append((torch.cat(parts), torch.as_tensor(labels, device=visual.device)))
         return out
 
