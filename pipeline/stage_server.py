@@ -184,8 +184,9 @@ class WarmState:
 
 
 # Variables a shell, DVC or this module sets per command; they differ between the server and its
-# clients and no import reads them.
-PER_COMMAND_ENV = ("PWD", "OLDPWD", "SHLVL", "_", SERVER_ENV, TRACE_ENV)
+# clients and no import reads them. PS1 / PS2: an activated venv exports its prompt, and the
+# non-interactive shell DVC runs each command in drops both (every stage of such a run was cold).
+PER_COMMAND_ENV = ("PWD", "OLDPWD", "SHLVL", "_", "PS1", "PS2", SERVER_ENV, TRACE_ENV)
 
 
 def serve(address: str, modules: list[str]) -> StageRequest:

@@ -151,13 +151,14 @@ def _alive(pid: int) -> bool:
 def test_refused_when_a_module_changed_another_checkout_asks_or_the_environment_differs(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("x = 1\n")
-    env = {"HOME": "/root", "PWD": "/a", "DVC_ROOT": "/b"}
+    env = {"HOME": "/root", "PWD": "/a", "DVC_ROOT": "/b", "PS1": "(.venv) $ "}
     warm = WarmState({str(module): os.stat(module).st_mtime}, "/repo/stages", env, {})
-    request = {"stage": "train", "package": "/repo/stages", "env": {**env, "PWD": "/c", "SHLVL": "2"}}
+    client = {k: v for k, v in env.items() if k != "PS1"}  # DVC's non-interactive shell drops the prompt
+    request = {"stage": "train", "package": "/repo/stages", "env": {**client, "PWD": "/c", "SHLVL": "2"}}
     assert _refusal(request, warm) is None  # per-command variables do not count
     assert "not /copy/stages" in _refusal({**request, "package": "/copy/stages"}, warm)
     assert "unknown stage" in _refusal({**request, "stage": "nosuch"}, warm)
-    assert "(HOME)" in _refusal({**request, "env": {**env, "HOME": "/x"}}, warm)
-    assert "(EXTRA)" in _refusal({**request, "env": {**env, "EXTRA": "1"}}, warm)
+    assert "(HOME)" in _refusal({**request, "env": {**client, "HOME": "/x"}}, warm)
+    assert "(EXTRA)" in _refusal({**request, "env": {**client, "EXTRA": "1"}}, warm)
     os.utime(module, (0, 0))
     assert f"changed since it imported them, e.g. {module}" in _refusal(request, warm)
