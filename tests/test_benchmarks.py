@@ -1,11 +1,12 @@
 """The GPU benchmarks' machinery, on CPU: the simulated-global-batch training step runs with both
-losses, and the fit table reads the right expansions off measured peaks."""
+losses, the loss benchmark's bf16 path runs both, and the fit table reads the right expansions off
+measured peaks."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks import fit_table, train_step_gpu
+from benchmarks import fit_table, loss_memory, train_step_gpu
 
 
 def test_fit_table_finds_the_largest_expansion_on_the_line():
@@ -30,6 +31,19 @@ def test_simulated_global_step_runs_both_losses_on_cpu():
     assert all(r["status"] == "ok" and r["workers"] == 4 and r["samples_per_s"] > 0 for r in rows.values())
     assert rows[(8, "clip")]["width"] == 8 * rows[(0, "clip")]["width"]
     assert rows[(8, "tiled")]["throughput_vs_dense"] > 0
+
+
+def test_loss_benchmark_runs_both_losses_under_bf16_autocast_on_cpu(tmp_path, monkeypatch):
+    """`bash benchmarks/gpu.sh loss` (bf16 on CUDA), dry-run on CPU at a small shape: each loss in its
+    own child process, both fit, and the tiled value equals open_clip's to bf16 tolerance."""
+    monkeypatch.setattr(loss_memory, "RESULTS", tmp_path)
+    result = loss_memory.main(["--device", "cpu", "--precision", "bf16", "--global-batch", "256",
+                               "--local-batch", "64", "--base", "16", "--expansions", "4", "--repeats", "1"])
+    rows = {r["loss"]: r for r in result["rows"]}
+    assert set(rows) == {"clip", "tiled"} and all(r["status"] == "ok" for r in rows.values())
+    assert rows["tiled"]["workers"] == 4 and rows["tiled"]["width"] == 64
+    assert rows["tiled"]["value_diff"] <= 2 ** -5 * abs(rows["clip"]["value"])
+    assert (tmp_path / "loss_memory_cpu_full_bf16.json").is_file()
 
 
 def test_sparsity_tradeoff_overrides_are_read_as_dvc_reads_them():
