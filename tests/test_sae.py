@@ -78,7 +78,9 @@ def test_batchtopk_inference_uses_learned_threshold(trained, planted):
     z = model.encode(held_out)
     acts = torch.relu(model.pre_activations(model.normalize(held_out)))
     assert torch.equal(z, acts * (acts > model.threshold))
-    assert torch.equal(model.encode(held_out[:3]), z[:3])  # a row's code ignores its batch
+    # a row's code ignores its batch (to float rounding: a GEMM's blocking, and so its last bits,
+    # may depend on the batch size; batch top-k at inference would change which features fire)
+    torch.testing.assert_close(model.encode(held_out[:3]), z[:3], rtol=1e-5, atol=1e-6)
     assert sae.l0(z) == pytest.approx(K_ACTIVE, rel=0.15)
 
 
