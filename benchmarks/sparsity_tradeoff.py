@@ -115,6 +115,24 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def settings_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that sweeps named settings over one params file: which file,
+    which settings (``--only``), overrides for all of them (``--set``) and torch's threads."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--only", action="append", default=None,
+                        help="run the settings whose name contains this (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a params key for every setting (repeatable), e.g. another data source")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def selected(settings: dict, only: list[str] | None) -> dict:
+    """The settings whose name contains one of ``only`` (all of them without it), in order."""
+    return {name: value for name, value in settings.items() if not only or any(part in name for part in only)}
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "  -  " if value is None else format(value, spec)
 
@@ -127,15 +145,9 @@ def main() -> None:
     from pipeline.config import load_params
     from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--only", action="append", default=None,
-                        help="run the settings whose name contains this (repeatable)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a params key for every setting (repeatable), e.g. another data source")
+    parser = settings_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--tag", default=None, help="results file suffix (default: from --only)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -153,9 +165,7 @@ def main() -> None:
     arrays = {split: load_split_arrays(data_dir, split, preprocessor)[0] for split in ("train", "test")}
     val = load_val(data_dir, preprocessor, limit=2000)
     rows = []
-    for name, setting in SETTINGS.items():
-        if args.only and not any(part in name for part in args.only):
-            continue
+    for name, setting in selected(SETTINGS, args.only).items():
         row = measure(name, setting, args.params, arrays, val, args.seed, overrides)
         rows.append(row)
         print(f"{name:48s} L0 img {row['l0_image_pct']:5.1f}% txt {row['l0_text_pct']:5.1f}%  dead img "

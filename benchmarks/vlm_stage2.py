@@ -16,12 +16,11 @@ Writes ``benchmarks/results/vlm_stage2_cpu.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
-from benchmarks.sparsity_tradeoff import parse_overrides
+from benchmarks.sparsity_tradeoff import parse_overrides, selected, settings_parser
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_BLOCKS = -1  # stands for the LM's depth, read off the loaded model
@@ -75,24 +74,16 @@ def main() -> None:
 
     from pipeline.config import load_params
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--only", action="append", default=None,
-                        help="run the settings whose name contains this (repeatable)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a params key for every setting (repeatable)")
+    parser = settings_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--eval-images", type=int, default=192)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "vlm_stage2_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(args.params, overrides=parse_overrides(args.set))
     rows = []
-    for name, layers in SETTINGS.items():
-        if args.only and not any(part in name for part in args.only):
-            continue
-        rows.append(measure(name, layers, params, args.eval_images))
-        row = rows[-1]
+    for name, layers in selected(SETTINGS, args.only).items():
+        row = measure(name, layers, params, args.eval_images)
+        rows.append(row)
         print(f"{name:40s} {row['train_seconds']:6.1f} s  loss {row['final_loss']:.3f}  " + "  ".join(
             f"{key[:-6]} {row[key]:.3f} (chance {row[key[:-6] + '.chance']:.3f})"
             for key in row if key.endswith(".exact")), flush=True)
