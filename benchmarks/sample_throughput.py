@@ -198,6 +198,8 @@ def measure(records: int, per_tar: int, pool: int, shard_size: int, task_cpus: l
 
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="sample-bench-")) if own else work
+    home = os.getcwd()
+    os.chdir(work)  # the work folder is the benchmark's project: output folders must lie inside one
     try:
         source = build_source(work / "source", records, per_tar, pool)
         connect(RayParams(num_cpus=cluster_cpus))
@@ -225,6 +227,7 @@ def measure(records: int, per_tar: int, pool: int, shard_size: int, task_cpus: l
         result["same_shards"] = all(h == first for h in hashes.values())
         return result
     finally:
+        os.chdir(home)
         if own:
             shutil.rmtree(work, ignore_errors=True)
 

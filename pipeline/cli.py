@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pipeline.config import DEFAULT_PARAMS, ParamsError
+from pipeline.io import BusyError
 
 
 def stage_parser(stage: str, description: str, variant: bool = False) -> argparse.ArgumentParser:
@@ -34,7 +35,7 @@ def run_stage(body: Callable[[argparse.Namespace], None], parser: argparse.Argum
 
 
 # What a user can fix from the message alone; anything else is a bug and keeps its traceback.
-INPUT_ERRORS = (ParamsError, FileNotFoundError, ValueError, ConnectionError)
+INPUT_ERRORS = (ParamsError, FileNotFoundError, ValueError, ConnectionError, BusyError)
 
 
 def fail(prog: str, err: BaseException) -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 # Stages run from the project root (DVC runs every command there), so relative paths in
 # params.yaml, and the params file itself, resolve against the working directory.
@@ -31,6 +32,47 @@ class Section(BaseModel):
     """Base of every params section: unknown keys are errors, values are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# --------------------------------------------------------------------------- output paths
+
+
+# Folders besides the project where output folders may also lie (os.pathsep-separated): a
+# cluster's scratch space, or the test suite's temporary folders. Set by the environment, never
+# by a params file.
+OUTPUT_ROOTS_ENV = "SPARSECLIP_OUTPUT_ROOTS"
+
+
+def _inside_project(value: str) -> str:
+    """An output folder resolves strictly inside the project (the working directory every stage
+    runs in) or one of ``$SPARSECLIP_OUTPUT_ROOTS``: never the project itself, a parent of it, or a
+    link out of it. Stages replace their output folders whole, so ``out_dir: .`` or ``..`` would
+    otherwise delete the project."""
+    project = Path.cwd().resolve()
+    resolved = (project / value).resolve()
+    extra = [Path(p).resolve() for p in os.environ.get(OUTPUT_ROOTS_ENV, "").split(os.pathsep) if p]
+    if resolved == project or resolved in project.parents or not any(root in resolved.parents
+                                                                     for root in [project, *extra]):
+        raise ValueError(f"resolves to {resolved}, which is not a folder inside the project ({project}); "
+                         "an output folder must be a subfolder of the project, e.g. 'data/sample'")
+    return value
+
+
+def _not_above_project(value: str) -> str:
+    """A folder shared beyond the project (Ray storage, a model cache) may live anywhere (an NFS
+    mount, ``s3://``), but never at the filesystem root, the project itself or one of its parents,
+    whose run folders a stage deletes when it is done with them."""
+    if "://" in value:
+        return value
+    root, resolved = Path.cwd().resolve(), (Path.cwd() / value).resolve()
+    if resolved == root or resolved in root.parents or resolved == Path(resolved.anchor):
+        raise ValueError(f"resolves to {resolved}, the project or a folder above it; use a folder of "
+                         "its own, e.g. 'ray_results'")
+    return value
+
+
+OutputDir = Annotated[str, AfterValidator(_inside_project)]
+SharedDir = Annotated[str, AfterValidator(_not_above_project)]
 
 
 # --------------------------------------------------------------------------- project-wide
@@ -49,7 +91,7 @@ class RayParams(Section):
     task_cpus: float = Field(
         0.5, gt=0, description="CPUs per Ray Data task/actor; fractional so 2-core machines never deadlock"
     )
-    storage_path: str = Field(
+    storage_path: SharedDir = Field(
         "ray_results", description="Ray Train storage that all nodes share: local path, NFS mount or s3://"
     )
     wait_for_resources: bool = Field(
@@ -111,7 +153,7 @@ class SampleParams(Section):
     shard_size: int = Field(1000, ge=1, description="records per webdataset tar shard")
     min_image_side: int = Field(16, ge=1, description="smaller images are skipped as 'image_too_small'")
     max_aspect_ratio: float = Field(4.0, ge=1.0, description="longer/shorter side above this is skipped")
-    out_dir: str = "data/sample"
+    out_dir: OutputDir = "data/sample"
 
 
 # --------------------------------------------------------------------------- train stage
@@ -224,6 +266,16 @@ class WorkerGroupParams(Section):
         "PACK", description="where Ray puts the workers: PACK fills a node first (NCCL stays on NVLink); "
         "SPREAD puts them on different nodes when it can")
 
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _finite_amounts(cls, resources: dict[str, float]) -> dict[str, float]:
+        """Ray takes NaN or a negative amount and then never places the worker, or fails deep
+        inside; name the resource here instead."""
+        bad = {key: amount for key, amount in resources.items() if not (math.isfinite(amount) and amount >= 0)}
+        if bad:
+            raise ValueError(f"resource amounts must be finite numbers >= 0; got {', '.join(f'{k}: {v}' for k, v in bad.items())}")
+        return resources
+
 
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -253,7 +305,7 @@ class TrainParams(WorkerGroupParams):
     evolution: list[float] = Field([0.01, 0.03, 0.1, 0.3, 1.0], description="fractions of training to snapshot")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
     keep_ray_checkpoints: bool = Field(False, description="keep Ray's checkpoint folder after export")
-    out_dir: str = "models"
+    out_dir: OutputDir = "models"
 
     @model_validator(mode="after")
     def _valid(self) -> TrainParams:
@@ -292,7 +344,7 @@ class VocabParams(Section):
     max_words: int | None = Field(None, ge=1, description="cap on the vocabulary size (None: all)")
     cscore_words: int = Field(10000, ge=2, description="words embedded with SBERT for the C-score")
     seed: int = Field(0, ge=0)
-    out_dir: str = "data/vocab"
+    out_dir: OutputDir = "data/vocab"
 
     @model_validator(mode="after")
     def _path_for_file(self) -> VocabParams:
@@ -309,7 +361,7 @@ class ReferenceParams(Section):
     checkpoint: str | None = Field(None, description="encoder=open_clip: local weights")
     image_size: int = Field(224, ge=32)
     batch_size: int = Field(64, ge=1)
-    out_dir: str = "activations/reference"
+    out_dir: OutputDir = "activations/reference"
 
     @model_validator(mode="after")
     def _open_clip_needs_weights(self) -> ReferenceParams:
@@ -330,7 +382,7 @@ class ExtractParams(Section):
                                  "(with the test images and captions); 0: no evolution sets")
     labelled_folders: dict[str, str] = Field(default_factory=dict,
                                              description="name -> folder of class-named subfolders (ImageNet layout)")
-    out_dir: str = "activations"
+    out_dir: OutputDir = "activations"
 
 
 class MetricsParams(Section):
@@ -341,7 +393,7 @@ class MetricsParams(Section):
     mono_auroc: float = Field(0.9, gt=0.5, le=1.0)
     threads: int | None = Field(None, ge=1, description="threads for the row blocks of Clarity, zero-shot and "
                                 "top-k (None: one per core); the numbers do not depend on it")
-    out_dir: str = "metrics"
+    out_dir: OutputDir = "metrics"
 
 
 class SAEParams(Section):
@@ -369,7 +421,7 @@ class SAEParams(Section):
                                     "the evaluated rows' norms (the supplementary picks its tau from that distribution)")
     cache_data: bool = Field(True, description="read the training embeddings once (false: stream every epoch)")
     device: str = Field("auto", description="auto: cuda when available")
-    out_dir: str = "activations/sae"
+    out_dir: OutputDir = "activations/sae"
 
     @model_validator(mode="after")
     def _relu_needs_l1(self) -> SAEParams:
@@ -394,7 +446,7 @@ class AtlasParams(Section):
     heatmap_images: int = Field(6, ge=1, description="rows of the heatmap panel")
     heatmap_models: list[str] = Field(["sparse_avg", "sparse"], description="models drawn side by side in the "
                                       "heatmap panel (avg vs cls pooling); those not mapped are left out")
-    out_dir: str = "reports/atlas"
+    out_dir: OutputDir = "reports/atlas"
 
 
 class VLMParams(WorkerGroupParams):
@@ -403,7 +455,7 @@ class VLMParams(WorkerGroupParams):
     variants: list[str] = Field(["sparse", "dense"], min_length=1, description="encoders to build a VLM on")
     language_model: str = Field("smollm2-135m-instruct", description="smollm2-135m-instruct (packaged) or a local "
                                 "Hugging Face model folder, e.g. Llama-3.1-8B-Instruct")
-    lm_cache: str = Field(".cache/lm", description="where the packaged GGUF model is converted to, once")
+    lm_cache: SharedDir = Field(".cache/lm", description="where the packaged GGUF model is converted to, once")
     features: Literal["pooled", "tokens"] = Field("pooled", description="pooled embedding (1 visual token) or "
                                                   "every spatial token's sparse features")
     adapter_hidden: int = Field(1024, ge=1)
@@ -420,7 +472,7 @@ class VLMParams(WorkerGroupParams):
     eval_images: int = Field(64, ge=1, description="held-out test images for QA evaluation")
     eval_batch_size: int = Field(32, ge=1)
     max_new_tokens: int = Field(8, ge=1)
-    out_dir: str = "vlm"
+    out_dir: OutputDir = "vlm"
 
 
 class SteerParams(Section):
@@ -438,7 +490,7 @@ class SteerParams(Section):
     max_words: int | None = Field(None, ge=1, description="an answer with more words is corrupted; None: the "
                                   "corruption_quantile of the unedited answers' own word counts")
     corruption_quantile: float = Field(0.99, gt=0.0, le=1.0)
-    out_dir: str = "metrics"
+    out_dir: OutputDir = "metrics"
 
 
 class ReportParams(Section):
@@ -449,7 +501,7 @@ class ReportParams(Section):
     runs: list[str] = Field(default_factory=list, description="MLflow run ids to compare instead")
     dvc_exps: list[str] = Field(default_factory=list, description="DVC experiments to compare instead "
                                 "(names or revs; their stage runs carry the tag dvc_exp)")
-    out_dir: str = "reports/comparison"
+    out_dir: OutputDir = "reports/comparison"
 
     @model_validator(mode="after")
     def _one_source(self) -> ReportParams:
@@ -478,7 +530,7 @@ class AblationParams(Section):
     task_cpus: float = Field(1.0, gt=0, description="CPUs per point (a Ray task); points run side by side")
     threads_per_task: int = Field(1, ge=1, description="torch threads inside each point")
     use_gpu: bool = Field(False, description="one GPU per point (task_cpus then also applies)")
-    out_dir: str = "plots/ablation"
+    out_dir: OutputDir = "plots/ablation"
 
     @model_validator(mode="after")
     def _something_to_run(self) -> AblationParams:
@@ -536,6 +588,18 @@ class Params(Section):
         """Short content hash of one section, the 'DVC params hash' tagged on MLflow runs."""
         payload = json.dumps(getattr(self, name).model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+# The check_params stage's output, a dependency of every other DVC stage (stages/check_params.py).
+CHECKED_PARAMS = Path("data/params_checked.json")
+
+
+def checked_params_record() -> dict[str, str]:
+    """What the check stage writes: constant, so that a params change reruns only the stages whose
+    own params changed (DVC compares this file's hash, which stays the same), while a params file
+    that does not validate stops ``dvc repro`` before any stage."""
+    return {"checked_by": "pipeline.config.load_params",
+            "meaning": "params.yaml validated before any other stage ran (variant names, output folders, values)"}
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:

@@ -11,7 +11,6 @@ checkpoint holds.
 from __future__ import annotations
 
 import math
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any, TypeVar
 import torch
 
 from pipeline.config import Params, WorkerGroupParams
+from pipeline.io import claim_output_dir, remove_output_dir
 
 T = TypeVar("T")
 
@@ -47,6 +47,9 @@ def make_trainer(params: Params, what: str, group: WorkerGroupParams, worker: Ca
     from pipeline.process_group import torch_config
 
     connect(params.ray)
+    storage = storage_path(params.ray.storage_path)
+    if is_local(storage):  # the proof that lets discard_run_folder delete it later
+        claim_output_dir(Path(storage) / name, what)
     require_resources(what, worker_resources(group.resources_per_worker, group.use_gpu), group.num_workers,
                       params.ray.wait_for_resources)
     datasets = run_config.pop("datasets", None)
@@ -60,7 +63,7 @@ def make_trainer(params: Params, what: str, group: WorkerGroupParams, worker: Ca
         ),
         # Ray Train's own INFO lines (worker-group start-up, and two long lines per checkpoint) stay in the
         # session's logs/train files; the console shows its warnings beside the stage's own progress.
-        run_config=ray.train.RunConfig(name=name, storage_path=storage_path(params.ray.storage_path),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage,
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING"), **run_config),
         datasets=datasets,
     )
@@ -69,9 +72,10 @@ def make_trainer(params: Params, what: str, group: WorkerGroupParams, worker: Ca
 def discard_run_folder(result, params: Params) -> None:
     """Delete a finished run's checkpoint folder once the stage has exported what it needs
     (unless ``train.keep_ray_checkpoints``): every run would otherwise leave its checkpoints
-    behind (~100 MB for a VLM, 259 MB for a tiny CLIP run). Remote storage is left alone."""
+    behind (~100 MB for a VLM, 259 MB for a tiny CLIP run). Remote storage is left alone, and a
+    local folder only goes if :func:`make_trainer` marked it as the run's."""
     if not params.train.keep_ray_checkpoints and is_local(storage_path(params.ray.storage_path)):
-        shutil.rmtree(result.path, ignore_errors=True)
+        remove_output_dir(result.path)
 
 
 # --------------------------------------------------------------------------- inside a worker

@@ -76,9 +76,13 @@ def main(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m pipeline.shared_cluster COMMAND [ARGS...]", file=sys.stderr)
         return 2
-    from pipeline.config import load_params
+    from pipeline.config import ParamsError, load_params
 
-    params = load_params("params.yaml")
+    try:
+        params = load_params("params.yaml")
+    except ParamsError as err:  # before a cluster starts or DVC deletes anything: one message, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if params.ray.address or os.environ.get("RAY_ADDRESS"):  # a cluster is named: stages join it themselves
         return subprocess.call(argv)
     return run(argv, params.ray.num_cpus)

@@ -59,6 +59,10 @@ def build_vocabulary(params: VocabParams) -> tuple[list[str], dict[str, int]]:
         counts = {"wordnet": len(wordnet), "common": len(common), "concepts": len(concepts)}
     if params.max_words is not None:
         words = words[: params.max_words]
+    if not words:
+        where = f"vocab.path {params.path}" if params.source == "file" else "the builtin sources"
+        raise ValueError(f"vocabulary is empty: {where} gave no word (one word per line, blank lines ignored); "
+                         "naming, the atlas and the C-score need at least one")
     counts["vocabulary"] = len(words)
     return words, counts
 

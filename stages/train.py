@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline.cli import run_stage, stage_parser
 from pipeline.clip.model import clip_config
-from pipeline.clip.train import run_training, training_identity, training_section
+from pipeline.clip.train import run_training, training_identity, training_lock, training_section
 from pipeline.config import load_params
 from pipeline.plots import plot_curves, write_curve_csv
 from pipeline.tracking import metric_curves, stage_run, tracking_uri
@@ -26,9 +26,10 @@ def train(args) -> None:
     variant = args.variant
     model_params = params.train.model_for(variant)
     model_dir = Path(params.train.out_dir) / variant
-    with stage_run(params, "train", variant=variant, section=training_section(params, variant),
-                   upstream=[params.sample.out_dir], lineage_dir=model_dir,
-                   resume_key=training_identity(params, variant)) as run:
+    with training_lock(params, variant), stage_run(
+            params, "train", variant=variant, section=training_section(params, variant),
+            upstream=[params.sample.out_dir], lineage_dir=model_dir, resume_key=training_identity(params, variant)
+    ) as run:
         outcome = run_training(params, variant, run_id=run.run_id, tracking_uri=tracking_uri())
         curves = metric_curves(run.run_id)
         final = {k: v for values in curves.values() for k, v in values.items()}  # last value of each

@@ -25,6 +25,17 @@ REPO = Path(__file__).resolve().parent.parent
 FLICKR = REPO.parent / "shared" / "data" / "flickr8k"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def outputs_may_go_to_temp_folders(tmp_path_factory):
+    """Tests write their outputs under pytest's temporary folders, outside the project that the
+    params' output folders must otherwise lie in (pipeline.config.OUTPUT_ROOTS_ENV)."""
+    from pipeline.config import OUTPUT_ROOTS_ENV
+
+    os.environ[OUTPUT_ROOTS_ENV] = str(tmp_path_factory.getbasetemp())
+    yield
+    os.environ.pop(OUTPUT_ROOTS_ENV, None)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray cluster for the whole session (starting Ray costs seconds)."""

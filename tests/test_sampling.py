@@ -284,8 +284,9 @@ def test_a_sample_with_an_empty_split_fails_and_keeps_the_previous_one(ray_local
     """Every image missing (or a split too small to get a record) is an error at the sample stage,
     naming the split, not two minutes later in training; the sample already there stays."""
     (tmp_path / "pairs.csv").write_text("image,caption\n" + "".join(f"gone{i}.jpg,a dog\n" for i in range(20)))
-    out = tmp_path / "out"
-    out.mkdir()
+    from pipeline.io import claim_output_dir
+
+    out = claim_output_dir(tmp_path / "out", "sample")  # a previous sample, as the stage marks it
     (out / "keep.txt").write_text("the previous sample")
     params = SampleParams(source=SourceParams(kind="csv", path=str(tmp_path / "pairs.csv")), out_dir=str(out))
     with pytest.raises(ValueError, match=r"no record landed in the train, val, test split\(s\) \(0 written of 20.*image_missing"):

@@ -89,6 +89,16 @@ def test_two_workers_train_resume_after_a_failure_and_log_each_step_once(tiny_pa
     assert math.isclose(final.logit_scale_max, math.log(50))
     assert not (workdir / "ray_results").exists() or not any((workdir / "ray_results").iterdir())
 
+    # The same training, uninterrupted (another out_dir makes it another run): a resumed run skips the
+    # batches its epoch had used (it once replayed the epoch's first ones), so it is this run bit for bit.
+    plain = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(
+        update={"out_dir": str(workdir / "models-uninterrupted")})})
+    with stage_run(plain, "train", variant="sparse") as plain_run:
+        uninterrupted = run_training(plain, "sparse", run_id=plain_run.run_id, tracking_uri=tracking_uri())
+    assert [v for _, v in history(plain_run.run_id, "train/loss")] == [v for _, v in losses]
+    resumed_state, plain_state = final.state_dict(), load_model(uninterrupted.model_dir).state_dict()
+    assert all(torch.equal(resumed_state[k], plain_state[k]) for k in plain_state), "the weights differ"
+
 
 def test_a_killed_train_stage_resumes_from_its_checkpoint_in_the_same_mlflow_run(workdir, ray_local):
     """SIGKILL of the whole stage process (the driver, as a killed `dvc repro` does it) after a

@@ -208,6 +208,16 @@ def clip_config(params: ModelParams) -> dict[str, Any]:
     return copy.deepcopy(params.inline)
 
 
+def head_parameters(params: ModelParams) -> int:
+    """Parameters of the two wide heads (weights and biases), from the config alone: what
+    ``expansion`` costs, known before a model is built."""
+    if not params.expansion:
+        return 0
+    embed_dim = clip_config(params)["embed_dim"]
+    width = embed_dim * params.expansion
+    return 2 * (embed_dim * width + width)
+
+
 def build_model(params: ModelParams) -> SparseCLIP:
     """A randomly initialised Sparse CLIP, or one whose CLIP towers start from a local checkpoint."""
     model = SparseCLIP(clip_config(params), params)

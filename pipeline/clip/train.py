@@ -25,9 +25,11 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -38,13 +40,14 @@ import torch
 
 from pipeline import raytrain
 from pipeline.clip.loss import SparseClipObjective
-from pipeline.clip.model import SparseCLIP, build_model, save_model
+from pipeline.clip.model import SparseCLIP, build_model, head_parameters, save_model
 from pipeline.clip.zeroshot import class_embeddings, labelled_rows, zero_shot_accuracy
 from pipeline.config import ModelParams, OptimParams, Params, TrainParams
 from pipeline.data.evalsets import load_zero_shot_tasks, zero_shot_label
 from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
 from pipeline.data.shards import verify_shards
-from pipeline.io import file_sha256, write_json
+from pipeline.io import (check_output_dir, exclusive_lock, file_sha256, is_owned_output, remove_output_dir,
+                         staged_output_dir, write_json)
 from pipeline.metrics import sparsity
 from pipeline.metrics.retrieval import retrieval_recall
 
@@ -277,18 +280,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     epoch_batches = _batch_source(config["data_dir"], train_params, model, (rank, world),
                                   config["seed"] + 7919 * rank, device)
     snapshots = evolution_steps(train_params.evolution, total)
+    for epoch, batch in remaining_batches(epoch_batches, step, total, per_epoch):
+        losses, outputs, lr = train_step(batch, step)
+        step += 1
+        _maybe_fail(config, step, rank)
+        if log_progress is not None:
+            log_progress(step, epoch, losses, outputs, lr)
+        if step % train_params.checkpoint_every == 0 or step in snapshots or step == total:
+            _report(model, optimizer, step, snapshots.get(step), rank, placement)
+
+
+def remaining_batches(epoch_batches, step: int, total: int, per_epoch: int):
+    """(epoch, batch) for steps ``step`` .. ``total`` - 1: a run resumed at ``step`` skips the
+    batches its epoch already trained on, so it sees the very batches, in the same order, that the
+    uninterrupted run saw (each epoch's order depends only on its seed)."""
     while step < total:
-        epoch = step // per_epoch
-        for batch in islice(epoch_batches(epoch), per_epoch - step % per_epoch):
-            losses, outputs, lr = train_step(batch, step)
+        epoch, offset = divmod(step, per_epoch)
+        for batch in islice(epoch_batches(epoch), offset, min(per_epoch, offset + total - step)):
+            yield epoch, batch
             step += 1
-            _maybe_fail(config, step, rank)
-            if log_progress is not None:
-                log_progress(step, epoch, losses, outputs, lr)
-            if step % train_params.checkpoint_every == 0 or step in snapshots or step == total:
-                _report(model, optimizer, step, snapshots.get(step), rank, placement)
-            if step >= total:
-                break
 
 
 def _rank0_progress(config: dict[str, Any], model: SparseCLIP, train_params: TrainParams, device: torch.device,
@@ -417,6 +427,33 @@ def training_identity(params: Params, variant: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@contextmanager
+def training_lock(params: Params, variant: str) -> Iterator[None]:
+    """One training of a variant at a time on this machine: two would share its Ray run folder
+    (the name is the training's identity) and its output folder, and one would die mid-run."""
+    with exclusive_lock(Path(params.train.out_dir) / f".{variant}.lock", f"a training of variant {variant!r}"):
+        yield
+
+
+# Bytes per trained parameter in fp32: the weights, their gradients and AdamW's two moments.
+TRAINING_BYTES_PER_PARAM = 16
+
+
+def require_memory_for(model_params: ModelParams, train_params: TrainParams) -> None:
+    """Fail before Ray starts when the wide heads alone cannot be trained in this machine's
+    memory (each worker holds them whole, and rank 0 copies them to host memory to checkpoint):
+    an expansion typed with a few zeros too many would otherwise fail after minutes and retries."""
+    heads = head_parameters(model_params)
+    workers_here = 1 if train_params.use_gpu else train_params.num_workers
+    needed = heads * TRAINING_BYTES_PER_PARAM * workers_here
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available:
+        raise ValueError(f"train.model.expansion {model_params.expansion}: the two wide heads hold {heads:,} "
+                         f"parameters, {needed / 2**30:,.1f} GiB to train in fp32 (weights, gradients, AdamW's "
+                         f"two moments{f', x {workers_here} workers' if workers_here > 1 else ''}), more than this "
+                         f"machine's {available / 2**30:,.1f} GiB of memory")
+
+
 def run_training(params: Params, variant: str, *, run_id: str | None = None, tracking_uri: str | None = None,
                  fail_once: dict[str, Any] | None = None) -> TrainOutcome:
     """Train one variant on the sampled train split; write ``models/<variant>/`` and return it.
@@ -429,6 +466,8 @@ def run_training(params: Params, variant: str, *, run_id: str | None = None, tra
     import ray.train
 
     train_params, model_params = params.train, params.train.model_for(variant)
+    model_dir = check_output_dir(Path(train_params.out_dir) / variant)  # before training, not after
+    require_memory_for(model_params, train_params)
     data_dir = str(Path(params.sample.out_dir).resolve())
     verify_shards(data_dir)  # a truncated or stale shard fails here, named, not inside a worker
     n_train = json.loads((Path(data_dir) / "manifest.json").read_text())["records_by_split"]["train"]
@@ -457,7 +496,7 @@ def run_training(params: Params, variant: str, *, run_id: str | None = None, tra
         datasets=None if train_params.cache_data else {"train": _streamed_train_split(params, model_params, data_dir)},
     )
     result = trainer.fit()
-    outcome = _export(result, Path(train_params.out_dir) / variant, total)
+    outcome = _export(result, model_dir, total)
     raytrain.discard_run_folder(result, params)
     return outcome
 
@@ -475,9 +514,18 @@ def _streamed_train_split(params: Params, model_params: ModelParams, data_dir: s
 
 
 def _export(result, model_dir: Path, total: int) -> TrainOutcome:
-    """Copy the final weights and every evolution snapshot out of Ray's checkpoint storage."""
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
+    """Copy the final weights and every evolution snapshot out of Ray's checkpoint storage into a
+    staging folder that replaces ``model_dir`` whole once every file is written."""
+    with staged_output_dir(model_dir, "train") as staging:
+        snapshots = _copy_checkpoints(result, staging, total)
+        workers = list(result.metrics.get("workers", []))
+        write_json(staging / "workers.json", workers)
+    return TrainOutcome(model_dir, total, dict(sorted(snapshots.items())), workers)
+
+
+def _copy_checkpoints(result, model_dir: Path, total: int) -> dict[str, str]:
+    """The final weights and the evolution snapshots of ``result`` into ``model_dir``; the
+    snapshots' names -> the step each was taken at."""
     snapshots = {}
     for checkpoint, metrics in result.best_checkpoints:
         with checkpoint.as_directory() as folder:
@@ -491,19 +539,17 @@ def _export(result, model_dir: Path, total: int) -> TrainOutcome:
                 shutil.copy(Path(folder) / "config.json", model_dir / "config.json")
     if not (model_dir / "model.pt").is_file():
         raise RuntimeError(f"training ended without a final checkpoint at step {total}")
-    workers = list(result.metrics.get("workers", []))
-    write_json(model_dir / "workers.json", workers)
-    return TrainOutcome(model_dir, total, dict(sorted(snapshots.items())), workers)
+    return snapshots
 
 
 def remove_abandoned_runs(storage: Path, variant: str, keep: str) -> list[Path]:
     """Delete the Ray run folders of ``variant`` other than ``keep`` (runs with other params or
     data, killed before they finished: their identity no longer matches, so nothing resumes them)."""
-    removed = [p for p in storage.glob(f"{variant}-*") if p.is_dir() and p.name != keep
-               and p.name.removeprefix(f"{variant}-").isalnum()]
+    removed = [p for p in storage.glob(f"{variant}-*") if p.name != keep
+               and p.name.removeprefix(f"{variant}-").isalnum() and is_owned_output(p)]
     for path in removed:
         log.info("removing the checkpoints of an abandoned run: %s", path)
-        shutil.rmtree(path, ignore_errors=True)
+        remove_output_dir(path)
     return removed
 
 

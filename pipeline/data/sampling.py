@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from pipeline.data.evalsets import build_eval_sets
 from pipeline.data.records import Record, Skip, validate
 from pipeline.data.shards import SPLITS, shard_name, write_shard
 from pipeline.data.sources import make_source
-from pipeline.io import file_sha256, write_json
+from pipeline.io import file_sha256, staged_output_dir, write_json
 
 MAX_LISTED_SKIPS = 1000  # the manifest lists this many skipped records by name, counts them all
 
@@ -94,15 +93,25 @@ def run_sample(params: SampleParams, ray_params: RayParams) -> dict[str, Any]:
     Everything is written into a staging folder beside ``out_dir`` and swapped in whole at the
     end: a rerun into an existing sample never mixes old shards with new ones, and an interrupted
     run leaves the previous sample as it was."""
+    params = with_absolute_paths(params)
+    out_dir = Path(params.out_dir)
+    with staged_output_dir(out_dir, "sample") as staging:
+        manifest = _sample_into(params.model_copy(update={"out_dir": str(staging)}), ray_params)
+        if empty := _empty_splits(manifest, params):
+            raise ValueError(f"sample: no record landed in the {', '.join(empty)} split(s) ({manifest['written']} "
+                             f"written of {manifest['requested']} requested, skipped by reason: "
+                             f"{manifest['skipped_by_reason'] or 'none'}); {out_dir} is left as it was")
+        manifest["eval_sets"] = build_eval_sets(staging)
+        write_json(staging / "manifest.json", manifest)
+    return manifest
+
+
+def _sample_into(params: SampleParams, ray_params: RayParams) -> dict[str, Any]:
+    """Build every shard into ``params.out_dir`` with one Ray Data task each; the merged manifest."""
     import ray
 
     from pipeline.cluster import connect
 
-    params = with_absolute_paths(params)
-    out_dir = Path(params.out_dir)
-    staging = out_dir.with_name(f".{out_dir.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    params = params.model_copy(update={"out_dir": str(staging)})
     source = make_source(params.source)
     refs = source.refs()
     plans = plan_shards(refs, [source.group(r) for r in refs], params)
@@ -113,28 +122,14 @@ def run_sample(params: SampleParams, ray_params: RayParams) -> dict[str, Any]:
         .map(_build_row, fn_kwargs={"params": params.model_dump(mode="json")}, num_cpus=ray_params.task_cpus)
         .take_all()
     )
-    manifest = summarise([json.loads(r["result"]) for r in results], params, len(refs))
+    return summarise([json.loads(r["result"]) for r in results], params, len(refs))
+
+
+def _empty_splits(manifest: dict[str, Any], params: SampleParams) -> list[str]:
+    """Splits that got no record although the params give them a share (or nothing was written)."""
     fractions = params.splits.as_dict()
-    if empty := [split for split, n in manifest["records_by_split"].items()
-                 if n == 0 and (fractions[split] > 0 or not manifest["written"])]:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ValueError(f"sample: no record landed in the {', '.join(empty)} split(s) ({manifest['written']} "
-                         f"written of {manifest['requested']} requested, skipped by reason: "
-                         f"{manifest['skipped_by_reason'] or 'none'}); {out_dir} is left as it was")
-    manifest["eval_sets"] = build_eval_sets(staging)
-    write_json(staging / "manifest.json", manifest)
-    _swap_in(staging, out_dir)
-    return manifest
-
-
-def _swap_in(staging: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``staging`` with two renames (the old folder is removed last)."""
-    previous = out_dir.with_name(f".{out_dir.name}.previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if out_dir.exists():
-        out_dir.rename(previous)
-    staging.rename(out_dir)
-    shutil.rmtree(previous, ignore_errors=True)
+    return [split for split, n in manifest["records_by_split"].items()
+            if n == 0 and (fractions[split] > 0 or not manifest["written"])]
 
 
 def with_absolute_paths(params: SampleParams) -> SampleParams:

@@ -22,6 +22,7 @@ from pipeline import raytrain
 from pipeline.clip.model import load_model
 from pipeline.config import Params, VLMParams
 from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
+from pipeline.io import check_output_dir, staged_output_dir
 from pipeline.vlm.language_model import load_language_model, prepare_language_model
 from pipeline.vlm.model import VisionLanguageModel
 from pipeline.vlm.questions import qa_from_jsonl, qa_from_truth
@@ -139,18 +140,17 @@ def run_vlm_training(params: Params, variant: str, *, run_id: str | None = None,
                 "data_dir": str(Path(params.sample.out_dir).resolve()), "run_id": run_id, "tracking_uri": tracking_uri},
         name=f"vlm-{variant}-{run_id or int(time.time())}",
     )
+    out = check_output_dir(Path(cfg.out_dir) / variant)  # before training, not after
     result = trainer.fit()
-    out = Path(cfg.out_dir) / variant
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    with result.checkpoint.as_directory() as folder:
+    with staged_output_dir(out, "vlm") as staging, result.checkpoint.as_directory() as folder:
         for name in ("adapter.pt", "lm_trained.pt"):
-            shutil.copy(Path(folder) / name, out / name)
+            shutil.copy(Path(folder) / name, staging / name)
+        # paths relative to the final folder, a sibling of staging: the same relative path
+        (staging / "vlm.json").write_text(json.dumps({"encoder_dir": _relative_to(encoder_dir, out),
+                                                      "lm_dir": _relative_to(lm_dir, out),
+                                                      "vlm": cfg.model_dump(mode="json"),
+                                                      "final_loss": result.metrics["loss"]}, indent=2))
     raytrain.discard_run_folder(result, params)  # exported above; every run left ~100 MB (1.5 GB seen)
-    (out / "vlm.json").write_text(json.dumps({"encoder_dir": _relative_to(encoder_dir, out),
-                                              "lm_dir": _relative_to(lm_dir, out),
-                                              "vlm": cfg.model_dump(mode="json"), "final_loss": result.metrics["loss"]},
-                                             indent=2))
     return out
 
 
