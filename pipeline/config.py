@@ -613,7 +613,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | N
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from err
+        raise ParamsError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
@@ -623,6 +623,13 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | N
     except ValidationError as err:
         problems = "\n".join(f"  - {_describe(e)}" for e in err.errors())
         raise ParamsError(f"{path}: invalid params:\n{problems}") from None
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message (the context, a caret drawing) as one line: what, and where."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(err, 'problem', None) or ' '.join(str(err).split())}{where}"
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

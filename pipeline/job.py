@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.cli import run_stage
 from pipeline.io import flatten
 
 # Top-level paths that are never code: environments, caches, the DVC cache and every stage's
@@ -55,9 +56,12 @@ def read_override(path: str | Path | None) -> dict[str, Any]:
     """
     if not path:
         return {}
-    from pipeline.config import ParamsError
+    from pipeline.config import ParamsError, yaml_problem
 
-    tree = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(tree, Mapping):
         raise ParamsError(f"{path}: a params override file is a mapping of sections")
     return flatten(tree)
@@ -120,7 +124,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params-override", help="params file merged into params.yaml (path in the project)")
     parser.add_argument("--dvc-push", action="store_true", help="`dvc push` the outputs after a successful repro")
     parser.add_argument("repro_args", nargs=argparse.REMAINDER, help="after --: arguments of `dvc repro`")
-    args = parser.parse_args(argv)
+    run_stage(_job, parser, argv)
+
+
+def _job(args: argparse.Namespace) -> None:
+    """Run the job; bad params or a bad override file end in one line and exit 2 (``run_stage``)."""
     repro_args = args.repro_args[1:] if args.repro_args[:1] == ["--"] else args.repro_args
     raise SystemExit(run_job(Path(args.workspace), repro_args, args.params_override, args.dvc_push))
 

@@ -88,12 +88,21 @@ def ray_job_submit_command(spec: JobSpec, address: str) -> str:
 
 
 def client(address: str, token: str | None = None):
-    """A Jobs API client; sends the token explicitly, whatever ``RAY_AUTH_MODE`` says here."""
+    """A Jobs API client; sends the token explicitly, whatever ``RAY_AUTH_MODE`` says here.
+
+    Ray checks the address as it connects and says what is wrong in as many ways as can go
+    wrong (``ValueError`` for no URL, ``RuntimeError`` for a server whose ``/api/version`` is
+    missing, a JSON or HTTP error for one that answers something else): all of them mean "no
+    Ray Jobs API there", raised as one ``ConnectionError`` whose message is one line.
+    """
     from ray.job_submission import JobSubmissionClient
 
     token = token or find_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
-    return JobSubmissionClient(address, headers=headers)
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except (ValueError, RuntimeError, KeyError, OSError) as err:
+        raise ConnectionError(" ".join(f"{type(err).__name__}: {err}".split())) from err
 
 
 def find_token() -> str | None:

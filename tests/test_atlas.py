@@ -224,3 +224,48 @@ def test_hostile_vocabulary_is_shown_as_text_and_runs_nothing(browser, tmp_path)
     assert HOSTILE in browser.run("return document.getElementById('fires-for').textContent")
     assert browser.run("return document.querySelectorAll('#fires img, tbody img').length") == 0
     assert browser.run("return window.pwned === undefined")
+
+
+# Words that broke the index page: `<!--<script>` switched the HTML tokenizer into its "double
+# escaped" script state (the inline JSON escaped only `</`), so the script never ran; `__proto__`
+# and `constructor` reached Object.prototype through a plain-object lookup, and the search threw.
+SCRIPT_BREAKERS = ["<!--<script>", "</script>", "__proto__", "constructor", "a\u2028b"]
+
+
+def _breaker_index(tmp_path: Path) -> tuple[Path, list[dict]]:
+    from pipeline.atlas.site import write_index
+
+    features = [{"feature": i, "name": word, "words": [word, "red"], "modality": 0.5, "density": 0.1 * (i + 1),
+                 "clarity": 0.5} for i, word in enumerate(SCRIPT_BREAKERS)]
+    words = {word: [(i, 1.0)] for i, word in enumerate(SCRIPT_BREAKERS) if word != "constructor"}
+    return write_index(tmp_path, "t", "s", features, words), features
+
+
+def _inline(page: str, const: str) -> str:
+    """The JSON text a ``const NAME = ...;`` line of the page's script holds (one line each)."""
+    line = next(ln for ln in page.splitlines() if ln.startswith(f"const {const} = "))
+    return line.removeprefix(f"const {const} = ").removeprefix("new Map(").removesuffix(";").removesuffix(")")
+
+
+def test_inline_json_holds_no_markup_and_parses_back_to_the_same_words(tmp_path):
+    page, features = _breaker_index(tmp_path)
+    text = page.read_text(encoding="utf-8")
+    data = {const: _inline(text, const) for const in ("FEATURES", "WORD_FEATURES")}
+    for const, raw in data.items():
+        assert not set(raw) & {"<", ">", "&", "\u2028", "\u2029"}, const  # nothing the HTML tokenizer reads
+    assert [(f["name"], f["words"]) for f in json.loads(data["FEATURES"])] == [
+        (f["name"], f["words"]) for f in features]
+    assert [word for word, _ in json.loads(data["WORD_FEATURES"])] == [w for w in SCRIPT_BREAKERS if w != "constructor"]
+
+
+def test_script_breaking_words_fill_the_table_and_search_without_errors(browser, tmp_path):
+    page, _ = _breaker_index(tmp_path)
+    browser.open(page)
+    browser.run("window.errors = []; window.addEventListener('error', e => window.errors.push(String(e.message)))")
+    cells = browser.run("return [...document.querySelectorAll('tr.feature-row td:nth-child(2)')].map(c => c.textContent)")
+    assert sorted(cells) == sorted(SCRIPT_BREAKERS)
+    for query, fires in [("__proto__", "#2"), ("constructor", None), ("<!--<script>", "#0")]:
+        browser.type_into("#search", query)
+        assert browser.run("return window.errors") == [], query
+        shown = browser.run("return document.getElementById('fires').textContent")
+        assert (fires in shown) if fires else shown == "", (query, shown)

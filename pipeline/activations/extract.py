@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,9 @@ from pipeline.clip.model import load_model
 from pipeline.config import ExtractParams
 from pipeline.data.evalsets import FOLDER_TEMPLATES, load_zero_shot_tasks
 from pipeline.data.loading import ClipBatchPreprocessor
-from pipeline.data.shards import caption_rows, verify_shards
-from pipeline.io import file_sha256, write_json
+from pipeline.data.shards import caption_rows, sample_file
+from pipeline.fingerprint import inputs_fingerprint
+from pipeline.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +164,7 @@ def extraction_plan(model_dir: Path, data_dir: Path, vocab_dir: str | Path, para
     }
     if tasks or folder_tasks:
         sets["prompts"] = text_set(prompt_rows({**tasks, **folder_tasks}))
-    crops = data_dir / "eval" / "crops" / "test.tar"
+    crops = sample_file(data_dir, "eval/crops/test.tar")
     if crops.is_file():
         sets["crops"] = crop_set(crops)
     for name, path in params.labelled_folders.items():
@@ -176,15 +178,16 @@ def extraction_plan(model_dir: Path, data_dir: Path, vocab_dir: str | Path, para
 
 def run_extraction(model_dir: str | Path, data_dir: str | Path, vocab_dir: str | Path, out_dir: str | Path,
                    params: ExtractParams, task_cpus: float, params_hash: str) -> dict[str, Any]:
-    """Extract every set for one trained model; return the manifest (rows per set, width)."""
+    """Extract every set for one trained model; return the manifest (rows per set, width). The
+    sample's shards are checked against its manifest as the plan lists them; a set is skipped
+    only if its inputs (:meth:`InputSet.fingerprint`) and the weights and params are unchanged."""
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     model_dir, data_dir, out_dir = Path(model_dir).resolve(), Path(data_dir).resolve(), Path(out_dir)
-    verify_shards(data_dir)
     model = load_model(model_dir)
-    fingerprint = f"{file_sha256(model_dir / 'model.pt')[:16]}-{params_hash}"
     plan = extraction_plan(model_dir, data_dir, vocab_dir, params)
+    fingerprint = model_fingerprint(model_dir, plan.weights.values(), params_hash)
     counts = write_sets(f"extract-{model_dir.name}", plan.sets, out_dir, fingerprint,
                         {"model_dir": str(model_dir), "weights": plan.weights}, params, task_cpus,
                         actor=SparseEncoder)
@@ -193,6 +196,12 @@ def run_extraction(model_dir: str | Path, data_dir: str | Path, vocab_dir: str |
                 "evolution": [tag for tag in plan.weights if tag != FINAL], "zero_shot_tasks": plan.zero_shot_tasks}
     write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+def model_fingerprint(model_dir: Path, weights: Iterable[str], *values: Any) -> str:
+    """What every set encoded by a model shares: its config, each weights file the actors load
+    (the final model and every snapshot) and ``values`` (the params that shape the encoding)."""
+    return inputs_fingerprint([model_dir / "config.json", *(model_dir / w for w in weights)], *values)
 
 
 def evolution_sets(tags: list[str], data_dir: Path, words: list[str], test_keys: set[str]) -> dict[str, InputSet]:

@@ -12,19 +12,24 @@ imported torch on the same 2 cores).
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
 
-from pipeline.data.shards import split_paths
+from pipeline.data.shards import index_rows, present_splits, split_paths
+from pipeline.fingerprint import inputs_fingerprint
 
 if TYPE_CHECKING:
     from pipeline.config import ExtractParams
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 FINAL = "final"
@@ -43,8 +48,9 @@ class InputSet:
     Its inputs come from exactly one of: ``rows`` (dicts of the input columns, e.g. words:
     every rows-set of a run shares one ``from_items`` dataset), ``shard_keys`` (images of the
     sample's shards: every such set shares one read of the shards, each image fanned out to the
-    sets that want it) or ``build`` (any other Ray Dataset). Sharing keeps a run at a handful
-    of datasets however many sets and snapshots it extracts: Ray's cost is per task, not per row.
+    sets that want it) or ``build`` (any other Ray Dataset, which names the files or folders it
+    reads in ``sources``). Sharing keeps a run at a handful of datasets however many sets and
+    snapshots it extracts: Ray's cost is per task, not per row.
     """
 
     kind: str = "image"  # image | text | tokens (one output row per spatial token)
@@ -52,10 +58,21 @@ class InputSet:
     rows: list[dict[str, Any]] | None = None
     shard_keys: tuple[tuple[str, ...], frozenset[str]] | None = None  # (shard paths, image keys)
     build: Callable[[], Any] | None = None
+    sources: tuple[str, ...] = ()  # what ``build`` reads: its content is part of the fingerprint
 
     def __post_init__(self):
         if sum(x is not None for x in (self.rows, self.shard_keys, self.build)) != 1:
             raise ValueError("an InputSet takes exactly one of rows, shard_keys, build")
+        if self.build is not None and not self.sources:
+            raise ValueError("an InputSet built from files names them in `sources`, or a change to them "
+                             "would go unseen by its completion fingerprint")
+
+    def fingerprint(self) -> str:
+        """Everything this set's output is made of: the bytes of its shards and sources, its keys
+        or rows (the words themselves, the captions), its kind and checkpoint. The set is encoded
+        again when any of it changes, and only then."""
+        paths, keys = self.shard_keys or ((), frozenset())
+        return inputs_fingerprint([*paths, *self.sources], self.kind, self.checkpoint, self.rows, keys)
 
 
 def text_set(texts: list[dict[str, Any]], checkpoint: str = FINAL) -> InputSet:
@@ -65,7 +82,7 @@ def text_set(texts: list[dict[str, Any]], checkpoint: str = FINAL) -> InputSet:
 def image_set(data_dir: str | Path, splits: list[str], keys: set[str], kind: str = "image",
               checkpoint: str = FINAL) -> InputSet:
     """Images of the sample's split shards whose key is in ``keys``."""
-    paths = tuple(p for s in splits if (Path(data_dir) / s).is_dir() for p in split_paths(data_dir, s))
+    paths = tuple(p for s in present_splits(data_dir, splits) for p in split_paths(data_dir, s))
     return InputSet(kind, checkpoint, shard_keys=(paths, frozenset(keys)))
 
 
@@ -76,7 +93,7 @@ def crop_set(tar_path: Path) -> InputSet:
 
         return ray.data.read_webdataset(str(tar_path), decoder=None).map_batches(_crop_columns)
 
-    return InputSet(build=build)
+    return InputSet(build=build, sources=(str(tar_path),))
 
 
 def folder_set(name: str, folder: str | Path) -> InputSet:
@@ -86,23 +103,17 @@ def folder_set(name: str, folder: str | Path) -> InputSet:
 
         return ray.data.from_items(folder_rows(name, folder)).map_batches(_read_path)
 
-    return InputSet(build=build)
+    return InputSet(build=build, sources=(str(folder),))
 
 
 def image_rows(data_dir: str | Path, splits: list[str]) -> list[dict[str, Any]]:
-    """One row per unique image (first record of each group) of the splits, from shard indexes."""
+    """One row per unique image (first record of each group) of the splits, from the indexes of
+    the verified shards."""
     rows, seen = [], set()
-    for split in splits:
-        folder = Path(data_dir) / split
-        if not folder.is_dir():
-            continue
-        for index in sorted(folder.glob("shard-*.parquet")):
-            table = pq.read_table(index, columns=["key", "group", "caption"]).to_pylist()
-            for row in table:
-                if row["group"] not in seen:
-                    seen.add(row["group"])
-                    rows.append({"key": row["key"], "group": row["group"], "split": split,
-                                 "shard": str(index.with_suffix(".tar").resolve())})
+    for split, shard, row in index_rows(data_dir, splits):
+        if row["group"] not in seen:
+            seen.add(row["group"])
+            rows.append({"key": row["key"], "group": row["group"], "split": split, "shard": str(shard.resolve())})
     return rows
 
 
@@ -135,8 +146,31 @@ def folder_rows(name: str, folder: str | Path) -> list[dict[str, Any]]:
 
 
 def _read_path(batch: dict[str, Any]) -> dict[str, Any]:
-    return {**{k: v for k, v in batch.items() if k != "path"},
-            "jpg": np.asarray([Path(p).read_bytes() for p in batch["path"]], dtype=object)}
+    """The folder rows with their image bytes; a file that does not decode (a text file named
+    ``.jpg``, a truncated download) is skipped with a warning naming it, as the sample stage skips
+    a corrupt image, rather than failing the encoding actor with a traceback that names no file.
+    The set's row count in the extraction manifest says how many images were encoded."""
+    images = [_image_bytes(str(p)) for p in batch["path"]]
+    keep = [i for i, image in enumerate(images) if image is not None]
+    return {**{k: np.asarray(v, dtype=object)[keep] for k, v in batch.items() if k != "path"},
+            "jpg": np.asarray([images[i] for i in keep], dtype=object)}
+
+
+def _image_bytes(path: str) -> bytes | None:
+    """The file's bytes if they decode as an image (a cheap draft-size decode, which still reads
+    every byte of a JPEG, so truncation shows); None, with a warning naming the file, if not."""
+    data = Path(path).read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft("RGB", (1, 1))
+            image.load()
+    except UnidentifiedImageError:
+        log.warning("labelled folder: skipped %s: not an image file", path)
+        return None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # as records.validate
+        log.warning("labelled folder: skipped %s: unreadable image (%s: %s)", path, type(err).__name__, err)
+        return None
+    return data
 
 
 def prompt_rows(tasks: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

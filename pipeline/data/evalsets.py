@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from pipeline.data.concepts import COLOURS, SHAPES
 from pipeline.data.generator import GeneratedRecord, object_crops
 from pipeline.data.records import Record
-from pipeline.data.shards import read_split, write_shard
+from pipeline.data.shards import hashed_files, read_split, sample_file, write_shard
 from pipeline.io import write_json
 
 EVAL_SPLITS = ("val", "test")
@@ -61,7 +61,8 @@ def zero_shot_label(meta: dict[str, Any], task: str) -> str | None:
 
 
 def build_eval_sets(out_dir: str | Path) -> dict[str, Any]:
-    """Write every eval set the sampled data supports; return a summary of their sizes."""
+    """Write every eval set the sampled data supports; return a summary of their sizes and each
+    file's sha256 (the manifest's ``eval_sets.files``, checked by every reader of them)."""
     out_dir = Path(out_dir)
     eval_dir = out_dir / "eval"
     summary: dict[str, Any] = {"zeroshot_tasks": [], "retrieval": {}, "crops": {}}
@@ -74,6 +75,7 @@ def build_eval_sets(out_dir: str | Path) -> dict[str, Any]:
     tasks = ZERO_SHOT_TASKS if has_truth else {}
     write_json(eval_dir / "zeroshot.json", {"tasks": tasks})
     summary["zeroshot_tasks"] = sorted(tasks)
+    summary["files"] = hashed_files(out_dir, eval_dir)
     return summary
 
 
@@ -107,4 +109,4 @@ def _write_crops(records: list[Record], path: Path) -> int:
 
 
 def load_zero_shot_tasks(out_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(out_dir) / "eval" / "zeroshot.json").read_text())["tasks"]
+    return json.loads(sample_file(out_dir, "eval/zeroshot.json").read_text())["tasks"]

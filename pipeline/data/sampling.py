@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.config import RayParams, SampleParams
 from pipeline.data.evalsets import build_eval_sets
 from pipeline.data.records import Record, Skip, validate
-from pipeline.data.shards import SPLITS, shard_name, write_shard
+from pipeline.data.shards import SPLITS, index_name, shard_name, write_shard
 from pipeline.data.sources import make_source
 from pipeline.io import file_sha256, staged_output_dir, write_json
 
@@ -155,7 +155,8 @@ def summarise(results: list[dict[str, Any]], params: SampleParams, source_size: 
     reasons = Counter(s["reason"] for s in skipped)
     out_dir = Path(params.out_dir)
     shards = [
-        {"path": r["shard"], "records": r["written"], "sha256": file_sha256(out_dir / r["shard"])}
+        {"path": r["shard"], "records": r["written"], "sha256": file_sha256(out_dir / r["shard"]),
+         "index_sha256": file_sha256(out_dir / index_name(r["shard"]))}
         for r in results
         if r["shard"]
     ]

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.records import Record
+from pipeline.fingerprint import file_digest
 
 SPLITS = ("train", "val", "test")
 
@@ -75,9 +76,13 @@ def read_shard(tar_path: str | Path) -> Iterator[Record]:
 
 
 def split_shards(out_dir: str | Path, split: str) -> list[Path]:
-    """The tar shards of one split, sorted: the ones the sample's manifest lists (a shard on disk
-    that it does not list is stale, an error naming it), or every ``shard-*.tar`` of a folder
-    without a manifest. A missing split folder or listed shard is an error naming it."""
+    """The tar shards of one split, sorted: the ones the sample's manifest lists, each checked
+    against the manifest's sha256 (a shard on disk that it does not list is stale, an error
+    naming it), or every ``shard-*.tar`` of a folder without a manifest. A missing split folder
+    or listed shard is an error naming it.
+
+    Every reader of the sample lists its shards here, so none can read a truncated or edited
+    shard: the check lives where the files are found, not in each stage that remembers it."""
     out_dir = Path(out_dir)
     folder = out_dir / split
     if not folder.is_dir():
@@ -86,38 +91,82 @@ def split_shards(out_dir: str | Path, split: str) -> list[Path]:
     listed = manifest_shards(out_dir)
     if listed is None:
         return on_disk
-    shards = sorted(_listed_shard(out_dir, entry) for entry in listed if Path(entry["path"]).parts[0] == split)
+    entries = [entry for entry in listed if Path(entry["path"]).parts[0] == split]
+    shards = sorted(_listed_file(out_dir, entry) for entry in entries)
     if stale := sorted(set(on_disk) - set(shards)):
         raise ValueError(f"{stale[0]}: a shard the manifest does not list ({len(stale)} such in {folder}): "
                          "left from another sample; re-run the sample stage into a fresh folder")
+    for entry in entries:
+        _check_hash(out_dir, entry)
     return shards
+
+
+def present_splits(out_dir: str | Path, splits: Iterable[str]) -> list[str]:
+    """The splits of ``splits`` the sample has: a folder on disk or shards in the manifest (whose
+    missing folder is then an error naming a shard, never a silently empty split)."""
+    listed = {Path(entry["path"]).parts[0] for entry in manifest_shards(out_dir) or []}
+    return [split for split in splits if split in listed or (Path(out_dir) / split).is_dir()]
 
 
 def manifest_shards(out_dir: str | Path) -> list[dict[str, Any]] | None:
     """The manifest's shard entries (path, records, sha256), or None for a folder without one."""
+    manifest = _manifest(out_dir)
+    return None if manifest is None else manifest.get("shards")
+
+
+def _manifest(out_dir: str | Path) -> dict[str, Any] | None:
     path = Path(out_dir) / MANIFEST
-    return json.loads(path.read_text()).get("shards") if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _listed_shard(out_dir: str | Path, entry: dict[str, Any]) -> Path:
-    """The path of a shard the manifest lists; an error naming it when it is not on disk."""
+def _eval_files(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The manifest's entries (path, sha256) of the eval sets' files; none in an older manifest."""
+    return ((_manifest(out_dir) or {}).get("eval_sets") or {}).get("files", [])
+
+
+def hashed_files(out_dir: str | Path, folder: str | Path) -> list[dict[str, Any]]:
+    """Manifest entries (path relative to ``out_dir``, sha256) of every file under ``folder``:
+    what the sample stage records so that readers can check the eval sets as they check shards."""
+    out_dir = Path(out_dir)
+    return [{"path": p.relative_to(out_dir).as_posix(), "sha256": file_digest(p)}
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()]
+
+
+def sample_file(out_dir: str | Path, name: str) -> Path:
+    """``out_dir/name`` (an eval set's file), checked against the manifest's sha256 of it when the
+    manifest lists it, as :func:`split_shards` checks the shards."""
+    for entry in _eval_files(out_dir):
+        if entry["path"] == name:
+            _check_hash(out_dir, entry)
+    return Path(out_dir) / name
+
+
+def _listed_file(out_dir: str | Path, entry: dict[str, Any]) -> Path:
+    """The path of a file the manifest lists; an error naming it when it is not on disk."""
     path = Path(out_dir) / entry["path"]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: listed in {Path(out_dir) / MANIFEST} but missing (re-run the sample stage)")
     return path
 
 
-def verify_shards(out_dir: str | Path) -> int:
-    """Check every shard against the manifest's sha256 before a long job reads it; a mismatch
-    (a truncated copy, an edited file) is an error naming the shard. Returns the shards checked."""
-    from pipeline.io import file_sha256
+def _check_hash(out_dir: str | Path, entry: dict[str, Any]) -> Path:
+    """The listed file, if its bytes are the ones the manifest hashed (once per process while its
+    size and mtime stay put); else one line naming it, the expected and the found hash."""
+    path = _listed_file(out_dir, entry)
+    if (found := file_digest(path)) != entry["sha256"]:
+        records = f"; the manifest lists {entry['records']} records" if "records" in entry else ""
+        raise ValueError(f"{path}: its sha256 differs from the manifest's (expected {entry['sha256'][:16]}..., "
+                         f"found {found[:16]}..., {path.stat().st_size} bytes{records}): truncated or changed "
+                         "since the sample stage wrote it; re-run the sample stage")
+    return path
 
+
+def verify_shards(out_dir: str | Path) -> int:
+    """Check every shard of every split against the manifest before a long job reads them (each
+    split's reader checks its own anyway, once per process). Returns the shards checked."""
     listed = manifest_shards(out_dir) or []
     for entry in listed:
-        path = _listed_shard(out_dir, entry)
-        if file_sha256(path) != entry["sha256"]:
-            raise ValueError(f"{path}: its sha256 differs from the manifest's (truncated or changed since the "
-                             "sample stage wrote it): re-run the sample stage")
+        _check_hash(out_dir, entry)
     return len(listed)
 
 
@@ -142,12 +191,31 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
+def index_rows(data_dir: str | Path, splits: Iterable[str]) -> Iterator[tuple[str, Path, dict[str, Any]]]:
+    """(split, shard, row: key, group, caption) of every record of the splits the sample has,
+    from the shard indexes (no image is read) of the verified shards of :func:`split_shards`."""
+    for split in present_splits(data_dir, splits):
+        for shard in split_shards(data_dir, split):
+            for row in pq.read_table(shard_index(data_dir, shard), columns=["key", "group", "caption"]).to_pylist():
+                yield split, shard, row
+
+
+def shard_index(out_dir: str | Path, shard: Path) -> Path:
+    """A listed shard's parquet index, checked against the manifest's ``index_sha256`` (older
+    manifests have none): the captions and keys read from it are the shard's, byte for byte."""
+    listed = shard.relative_to(Path(out_dir)).as_posix()
+    for entry in manifest_shards(out_dir) or []:
+        if entry["path"] == listed and "index_sha256" in entry:
+            _check_hash(out_dir, {"path": index_name(listed), "sha256": entry["index_sha256"]})
+    return shard.with_suffix(".parquet")
+
+
+def index_name(shard: str) -> str:
+    """The relative path of a shard's parquet index."""
+    return shard.removesuffix(".tar") + ".parquet"
+
+
 def caption_rows(data_dir: str | Path, splits: list[str]) -> list[dict[str, Any]]:
     """Every caption of the given splits from the shard indexes (no image is read)."""
-    rows = []
-    for split in splits:
-        folder = Path(data_dir) / split
-        for index in sorted(folder.glob("shard-*.parquet")) if folder.is_dir() else []:
-            for row in pq.read_table(index, columns=["key", "group", "caption"]).to_pylist():
-                rows.append({"key": row["key"], "group": row["group"], "split": split, "text": row["caption"]})
-    return rows
+    return [{"key": row["key"], "group": row["group"], "split": split, "text": row["caption"]}
+            for split, _, row in index_rows(data_dir, splits)]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.io import flatten
@@ -28,6 +29,7 @@ CURVE_PREFIXES = ("train/l0_image_pct", "train/l0_text_pct", "train/loss", "trai
 SKIPPED_STAGES = {"report", "sample", "vocab", "reference", "extract"}
 SAE = "sae"
 SAE_KINDS = ("multimodal", "residual")  # the SAE stage's other SAEs, keys <kind>.*
+UNKNOWN_RUN = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}  # MLflow's codes for a bad run id
 
 
 @dataclass
@@ -64,24 +66,29 @@ class Comparison:
 # --------------------------------------------------------------------------- MLflow
 
 
-def latest_runs(client: MlflowClient, experiment: str, filter_string: str = "") -> list[Run]:
-    """The latest FINISHED run of each stage + variant of an experiment (report runs excluded)."""
+def latest_runs(client: MlflowClient, experiment: str, tags: Mapping[str, str] | None = None) -> list[Run]:
+    """The latest FINISHED run of each stage + variant of an experiment (report runs excluded),
+    among the runs carrying ``tags``. Tags are compared here, not in MLflow's filter string: its
+    quoted values have no escape, and a DVC experiment's name may hold either quote."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    query = " and ".join(f for f in ("attributes.status = 'FINISHED'", filter_string) if f)
     latest: dict[tuple[str, str], Run] = {}
     token = None
     while True:
-        page = client.search_runs([found.experiment_id], query, order_by=["attributes.start_time DESC"],
-                                  max_results=1000, page_token=token)
+        page = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
         for run in page:
             key = (run.data.tags.get("stage", ""), run.data.tags.get("variant", ""))
-            if key[0] and key[0] not in SKIPPED_STAGES:
+            if key[0] and key[0] not in SKIPPED_STAGES and tags_match(run, tags or {}):
                 latest.setdefault(key, run)
         token = page.token
         if not token:
             return list(latest.values())
+
+
+def tags_match(run: Run, tags: Mapping[str, str]) -> bool:
+    return all(run.data.tags.get(key) == value for key, value in tags.items())
 
 
 def models_from_runs(client: MlflowClient, runs: Iterable[Run], source: str = "") -> list[Model]:
@@ -200,7 +207,18 @@ def from_experiment(client: MlflowClient, experiment: str) -> Comparison:
 
 def from_run_ids(client: MlflowClient, run_ids: Iterable[str]) -> Comparison:
     """Exactly the runs given (any experiment)."""
-    return Comparison(_ordered(models_from_runs(client, [client.get_run(r) for r in run_ids])), ["runs"])
+    return Comparison(_ordered(models_from_runs(client, [_get_run(client, r) for r in run_ids])), ["runs"])
+
+
+def _get_run(client: MlflowClient, run_id: str) -> Run:
+    """A given run; an id the store does not know is the user's typo, said in one line (MLflow's
+    own error is a traceback through the store)."""
+    try:
+        return client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code not in UNKNOWN_RUN:
+            raise
+        raise ValueError(f"no MLflow run with id {run_id!r} in {client.tracking_uri}") from None
 
 
 def from_dvc_exps(client: MlflowClient, experiment: str, names: list[str], repo: str | Path = ".") -> Comparison:
@@ -210,7 +228,7 @@ def from_dvc_exps(client: MlflowClient, experiment: str, names: list[str], repo:
     records.update({r["rev"]: r for r in records.values() if r["rev"]})
     models: list[Model] = []
     for name in names:
-        runs = latest_runs(client, experiment, f"tags.dvc_exp = '{name}'")
+        runs = latest_runs(client, experiment, {"dvc_exp": name})
         found = models_from_runs(client, runs, name)
         if not found and name in records:
             found = models_from_metric_files(records[name]["metrics"], name,

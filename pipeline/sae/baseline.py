@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.activations.extract import SparseEncoder
+from pipeline.activations.extract import SparseEncoder, model_fingerprint
 from pipeline.activations.inputs import image_rows, image_set, text_set
 from pipeline.activations.pool import write_sets
 from pipeline.activations.sparse_io import activation_table, sparse_rows, to_csr
@@ -40,7 +40,7 @@ from pipeline.clip.zeroshot import labelled_rows, zero_shot_accuracy
 from pipeline.config import Params
 from pipeline.data.evalsets import zero_shot_label
 from pipeline.data.shards import caption_rows
-from pipeline.io import file_sha256, write_json
+from pipeline.io import write_json
 from pipeline.metrics.evaluate import ActivationSet, evaluate
 from pipeline.sae import (
     SAETrainConfig,
@@ -71,7 +71,7 @@ def training_inputs(params: Params, model_dir: Path, out_dir: Path) -> dict[str,
         eval_keys = {row["key"] for row in image_rows(data_dir, [EVAL_SPLIT])}
         sets["train_tokens"] = image_set(data_dir, cfg.train_splits, keys, kind="residual")
         sets["eval_tokens"] = image_set(data_dir, [EVAL_SPLIT], eval_keys, kind="residual_all")
-    fingerprint = f"{file_sha256(model_dir / 'model.pt')[:16]}-{params.section_hash('sae')}"
+    fingerprint = model_fingerprint(model_dir, ["model.pt"], params.section_hash("sae"), residual)
     write_sets("sae-inputs", sets, out_dir, fingerprint, {"model_dir": str(model_dir.resolve()), "residual": residual},
                params.extract, params.ray.task_cpus, actor=SparseEncoder)
     return {name: out_dir / name for name in sets}
