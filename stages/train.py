@@ -15,6 +15,8 @@ PANELS = [
     ["train/loss", "train/contrastive_loss"],
     ["train/l0_image_pct", "train/l0_text_pct"],
     ["zeroshot/shape/top1", "zeroshot/colour/top1"],
+    ["zeroshot/size/top1", "zeroshot/position/top1", "zeroshot/background/top1", "zeroshot/count/top1",
+     "zeroshot/word/top1"],
     ["train/dead_fraction"],
     ["train/logit_scale"],
     ["val/image_retrieval_r5", "val/text_retrieval_r5"],

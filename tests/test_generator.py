@@ -189,12 +189,17 @@ def test_object_crops():
         crops = object_crops(record, pad=2)
         assert len(crops) == len(record.truth["objects"])
         size = record.truth["image_size"]
+        image = decode(record.jpeg).astype(int)
         for (obj, jpeg), expected in zip(crops, record.truth["objects"]):
             assert obj == expected
+            crop = decode(jpeg).astype(int)
+            assert crop.shape == (size, size, 3)  # the object at its own scale and place
             x0, y0, x1, y1 = obj["bbox"]
-            width = min(x1 + 2, size) - max(x0 - 2, 0)
-            height = min(y1 + 2, size) - max(y0 - 2, 0)
-            assert decode(jpeg).shape == (height, width, 3)
+            inside = np.zeros((size, size), bool)
+            inside[max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2] = True
+            assert np.abs(crop[inside] - image[inside]).mean() < 6  # the box as in the image (JPEG noise)
+            outside = crop[~inside]
+            assert np.abs(outside - np.median(outside, axis=0)).mean() < 6  # one flat colour elsewhere
 
 
 def test_concept_words_are_canonical_and_unique():

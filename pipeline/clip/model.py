@@ -21,6 +21,7 @@ from typing import Any
 
 import open_clip
 import torch
+from open_clip.modified_resnet import ModifiedResNet
 import torch.nn.functional as F
 from torch import nn
 
@@ -127,17 +128,41 @@ class SparseCLIP(nn.Module):
         """
         return self._encode_image(images, keep_tokens=True)
 
+    @property
+    def convolutional(self) -> bool:
+        """True for open_clip's ModifiedResNet tower (``vision_cfg.layers`` a list of 4 stage depths)."""
+        return isinstance(self.clip.visual, ModifiedResNet)
+
     def _encode_image(self, images: torch.Tensor, keep_tokens: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Per-token activations are [B, T, F]: at ViT-L x72 that is 256 x 55,296 per image, so
         # they are computed only when the pooling needs them or the caller asks (heatmaps).
-        visual = self.clip.visual
-        cls_projected, tokens = visual(images)
-        token_features = None
-        if keep_tokens or self.params.pooling == "avg":
-            token_features = self.image_head(tokens @ visual.proj)
+        want_tokens = keep_tokens or self.params.pooling == "avg"
+        pooled, tokens = self._conv_tower(images, want_tokens) if self.convolutional else self._vit_tower(images)
+        token_features = self.image_head(tokens) if want_tokens else None
         if self.params.pooling == "avg":
             return token_features.mean(dim=1), token_features
-        return self.image_head(cls_projected), token_features
+        return self.image_head(pooled), token_features
+
+    def _vit_tower(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(projected CLS token [B, D], projected spatial tokens [B, T, D])."""
+        visual = self.clip.visual
+        cls_projected, tokens = visual(images)
+        return cls_projected, tokens @ visual.proj
+
+    def _conv_tower(self, images: torch.Tensor, want_tokens: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(attention-pooled embedding [B, D], one embedding per position of the last feature map
+        [B, H x W, D] when asked). A position's embedding is the attention pool's value and output
+        projections applied to it alone (MaskCLIP's reading of a CLIP ResNet): the pool's output
+        is an attention-weighted mix of exactly these, so they share its space, and the sparse
+        head reads them as it reads the pooled embedding."""
+        visual = self.clip.visual
+        x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(images)))))
+        pooled = visual.attnpool(x)
+        if not want_tokens:
+            return pooled, None
+        pool = visual.attnpool
+        positions = x.flatten(2).transpose(1, 2) + pool.positional_embedding[1:].to(x.dtype)
+        return pooled, pool.c_proj(pool.v_proj(positions))
 
     def encode_text(self, texts: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.text_head(self.clip.encode_text(texts))
@@ -165,16 +190,33 @@ class SparseCLIP(nn.Module):
 
     @property
     def vision_layers(self) -> int:
-        return len(self.clip.visual.transformer.resblocks)
+        """Blocks of the vision tower whose output :meth:`residual_tokens` can read: a ViT's
+        residual blocks, or a ModifiedResNet's four stages."""
+        return 4 if self.convolutional else len(self.clip.visual.transformer.resblocks)
+
+    def residual_width(self, layer: int) -> int:
+        """The width of :meth:`residual_tokens` after block ``layer``."""
+        if not self.convolutional:
+            return self.clip.visual.transformer.width
+        stages = (self.clip.visual.layer1, self.clip.visual.layer2, self.clip.visual.layer3, self.clip.visual.layer4)
+        return stages[layer][-1].conv3.out_channels
 
     @torch.no_grad()
     def residual_tokens(self, images: torch.Tensor, layer: int) -> torch.Tensor:
-        """[B, T, width] residual stream of the vision tower after block ``layer`` (0-based):
-        the tokens an SAE of the SAE supplementary reads; token 0 is CLS, the rest the patches.
-        Only blocks 0..layer run."""
+        """[B, T, width] tokens of the vision tower after block ``layer`` (0-based): the tokens an
+        SAE of the SAE supplementary reads; token 0 is the CLS token, the rest the patches. Only
+        blocks 0..layer run. A convolutional tower's "block" is a stage, its tokens the positions
+        of that stage's feature map, and its token 0 their mean (what the attention pool queries
+        with, the ResNet's counterpart of CLS)."""
         if not 0 <= layer < self.vision_layers:
             raise ValueError(f"sae.residual_layer={layer}: the vision tower has blocks 0..{self.vision_layers - 1}")
         visual = self.clip.visual
+        if self.convolutional:
+            x = visual.stem(images)
+            for stage in (visual.layer1, visual.layer2, visual.layer3, visual.layer4)[: layer + 1]:
+                x = stage(x)
+            positions = x.flatten(2).transpose(1, 2)
+            return torch.cat([positions.mean(dim=1, keepdim=True), positions], dim=1)
         x = visual._embeds(images)
         transformer = visual.transformer
         if not transformer.batch_first:

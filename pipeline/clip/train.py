@@ -228,10 +228,20 @@ class ProgressLog:
         self.model, self.params, self.total, self.val, self.device = model, train_params, total, val, device
         self.window = SparsityWindow(model.width)
         self.started, self.steps = time.perf_counter(), 0
+        self.trained, self.mark = 0.0, time.perf_counter()  # seconds of training, evaluations excluded
 
     def after_step(self, step: int, losses: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
                    lr: float) -> dict[str, float]:
         """Metrics due at ``step`` (1-based count of steps done); empty when none are."""
+        self.trained += time.perf_counter() - self.mark
+        metrics = self._due(step, losses, outputs, lr)
+        if metrics:
+            metrics["train/seconds"] = self.trained
+        self.mark = time.perf_counter()
+        return metrics
+
+    def _due(self, step: int, losses: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor],
+             lr: float) -> dict[str, float]:
         self.window.update(outputs["image_raw"], outputs["text_raw"])
         self.steps += 1
         metrics: dict[str, float] = {}

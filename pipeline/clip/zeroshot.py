@@ -68,12 +68,20 @@ def labelled_rows(names: Sequence[str | None], classes: Sequence[str]) -> tuple[
 
 def zero_shot_accuracy(features, classifier, labels: Sequence[int], ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Top-k accuracy of cosine-similarity classification of (dense, sparse or torch) features
-    against [C, F] class embeddings."""
+    against [C, F] class embeddings, and ``chance``: what the best constant prediction scores."""
     if isinstance(features, torch.Tensor):
         features = features.detach().float().cpu().numpy()
     if isinstance(classifier, torch.Tensor):
         classifier = classifier.detach().float().cpu().numpy()
-    return accuracy_from_scores(cosine_scores(features, np.asarray(classifier, dtype=np.float64)), labels, ks)
+    scores = cosine_scores(features, np.asarray(classifier, dtype=np.float64))
+    return {**accuracy_from_scores(scores, labels, ks), "chance": constant_accuracy(labels)}
+
+
+def constant_accuracy(labels: Sequence[int]) -> float:
+    """Top-1 accuracy of always answering the most common class: the chance level a task's
+    accuracy must beat (1 / classes only when the classes are balanced)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    return float(counts.max() / counts.sum()) if counts.size else float("nan")
 
 
 def accuracy_from_scores(scores, labels: Sequence[int], ks: Sequence[int] = (1, 5)) -> dict[str, float]:

@@ -164,14 +164,23 @@ def render_record(
 
 
 def object_crops(record: GeneratedRecord, pad: int = 2, jpeg_quality: int = 90) -> list[tuple[dict, bytes]]:
-    """Per object, its truth dict and a JPEG of its padded bbox (for box classification)."""
-    image = Image.open(io.BytesIO(record.jpeg)).convert("RGB")
-    width, height = image.size
+    """Per object, its truth dict and a JPEG of its padded box (for box classification), kept at
+    its own scale and place in a canvas of the image's size, everything outside the box painted
+    the mean colour of the box's border. A box cut out and resized to the model's input would show
+    a 14-px object as a 64-px blob, a scale no training image has; this way the box is classified
+    as the one object of an otherwise empty scene."""
+    pixels = np.asarray(Image.open(io.BytesIO(record.jpeg)).convert("RGB"))
+    height, width, _ = pixels.shape
     crops = []
     for obj in record.truth["objects"]:
         x0, y0, x1, y1 = obj["bbox"]
-        box = (max(x0 - pad, 0), max(y0 - pad, 0), min(x1 + pad, width), min(y1 + pad, height))
-        crops.append((obj, _encode_jpeg(image.crop(box), jpeg_quality)))
+        left, top, right, bottom = max(x0 - pad, 0), max(y0 - pad, 0), min(x1 + pad, width), min(y1 + pad, height)
+        box = pixels[top:bottom, left:right]
+        border = np.concatenate([box[0], box[-1], box[:, 0], box[:, -1]])
+        canvas = np.empty_like(pixels)
+        canvas[:] = border.mean(axis=0).round().astype(np.uint8)
+        canvas[top:bottom, left:right] = box
+        crops.append((obj, _encode_jpeg(Image.fromarray(canvas), jpeg_quality)))
     return crops
 
 
@@ -300,7 +309,7 @@ def _join(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _count_word(n: int) -> str:
+def count_word(n: int) -> str:
     """Spelled-out count ("two"), so captions read naturally; digits beyond ten."""
     return _COUNT_WORDS[n] if n < len(_COUNT_WORDS) else str(n)
 
@@ -317,9 +326,9 @@ def _others_phrase(rng: np.random.Generator, others: list[dict], total: int) -> 
     """Mention the non-main objects: listed, grouped by shape with a count, or only counted."""
     style = int(rng.integers(4))
     if style == 0:
-        return f"and {_count_word(len(others))} other shape" + ("s" if len(others) > 1 else "")
+        return f"and {count_word(len(others))} other shape" + ("s" if len(others) > 1 else "")
     if style == 1:
-        return f"one of {_count_word(total)} shapes"
+        return f"one of {count_word(total)} shapes"
     groups: dict[str, list[dict]] = {}
     for obj in others:
         groups.setdefault(obj["shape"], []).append(obj)
@@ -328,7 +337,7 @@ def _others_phrase(rng: np.random.Generator, others: list[dict], total: int) -> 
         if len(members) == 1:
             items.append(_object_phrase(rng, members[0], size_probability=0.3))
         else:
-            items.append(f"{_count_word(len(members))} {_plural(_pick(rng, SYNONYMS[shape]))}")
+            items.append(f"{count_word(len(members))} {_plural(_pick(rng, SYNONYMS[shape]))}")
     return ("next to " if style == 2 else "with ") + _join(items)
 
 

@@ -98,8 +98,9 @@ class RecoveryReport:
 
     Per concept (arrays of length C): the feature with the best AUROC (-1 when the concept has
     no AUROC), that AUROC, and that feature's best F1 with its threshold. Summary: the means
-    over concepts, and the share of active features that are monosemantic (best concept AUROC
-    >= ``mono_auroc`` and second-best < ``mono_auroc``).
+    over concepts, the share of active features that are monosemantic (best concept AUROC
+    >= ``mono_auroc`` and second-best < ``mono_auroc``), and concept coverage: the share of
+    concepts that some single feature detects at that same bar (:meth:`coverage`).
     """
 
     concept_names: list[str]
@@ -113,6 +114,25 @@ class RecoveryReport:
     n_active_features: int
     mono_auroc: float
 
+    @property
+    def covered(self) -> np.ndarray:
+        """[C] whether some single feature detects the concept (best AUROC >= ``mono_auroc``)."""
+        return np.nan_to_num(self.best_auroc, nan=0.0) >= self.mono_auroc
+
+    def coverage(self) -> dict[str, float]:
+        """Share of concepts covered, overall (``coverage``) and per family (``coverage_<family>``,
+        the part of a "family:value" name before the colon), and the active features per covered
+        concept: the model's width in use set against what it detects."""
+        scored = ~np.isnan(self.best_auroc)
+        out = {"coverage": float(self.covered[scored].mean()) if scored.any() else float("nan")}
+        families = np.array([name.split(":", 1)[0] for name in self.concept_names])
+        for family in dict.fromkeys(families[scored]):
+            members = scored & (families == family)
+            out[f"coverage_{family}"] = float(self.covered[members].mean())
+        covered = int(self.covered.sum())
+        out["active_per_covered_concept"] = self.n_active_features / covered if covered else float("nan")
+        return out
+
     def to_dict(self) -> dict:
         """Flat summary numbers plus a per-concept table (list of dicts), all plain Python
         (NaN stays NaN, as the metric loggers expect floats)."""
@@ -120,13 +140,15 @@ class RecoveryReport:
             "mean_best_auroc": self.mean_best_auroc,
             "mean_best_f1": self.mean_best_f1,
             "monosemantic_fraction": self.monosemantic_fraction,
+            **self.coverage(),
             "n_active_features": self.n_active_features,
             "mono_auroc": self.mono_auroc,
             "concepts": [
-                {"concept": name, "best_feature": int(feature), "auroc": float(auroc), "f1": float(f1),
-                 "threshold": float(threshold)}
-                for name, feature, auroc, f1, threshold in zip(
-                    self.concept_names, self.best_feature, self.best_auroc, self.best_f1, self.best_threshold)
+                {"concept": name, "best_feature": int(feature), "auroc": float(auroc), "covered": bool(covered),
+                 "f1": float(f1), "threshold": float(threshold)}
+                for name, feature, auroc, covered, f1, threshold in zip(
+                    self.concept_names, self.best_feature, self.best_auroc, self.covered, self.best_f1,
+                    self.best_threshold)
             ],
         }
 

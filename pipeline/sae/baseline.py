@@ -227,7 +227,7 @@ def residual_sae(params: Params, model_dir: Path, inputs: dict[str, Path], confi
     from pipeline.clip.model import load_model
 
     cfg = params.sae
-    d_in = load_model(model_dir).clip.visual.transformer.width
+    d_in = load_model(model_dir).residual_width(params.sae.residual_layer)
     sae, history = train_sae(training_data(params, [inputs["train_tokens"]], d_in), config)
     torch.save(sae.state_dict(), Path(cfg.out_dir) / "residual_sae.pt")
     tokens = read_dense([inputs["eval_tokens"]], d_in)
