@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 
+import math
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -363,9 +365,31 @@ def test_concept_recovery_on_planted_features(layout):
     assert report.monosemantic_fraction == pytest.approx(len(selective) / (width - 1))
 
     table = report.to_dict()
-    assert table["concepts"][1] == {"concept": "b", "best_feature": 3, "auroc": 1.0, "f1": 1.0, "threshold": 1.5}
+    assert table["concepts"][1] == {"concept": "b", "best_feature": 3, "auroc": 1.0, "covered": True, "f1": 1.0,
+                                    "threshold": 1.5}
     assert table["mean_best_auroc"] == pytest.approx(report.best_auroc.mean())
     assert table["mean_best_f1"] == pytest.approx(report.best_f1.mean())
+
+
+def test_concept_coverage_counts_concepts_some_single_feature_detects_per_family():
+    """Coverage (issue 28): a concept is covered when its best feature's AUROC reaches the bar;
+    shares overall and per family ("family:value"), and active features per covered concept."""
+    rng = np.random.default_rng(4)
+    n = 300
+    labels = (rng.random((n, 4)) < 0.3).astype(int)
+    a = np.zeros((n, 6))
+    a[:, 0] = labels[:, 0] * 2.0  # shape:circle, perfectly
+    a[:, 1] = labels[:, 2] * 1.0 + (rng.random(n) < 0.05)  # colour:red, nearly (AUROC > 0.9)
+    a[:, 2] = rng.random(n) * (rng.random(n) < 0.5)  # noise: detects nothing
+    names = ["shape:circle", "shape:square", "colour:red", "colour:blue"]
+    report = metrics.concept_recovery(a, labels, names)
+    assert list(report.covered) == [True, False, True, False]
+    coverage = report.to_dict()
+    assert coverage["coverage"] == 0.5 and coverage["coverage_shape"] == 0.5 and coverage["coverage_colour"] == 0.5
+    assert coverage["active_per_covered_concept"] == report.n_active_features / 2 == 1.5
+    assert [c["covered"] for c in coverage["concepts"]] == [True, False, True, False]
+    nothing = metrics.concept_recovery(np.zeros((n, 3)), labels, names).to_dict()
+    assert nothing["coverage"] == 0.0 and math.isnan(nothing["active_per_covered_concept"])
 
 
 def test_training_window_reports_what_the_metrics_compute_on_the_same_rows():
