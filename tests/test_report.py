@@ -27,12 +27,14 @@ from .conftest import REPO
 METRICS = {  # what the metrics stage logs, per variant (keys of metrics/<variant>.json)
     "dense": {"width": 64, "image.l0": 64.0, "image.l0_pct": 100.0, "text.l0": 64.0, "image.active_fraction": 1.0,
               "image.dead_fraction": 0.0, "clarity": 0.49, "clarity_baseline": 0.485, "modality.multimodal": 0.97,
-              "zeroshot.shape.top1": 0.128, "zeroshot.shape.top5": 0.66, "zeroshot.colour.top1": 0.793,
+              "zeroshot.shape.top1": 0.128, "zeroshot.shape.top5": 0.66, "zeroshot.shape.chance": 0.136,
+              "zeroshot.colour.top1": 0.793, "zeroshot.colour.chance": 0.132,
               "zeroshot.colour.top5": 0.997, "zeroshot.box_classification.top1": 0.111,
               "retrieval.image_retrieval_r1": 0.092, "retrieval.text_retrieval_r5": 0.249},
     "sparse": {"width": 2048, "image.l0": 921.4, "image.l0_pct": 45.0, "text.l0": 940.7, "image.active_fraction": 0.998,
                "image.dead_fraction": 0.0015, "clarity": 0.493, "clarity_baseline": 0.485, "modality.multimodal": 0.967,
-               "zeroshot.shape.top1": 0.1257, "zeroshot.shape.top5": 0.628, "zeroshot.colour.top1": 0.801,
+               "zeroshot.shape.top1": 0.1257, "zeroshot.shape.top5": 0.628, "zeroshot.shape.chance": 0.136,
+               "zeroshot.colour.top1": 0.801, "zeroshot.colour.chance": 0.132,
                "zeroshot.colour.top5": 0.992, "zeroshot.box_classification.top1": 0.118,
                "retrieval.image_retrieval_r1": 0.071, "retrieval.text_retrieval_r5": 0.251},
 }
@@ -96,9 +98,9 @@ def test_tables_from_the_latest_finished_run_of_each_stage(pipeline_runs):
     assert sparse.curves["train/l0_image_pct"] == [(1, 55.0), (2, 50.0), (3, 45.0), (4, 40.0)]
 
     tables = build_tables(comparison)
-    assert table(tables, "zeroshot").header == ["model", "shape top-1", "shape top-5", "colour top-1", "colour top-5"]
-    assert table(tables, "zeroshot").rows == [["dense", "12.8", "66.0", "79.3", "99.7"],
-                                              ["sparse", "12.6", "62.8", "80.1", "99.2"]]
+    assert table(tables, "zeroshot").header == ["model", "shape top-1", "shape chance", "colour top-1", "colour chance"]
+    assert table(tables, "zeroshot").rows == [["dense", "12.8", "13.6", "79.3", "13.2"],
+                                              ["sparse", "12.6", "13.6", "80.1", "13.2"]]
     box = table(tables, "box_retrieval").rows
     assert box[1][:2] == ["sparse", "11.8"] and box[1][3] == "7.1"
     sparsity = {row[0]: row for row in table(tables, "sparsity").rows}
@@ -135,7 +137,7 @@ def test_report_files_and_the_report_stage_run(pipeline_runs, workdir):
     params, _ = pipeline_runs
     report_main(["--params", str(REPO / "params.yaml"), "--out-dir", "out"])
     md = (workdir / "out" / "comparison.md").read_text()
-    assert "## Tab 1 · Zero-shot classification" in md and "| sparse | 12.6 | 62.8 | 80.1 | 99.2 |" in md
+    assert "## Tab 1 · Zero-shot classification" in md and "| sparse | 12.6 | 13.6 | 80.1 | 13.2 |" in md
     assert "![l0](curves_l0.png)" in md
     html = (workdir / "out" / "comparison.html").read_text()
     assert "<h2 id='sparsity'>" in html and "cdn" not in html.lower()

@@ -250,7 +250,8 @@ def test_generated_sample_and_eval_sets(ray_local, tmp_path):
     assert sum(manifest["records_by_split"].values()) == 150
     summary = manifest["eval_sets"]
     tasks = load_zero_shot_tasks(tmp_path / "out")
-    assert set(tasks) == {"shape", "colour"} and "circle" in tasks["shape"]["classes"]
+    assert set(tasks) == {"shape", "colour", "size", "position", "background", "count", "word"}
+    assert "circle" in tasks["shape"]["classes"] and tasks["count"]["classes"] == ["one", "two", "three"]
     test_records = list(read_split(tmp_path / "out", "test"))
     assert summary["retrieval"]["test"] == len(test_records)
     n_objects = sum(len(r.meta["truth"]["objects"]) for r in test_records)
