@@ -55,3 +55,23 @@ def test_sparsity_tradeoff_overrides_are_read_as_dvc_reads_them():
                    "sample.out_dir": "data/flickr8k"}
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         parse_overrides(["train.epochs"])
+
+
+def test_the_linear_probe_reads_a_family_the_embedding_holds_and_not_one_it_lacks():
+    """benchmarks/linear_probe.py: embeddings that encode the main shape are probed near 1, noise
+    near chance (8 shapes), so the probe tells the image side's content from the text side's."""
+    import numpy as np
+
+    from benchmarks.linear_probe import probe
+    from pipeline.data.concepts import SHAPES
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int, informative: bool):
+        shapes = rng.integers(len(SHAPES), size=n)
+        rows = rng.normal(size=(n, 16)) + (np.eye(len(SHAPES), 16)[shapes] * 4 if informative else 0)
+        metas = [{"truth": {"main": 0, "objects": [{"shape": SHAPES[s]}]}} for s in shapes]
+        return rows, metas
+
+    assert probe(split(400, True), split(200, True), "shape") > 0.9
+    assert probe(split(400, False), split(400, False), "shape") < 0.3
