@@ -4,7 +4,6 @@ and scipy.sparse inputs alike."""
 from __future__ import annotations
 
 import itertools
-
 import math
 
 import numpy as np

@@ -15,8 +15,16 @@ import pytest
 import yaml
 
 from pipeline.config import OUTPUT_ROOTS_ENV, ParamsError, load_params
-from pipeline.io import (OWNER_MARKER, BusyError, UnsafeOutputError, check_output_dir, claim_output_dir,
-                         exclusive_lock, remove_output_dir, staged_output_dir)
+from pipeline.io import (
+    OWNER_MARKER,
+    BusyError,
+    UnsafeOutputError,
+    check_output_dir,
+    claim_output_dir,
+    exclusive_lock,
+    remove_output_dir,
+    staged_output_dir,
+)
 
 from .conftest import REPO
 from .test_dvc import set_params
