@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from pipeline.data.records import IMAGE_DECODE_ERRORS
 from pipeline.data.shards import index_rows, present_splits, split_paths
 from pipeline.fingerprint import inputs_fingerprint
 
@@ -164,10 +165,7 @@ def _image_bytes(path: str) -> bytes | None:
         with Image.open(io.BytesIO(data)) as image:
             image.draft("RGB", (1, 1))
             image.load()
-    except UnidentifiedImageError:
-        log.warning("labelled folder: skipped %s: not an image file", path)
-        return None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # as records.validate
+    except IMAGE_DECODE_ERRORS as err:  # what the sample stage counts as a corrupt image
         log.warning("labelled folder: skipped %s: unreadable image (%s: %s)", path, type(err).__name__, err)
         return None
     return data

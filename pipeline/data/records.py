@@ -59,6 +59,11 @@ class Skip:
     origin: str
 
 
+# What Pillow raises on bytes that are not a whole, sane image: every reader of user images
+# catches exactly these (a corrupt file is counted and skipped, never a traceback).
+IMAGE_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def validate(raw: RawRecord, *, min_side: int, max_aspect: float, require_sidecar: bool) -> Record | Skip:
     """Check that the image decodes and is sane, the caption is present, the sidecar readable."""
 
@@ -73,7 +78,7 @@ def validate(raw: RawRecord, *, min_side: int, max_aspect: float, require_sideca
             width, height = image.size
             image_format = image.format
             rgb = image.convert("RGB") if image_format != "JPEG" else None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except IMAGE_DECODE_ERRORS as err:
         return skip(SkipReason.IMAGE_CORRUPT, f"{type(err).__name__}: {err}")
     if min(width, height) < min_side:
         return skip(SkipReason.IMAGE_TOO_SMALL, f"{width}x{height} < {min_side} px")

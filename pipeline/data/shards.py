@@ -76,10 +76,10 @@ def read_shard(tar_path: str | Path) -> Iterator[Record]:
 
 
 def split_shards(out_dir: str | Path, split: str) -> list[Path]:
-    """The tar shards of one split, sorted: the ones the sample's manifest lists, each checked
-    against the manifest's sha256 (a shard on disk that it does not list is stale, an error
-    naming it), or every ``shard-*.tar`` of a folder without a manifest. A missing split folder
-    or listed shard is an error naming it.
+    """The tar shards of one split, sorted: the ones the sample's manifest lists, each checked,
+    with its parquet index, against the manifest's sha256 (a shard on disk that it does not list
+    is stale, an error naming it), or every ``shard-*.tar`` of a folder without a manifest. A
+    missing split folder or listed shard is an error naming it.
 
     Every reader of the sample lists its shards here, so none can read a truncated or edited
     shard: the check lives where the files are found, not in each stage that remembers it."""
@@ -98,6 +98,8 @@ def split_shards(out_dir: str | Path, split: str) -> list[Path]:
                          "left from another sample; re-run the sample stage into a fresh folder")
     for entry in entries:
         _check_hash(out_dir, entry)
+        if "index_sha256" in entry:  # its parquet index too (older manifests have no hash of it)
+            _check_hash(out_dir, {"path": index_name(entry["path"]), "sha256": entry["index_sha256"]})
     return shards
 
 
@@ -196,18 +198,8 @@ def index_rows(data_dir: str | Path, splits: Iterable[str]) -> Iterator[tuple[st
     from the shard indexes (no image is read) of the verified shards of :func:`split_shards`."""
     for split in present_splits(data_dir, splits):
         for shard in split_shards(data_dir, split):
-            for row in pq.read_table(shard_index(data_dir, shard), columns=["key", "group", "caption"]).to_pylist():
+            for row in pq.read_table(shard.with_suffix(".parquet"), columns=["key", "group", "caption"]).to_pylist():
                 yield split, shard, row
-
-
-def shard_index(out_dir: str | Path, shard: Path) -> Path:
-    """A listed shard's parquet index, checked against the manifest's ``index_sha256`` (older
-    manifests have none): the captions and keys read from it are the shard's, byte for byte."""
-    listed = shard.relative_to(Path(out_dir)).as_posix()
-    for entry in manifest_shards(out_dir) or []:
-        if entry["path"] == listed and "index_sha256" in entry:
-            _check_hash(out_dir, {"path": index_name(listed), "sha256": entry["index_sha256"]})
-    return shard.with_suffix(".parquet")
 
 
 def index_name(shard: str) -> str:
