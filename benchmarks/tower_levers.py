@@ -43,8 +43,9 @@ SETTINGS: dict[str, dict] = {
 
 
 def measure(name: str, overrides: dict, params_path: str, arrays: dict, val: dict, steps: int | None,
-            eval_every: int, base_overrides: dict) -> dict:
-    """Train one setting; its curves (step, training seconds, each family's top-1, R@1)."""
+            eval_every: int, base_overrides: dict, batches=None) -> dict:
+    """Train one setting; its curves (step, training seconds, each family's top-1, R@1).
+    ``batches``: the epoch's batch order (:func:`pipeline.clip.train.train_in_process`'s hook)."""
     from pipeline.clip.train import train_in_process
     from pipeline.config import load_params
 
@@ -53,7 +54,7 @@ def measure(name: str, overrides: dict, params_path: str, arrays: dict, val: dic
     params = load_params(params_path, overrides={**base_overrides, **overrides, "train.eval_every": eval_every})
     train = params.train
     steps = steps or (len(arrays["text"]) // train.global_batch_size) * train.epochs
-    _, curves = train_in_process(train.model_for(variant), train, arrays, val, steps, seed=0)
+    _, curves = train_in_process(train.model_for(variant), train, arrays, val, steps, seed=0, batches=batches)
     points = [{"step": step, "seconds": round(m["train/seconds"], 1), "loss": m.get("train/loss"),
                **{f: m.get(f"zeroshot/{f}/top1") for f in FAMILIES}, "image_r1": m.get("val/image_retrieval_r1"),
                "l0_image_pct": m.get("train/l0_image_pct")}

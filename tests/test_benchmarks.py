@@ -75,3 +75,36 @@ def test_the_linear_probe_reads_a_family_the_embedding_holds_and_not_one_it_lack
 
     assert probe(split(400, True), split(200, True), "shape") > 0.9
     assert probe(split(400, False), split(400, False), "shape") < 0.3
+
+
+def test_hard_negative_batches_hold_the_pairs_they_promise():
+    """Half of the batches come from one group (every row shares the key), the rest span groups;
+    rows within a batch are distinct and the image and caption of a row stay paired."""
+    import torch
+
+    from benchmarks.learning_levers import hard_negative_batches
+
+    keys = [(row % 4,) for row in range(400)]
+    data = {"image": torch.arange(400).float()[:, None], "text": torch.arange(400)}
+    batches = list(hard_negative_batches(keys, share=0.5)(data, 32, seed=3))
+    assert len(batches) == 400 // 32
+    single_group = 0
+    for batch in batches:
+        rows = batch["text"].tolist()
+        assert len(set(rows)) == 32 and batch["image"][:, 0].long().tolist() == rows
+        single_group += len({row % 4 for row in rows}) == 1
+    assert 2 <= single_group <= 10  # ~half of 12; a uniform batch of 32 from 4 groups is never one group
+    with pytest.raises(ValueError, match="no group"):
+        next(hard_negative_batches(keys, share=0.5)(data, 128, seed=0))
+
+
+def test_lever_captions_come_from_the_ground_truth():
+    from benchmarks.learning_levers import canonical_caption, main_only_caption
+    from pipeline.data.generator import render_record
+
+    truth = next(r.truth for i in range(50) if len((r := render_record(i, 0)).truth["objects"]) == 2 and r.truth["word"])
+    main, other = truth["objects"]
+    assert main_only_caption(truth) == f"a {main['colour']} {main['shape']}"
+    caption = canonical_caption(truth)
+    assert caption.startswith(f"a {main['size']} {main['colour']} {main['shape']} {main['position']} with ")
+    assert f"{other['colour']} {other['shape']}" in caption and caption.endswith(truth["word"]["text"])

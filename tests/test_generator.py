@@ -80,10 +80,19 @@ def test_truth_is_json_serialisable_and_well_formed():
         assert len(set(colours)) == len(colours)
 
 
-def test_main_object_is_largest():
+def test_main_object_is_strictly_largest():
+    """The caption names the main object; an image shows which one that is only if no other
+    object is as large (a tie would make the main shape and colour a coin toss for any model)."""
     for record in records():
         sides = [SIZES[obj["size"]] for obj in record.truth["objects"]]
-        assert sides[0] == max(sides)
+        assert all(side < sides[0] for side in sides[1:]), record.truth["objects"]
+
+
+def test_every_size_and_count_still_drawn():
+    mains = {record.truth["objects"][0]["size"] for record in records()}
+    counts = {len(record.truth["objects"]) for record in records()}
+    others = {obj["size"] for record in records() for obj in record.truth["objects"][1:]}
+    assert mains == set(SIZES) and counts == {1, 2, 3} and others == {"small", "medium"}
 
 
 def boxes_of(truth: dict) -> list[list[int]]:

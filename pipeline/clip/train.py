@@ -28,7 +28,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import islice
@@ -568,10 +568,14 @@ def remove_abandoned_runs(storage: Path, variant: str, keep: str) -> list[Path]:
 
 def train_in_process(model_params: ModelParams, train_params: TrainParams, data: dict[str, np.ndarray],
                      val: dict[str, Any] | None, steps: int, seed: int,
-                     device: torch.device = torch.device("cpu")) -> tuple[SparseCLIP, dict[int, dict[str, float]]]:
+                     device: torch.device = torch.device("cpu"), batches: Callable[..., Iterator[dict]] | None = None,
+                     ) -> tuple[SparseCLIP, dict[int, dict[str, float]]]:
     """The same recipe as the Ray Train workers (:class:`RecipeStep`, :class:`ProgressLog`), in this
     process on in-memory arrays, for ``steps`` steps of ``train_params.global_batch_size``: what the
-    ablation sweep runs many times side by side. Returns the model and its logged curves."""
+    ablation sweep runs many times side by side. ``batches(data, batch_size, seed)`` yields one
+    epoch of batches (default :func:`shuffled_batches`; a benchmark may compose its own, e.g. hard
+    negatives). Returns the model and its logged curves."""
+    batches = batches or shuffled_batches
     torch.manual_seed(seed)
     model = build_model(model_params).to(device)
     optimizer = make_optimizer(model, train_params.optim)
@@ -586,7 +590,7 @@ def train_in_process(model_params: ModelParams, train_params: TrainParams, data:
     curves: dict[int, dict[str, float]] = {}
     step, epoch = 0, 0
     while step < steps:
-        for batch in shuffled_batches(tensors, train_params.global_batch_size, seed * 100_003 + epoch):
+        for batch in batches(tensors, train_params.global_batch_size, seed * 100_003 + epoch):
             losses, outputs, lr = train_step(batch, step)
             step += 1
             if metrics := progress.after_step(step, losses, outputs, lr):

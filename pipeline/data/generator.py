@@ -241,10 +241,17 @@ def _free_spot(rng: np.random.Generator, width: int, height: int, image_size: in
 
 def _place_objects(rng: np.random.Generator, image_size: int,
                    max_objects: int) -> list[tuple[int, int, int, str]]:
-    """Choose (x, y, side, size name) cells, largest first; drop any that do not fit."""
+    """Choose (x, y, side, size name) cells, the main object first; drop any that do not fit.
+
+    The main object (the one every caption names) is strictly the largest, so an image alone says
+    which object its caption describes: with sizes drawn independently, 16% of images had a second
+    object as large as the main one, and no model could tell which of the two the caption meant.
+    With company, the main object is medium or large and the others are drawn from the smaller sizes."""
     count = int(rng.integers(1, max_objects + 1))
-    names = list(SIZES)
-    chosen = sorted((_pick(rng, names) for _ in range(count)), key=lambda n: -SIZES[n])
+    names = sorted(SIZES, key=lambda n: SIZES[n])
+    main = _pick(rng, names if count == 1 else names[1:])
+    smaller = names[: names.index(main)]
+    chosen = [main, *sorted((_pick(rng, smaller) for _ in range(count - 1)), key=lambda n: -SIZES[n])]
     cells: list[tuple[int, int, int, str]] = []
     for size in chosen:
         side = max(6, round(SIZES[size] * image_size))
