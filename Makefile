@@ -2,6 +2,8 @@
 #   make pipeline   run every stage (dvc repro) on the embedded default data
 #   make test       run the test suite CI runs (all but the two multi-minute `slow` science tests)
 #   make test-all   the whole suite, `slow` included (~15 min on 2 cores)
+#   make pipeline-long  the embedded pipeline trained 9x longer (deploy/params.long.yaml) in its own
+#                   workspace beside this one ($(LONG_WORKSPACE)); about 45 minutes on 2 cores
 #   make ablation   the paper's Fig 2a-c sweep (ablation/dvc.yaml; about an hour on 2 cores)
 # Both create and install .venv first when it is missing or stale.
 SHELL := /bin/bash
@@ -9,13 +11,18 @@ VENV ?= .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 ENV := source scripts/env.sh &&
 
-.PHONY: setup pipeline test test-all ablation
+LONG_WORKSPACE ?= $(CURDIR)-long
+
+.PHONY: setup pipeline pipeline-long test test-all ablation
 
 setup:
 	@bash scripts/setup.sh
 
 pipeline: setup
 	@$(ENV) python -m pipeline.shared_cluster dvc repro  # every stage joins one local Ray cluster
+
+pipeline-long: setup
+	@$(ENV) python -m pipeline.job --workspace $(LONG_WORKSPACE) --params-override deploy/params.long.yaml
 
 test: setup
 	@$(ENV) python -m pytest -m "not slow" $(PYTEST_ARGS)

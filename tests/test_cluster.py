@@ -385,3 +385,16 @@ def test_a_stage_that_starts_its_own_cluster_listens_on_loopback_only():
     assert "RayTrainWorker" in names, listeners  # ... and the training's workers, group up
     exposed = [entry for entry in listeners if entry["address"] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
     assert not exposed, exposed
+
+
+def test_long_params_train_every_model_nine_times_longer_with_the_papers_heads():
+    """deploy/params.long.yaml (`make pipeline-long`) merges into params.yaml as a valid file: the
+    embedded data and models, 18 epochs instead of 2, the paper's neutral heads, caps that keep
+    Sparse+ sparser than Sparse."""
+    base = load_params(REPO / "params.yaml")
+    long = load_params(REPO / "params.yaml", read_override(REPO / "deploy" / "params.long.yaml"))
+    assert long.sample == base.sample and long.train.model.inline == base.train.model.inline
+    assert long.train.epochs == 9 * base.train.epochs and set(long.train.variants) == set(base.train.variants)
+    assert long.train.optim.neutral_heads and long.train.model.head_bias_init is None
+    caps = {name: long.train.model_for(name).logit_scale_cap for name in long.train.variants}
+    assert caps["sparse_plus"] < caps["sparse"] and long.train.model_for("sparse_avg").pooling == "avg"
