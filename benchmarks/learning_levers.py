@@ -17,14 +17,13 @@ Prints one row per setting and writes ``benchmarks/results/learning_levers[_<tag
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from benchmarks.sparsity_tradeoff import parse_overrides, selected, settings_parser
-from benchmarks.tower_levers import FAMILIES, RESULTS, chance_levels, measure, plot
+from benchmarks.tower_levers import chance_levels, measure, print_row, write_results
 
 
 def main_only_caption(truth: dict) -> str:
@@ -137,14 +136,8 @@ def main() -> None:
     for name, setting in selected(SETTINGS, args.only).items():
         row = run_setting(name, setting, args, arrays, truths, val, overrides)
         rows.append(row)
-        final = row["final"]
-        print(f"{name:56s} {row['steps']} steps {final['seconds']:5.0f} s  " + "  ".join(
-            f"{f} {final[f]:.2f}" for f in FAMILIES) + f"  R@1 {final['image_r1'] or float('nan'):.3f}", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    suffix = f"_{args.tag}" if args.tag else ""
-    payload = {"chance": chance, "val_images": len(val["texts"]), "threads": args.threads, "settings": rows}
-    (RESULTS / f"learning_levers{suffix}.json").write_text(json.dumps(payload, indent=1))
-    plot(rows, chance, RESULTS / f"learning_levers{suffix}.png")
+        print_row(row, width=56)
+    write_results("learning_levers", rows, chance, val, args.threads, args.tag)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,22 @@ def plot(rows: list[dict], chance: dict[str, float], path: Path) -> None:
     save_figure(fig, path)
 
 
+def print_row(row: dict, width: int) -> None:
+    """One setting's final numbers on one line."""
+    final = row["final"]
+    print(f"{row['setting']:{width}s} {row['steps']} steps {final['seconds']:5.0f} s  " + "  ".join(
+        f"{f} {final[f]:.2f}" for f in FAMILIES) + f"  R@1 {final['image_r1'] or float('nan'):.3f}", flush=True)
+
+
+def write_results(stem: str, rows: list[dict], chance: dict, val: dict, threads: int, tag: str | None) -> None:
+    """``benchmarks/results/<stem>[_<tag>].json`` and its curves' PNG."""
+    RESULTS.mkdir(exist_ok=True)
+    suffix = f"_{tag}" if tag else ""
+    payload = {"chance": chance, "val_images": len(val["texts"]), "threads": threads, "settings": rows}
+    (RESULTS / f"{stem}{suffix}.json").write_text(json.dumps(payload, indent=1))
+    plot(rows, chance, RESULTS / f"{stem}{suffix}.png")
+
+
 def main() -> None:
     import torch
 
@@ -117,14 +133,8 @@ def main() -> None:
     for name, setting in selected(SETTINGS, args.only).items():
         row = measure(name, setting, args.params, arrays, val, args.steps, args.eval_every, overrides)
         rows.append(row)
-        final = row["final"]
-        print(f"{name:46s} {row['steps']} steps {final['seconds']:5.0f} s  " + "  ".join(
-            f"{f} {final[f]:.2f}" for f in FAMILIES) + f"  R@1 {final['image_r1'] or float('nan'):.3f}", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    suffix = f"_{args.tag}" if args.tag else ""
-    payload = {"chance": chance, "val_images": len(val["texts"]), "threads": args.threads, "settings": rows}
-    (RESULTS / f"tower_levers{suffix}.json").write_text(json.dumps(payload, indent=1))
-    plot(rows, chance, RESULTS / f"tower_levers{suffix}.png")
+        print_row(row, width=46)
+    write_results("tower_levers", rows, chance, val, args.threads, args.tag)
 
 
 if __name__ == "__main__":
