@@ -452,7 +452,7 @@ class AtlasParams(Section):
 class VLMParams(WorkerGroupParams):
     """The VLM on a frozen encoder (paper §4): adapter + LM, two-stage training, QA evaluation."""
 
-    variants: list[str] = Field(["sparse", "dense"], min_length=1, description="encoders to build a VLM on")
+    variants: list[str] = Field(["sparse_plus", "dense"], min_length=1, description="encoders to build a VLM on")
     language_model: str = Field("smollm2-135m-instruct", description="smollm2-135m-instruct (packaged) or a local "
                                 "Hugging Face model folder, e.g. Llama-3.1-8B-Instruct")
     lm_cache: SharedDir = Field(".cache/lm", description="where the packaged GGUF model is converted to, once")
@@ -478,13 +478,13 @@ class VLMParams(WorkerGroupParams):
 class SteerParams(Section):
     """Steering evaluation (Fig 8b): suppress the true label's features, boost another label's."""
 
-    variant: str = Field("sparse", description="whose VLM is steered (one of vlm.variants)")
+    variant: str = Field("sparse_plus", description="whose VLM is steered (one of vlm.variants; the paper's: Sparse+)")
     question_types: list[Literal["subject", "colour", "count", "text"]] = Field(
         ["colour", "subject"], min_length=1, description="questions asked, each steered on its own answers as "
         "labels (subject: the paper's question)")
-    ks: list[int] = Field([16, 32], min_length=1, description="features per concept word (K)")
+    ks: list[int] = Field([1, 2, 4, 16], min_length=1, description="features per concept word (K)")
     strengths: list[float] = Field([2.0, 5.0], min_length=1, description="steering strengths (SS)")
-    images: int = Field(48, ge=1, description="test images")
+    images: int = Field(96, ge=1, description="test images (each cell's rates carry a 95% interval)")
     max_new_tokens: int = Field(24, ge=1, description="tokens every steering answer may run to: several times "
                                 "vlm.max_new_tokens, so that abnormally long (corrupted) answers can show")
     max_words: int | None = Field(None, ge=1, description="an answer with more words is corrupted; None: the "
@@ -502,6 +502,9 @@ class ReportParams(Section):
     dvc_exps: list[str] = Field(default_factory=list, description="DVC experiments to compare instead "
                                 "(names or revs; their stage runs carry the tag dvc_exp)")
     out_dir: OutputDir = "reports/comparison"
+    claims_file: OutputDir = Field("reports/claims.json", description="the verdicts on the paper's claims of the "
+                                   "first source compared, as a DVC metrics file (`dvc metrics diff` shows a flip); "
+                                   "outside metrics/, which the report reads as a whole")
 
     @model_validator(mode="after")
     def _one_source(self) -> ReportParams:

@@ -66,6 +66,15 @@ def test_summary_is_the_seed_mean_and_std_and_checks_read_the_trends():
     assert checks["2c_l0_rises_with_cap_spearman"] == pytest.approx(1.0)
 
 
+def test_caps_that_never_bind_tie_and_ties_are_averaged_not_ranked_by_position():
+    """Caps 15-100 that the learned scale never reaches give one L0: tied ranks, not a trend."""
+    results = [fake_result("scale", "learnable", cap, 0, l0, 0.5)
+               for cap, l0 in [(5, 2.0), (10, 4.0), (15, 6.0), (20, 6.0), (50, 6.0), (100, 6.0)]]
+    rho = trend_checks(summarise(results))["2c_l0_rises_with_cap_spearman"]
+    caps_ranks, l0_ranks = np.arange(1, 7), np.array([1, 2, 4.5, 4.5, 4.5, 4.5])
+    assert rho == pytest.approx(np.corrcoef(caps_ranks, l0_ranks)[0, 1]) and rho < 0.9
+
+
 def test_ablation_stage_trains_every_point_and_the_report_shows_it(workdir, ray_local):
     """The real sweep: Ray tasks, the recipe's training step, figures, MLflow, the report."""
     from stages.ablation import main as ablation_main
@@ -101,9 +110,10 @@ def test_ablation_stage_trains_every_point_and_the_report_shows_it(workdir, ray_
     metrics = json.loads((workdir / "plots" / "ablation.json").read_text())
     assert "expansion.relu.4.l0_image_pct" in metrics and "2c_l0_rises_with_cap_spearman" in metrics
 
-    table, figures = fetch_ablation(MlflowClient(tracking_uri()), params.project.experiment, workdir / "report")
-    assert table is not None and len(table.rows) == 2 * 2 + 2 + 2
-    assert {p.name for p in figures.values()} == {"ablation_fig2a_expansion.png", "ablation_fig2b_activation.png",
+    ablation = fetch_ablation(MlflowClient(tracking_uri()), params.project.experiment, workdir / "report")
+    assert ablation.table is not None and len(ablation.table.rows) == 2 * 2 + 2 + 2
+    assert ablation.checks["2c_l0_rises_with_cap_spearman"] == metrics["2c_l0_rises_with_cap_spearman"]
+    assert {p.name for p in ablation.figures.values()} == {"ablation_fig2a_expansion.png", "ablation_fig2b_activation.png",
                                                   "ablation_fig2c_scale.png"}
 
 

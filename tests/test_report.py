@@ -139,6 +139,10 @@ def test_report_files_and_the_report_stage_run(pipeline_runs, workdir):
     md = (workdir / "out" / "comparison.md").read_text()
     assert "## Tab 1 · Zero-shot classification" in md and "| sparse | 12.6 | 13.6 | 80.1 | 13.2 |" in md
     assert "![l0](curves_l0.png)" in md
+    assert md.index("## Claims of the paper, measured") < md.index("## Tab 1")  # the verdicts come first
+    claims = json.loads((workdir / "reports" / "claims.json").read_text())  # report.claims_file, for DVC
+    assert claims["tab1_zero_shot_parity"]["verdict"] == "holds"  # shape 12.6 vs 12.8, colour 80.1 vs 79.3: +0.3
+    assert claims == json.loads((workdir / "out" / "claims.json").read_text())["run"]
     html = (workdir / "out" / "comparison.html").read_text()
     assert "<h2 id='sparsity'>" in html and "cdn" not in html.lower()
     assert {p.name for p in (workdir / "out").glob("curves_*.png")} == {"curves_l0.png", "curves_loss.png",
@@ -147,6 +151,9 @@ def test_report_files_and_the_report_stage_run(pipeline_runs, workdir):
     exp = client.get_experiment_by_name(params.project.experiment).experiment_id
     [run] = client.search_runs([exp], "tags.stage = 'report'")
     assert run.info.status == "FINISHED" and "Tab 3a" in run.data.tags["mlflow.note.content"]
+    verdicts = [c["verdict"] for c in claims.values()]
+    assert run.data.metrics["claims.holds"] == verdicts.count("holds") > 0
+    assert sum(v for k, v in run.data.metrics.items() if k.startswith("claims.")) == len(claims)
     assert len(json.loads(run.data.tags["report.run_ids"])) == 8  # the old and the failed run are not in it
     assert {a.path for a in client.list_artifacts(run.info.run_id, "outputs/out")} >= {"outputs/out/comparison.md"}
     report_main(["--params", str(REPO / "params.yaml"), "--out-dir", "out2", "--no-mlflow"])
@@ -159,7 +166,7 @@ def test_metrics_files_as_dvc_exp_show_reports_them():
              "metrics/sample.json": {"records_written": 4000},
              "metrics/atlas.json": {"sparse": {"pointing": {"accuracy": 0.325}}},
              "metrics/vlm.json": {"sparse": {"colour.exact": 0.59}}, "metrics/steering.json": {"baseline.sim_true": 0.85}}
-    models = {m.name: m for m in models_from_metric_files(files, "exp-1")}
+    models = {m.name: m for m in models_from_metric_files(files, "exp-1", steer_variant="sparse")}
     assert set(models) == {"sparse", "sae", "sae_multimodal"}
     assert models["sae_multimodal"].value("metrics", "image.l0") == 25.0
     sparse = models["sparse"]

@@ -4,8 +4,10 @@ answer loss, QA pairs from ground truth; on a tiny Llama with SmolLM2's real tok
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,6 +97,21 @@ def test_corruption_is_an_abnormally_long_or_empty_answer():
     assert _scores(answers, ["red"] * 4, ["blue"] * 4, 2)["corruption"] == 0.5
 
 
+def test_interval_of_a_rate_and_of_a_mean_against_their_closed_forms():
+    from pipeline.vlm.steering import mean_interval, wilson_interval
+
+    z = 1.959964
+    for hits, n in [(0, 10), (5, 10), (9, 96)]:
+        p = hits / n
+        centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * math.sqrt(
+            p * (1 - p) / n + z * z / (4 * n * n))
+        assert wilson_interval(np.array([True] * hits + [False] * (n - hits))) == pytest.approx(
+            (centre - half, centre + half), abs=1e-6)
+    values = np.array([0.2, 0.4, 0.6, 0.8])
+    half = 3.182446 * values.std(ddof=1) / 2  # t(0.975, 3 degrees of freedom) x s / sqrt(4)
+    assert mean_interval(values) == pytest.approx((0.5 - half, 0.5 + half), abs=1e-6)
+
+
 def test_steering_reports_corruption_when_edits_make_answers_long(monkeypatch, tmp_path):
     """The protocol end to end on a stand-in VLM whose answers run on under named edits: the
     corruption rate is measured (not 0 by construction), beside the random-edit control, and
@@ -117,6 +134,9 @@ def test_steering_reports_corruption_when_edits_make_answers_long(monkeypatch, t
     assert result["corruption_words"] == 1
     assert result["grid"]["k4_ss5"]["corruption"] == 0.5 and result["grid"]["k4_ss5"]["random.corruption"] == 0.0
     assert result["grid"]["k1_ss2"]["corruption"] == 0.0
+    cell = result["grid"]["k4_ss5"]  # 2 of 4 corrupted: Wilson's interval, not the normal one's
+    assert (cell["corruption_lo95"], cell["corruption_hi95"]) == pytest.approx((0.1500, 0.8500), abs=1e-4)
+    assert cell["random.corruption_hi95"] == pytest.approx(0.4899, abs=1e-4)  # 0 of 4: the upper bound is not 0
     png = steering.fig8b({"colour": result, "subject": result}, tmp_path / "fig8b.png")
     assert png.is_file() and png.stat().st_size > 10_000
 

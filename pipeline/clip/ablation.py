@@ -218,8 +218,11 @@ def _mean(row: dict[str, Any], key: str) -> float:
 
 
 def _spearman(x: list[float], y: list[float]) -> float:
-    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    return float(np.corrcoef(rx, ry)[0, 1])
+    """Spearman's rank correlation with tied values given their average rank: caps that never
+    bind give equal L0s, and breaking those ties by position would invent a trend."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
 
 
 # --------------------------------------------------------------------------- figures

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,16 @@ from mlflow.tracking import MlflowClient
 from pipeline.report.tables import Table, fmt
 
 ARTIFACTS = "outputs/plots/ablation"
+
+
+@dataclass
+class Ablation:
+    """What the report shows of the ablation run: its table, its figures (copied beside the report)
+    and its trend checks (the Fig 2 claims' evidence)."""
+
+    table: Table | None = None
+    figures: dict[str, Path] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
 
 
 def latest_ablation_run(client: MlflowClient, experiment: str):
@@ -30,25 +41,26 @@ def latest_ablation_run(client: MlflowClient, experiment: str):
     return runs[0] if runs else None
 
 
-def fetch_ablation(client: MlflowClient, experiment: str, out_dir: str | Path) -> tuple[Table | None, dict[str, Path]]:
-    """The ablation table and its figures copied into ``out_dir``; (None, {}) when no run exists."""
+def fetch_ablation(client: MlflowClient, experiment: str, out_dir: str | Path) -> Ablation:
+    """The latest ablation run's table, figures (copied into ``out_dir``) and checks; an empty
+    :class:`Ablation` when no run exists."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("ablation_*.png"):
         stale.unlink()
     run = latest_ablation_run(client, experiment)
     if run is None:
-        return None, {}
+        return Ablation()
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = Path(client.download_artifacts(run.info.run_id, ARTIFACTS, tmp))
         except Exception:  # an ablation run without the artifacts (e.g. logged elsewhere): leave it out
-            return None, {}
+            return Ablation()
         figures = {}
         for png in sorted(local.glob("fig2*.png")):
             figures[f"ablation_{png.stem}"] = Path(shutil.copy(png, out_dir / f"ablation_{png.name}"))
         points = json.loads((local / "points.json").read_text()) if (local / "points.json").is_file() else {}
-    return ablation_table(points, run.info.run_id), figures
+    return Ablation(ablation_table(points, run.info.run_id), figures, dict(points.get("checks", {})))
 
 
 def ablation_table(points: dict[str, Any], run_id: str) -> Table:

@@ -147,7 +147,7 @@ def _curves(client: MlflowClient, run: Run) -> dict[str, list[tuple[int, float]]
 # --------------------------------------------------------------------------- metrics files (dvc exp show)
 
 
-def models_from_metric_files(files: Mapping[str, Mapping], source: str, steer_variant: str = "sparse") -> list[Model]:
+def models_from_metric_files(files: Mapping[str, Mapping], source: str, steer_variant: str = "sparse_plus") -> list[Model]:
     """Rows from the pipeline's metrics files, as ``dvc exp show --json`` reports them."""
     models: dict[str, Model] = {}
 
@@ -232,7 +232,7 @@ def from_dvc_exps(client: MlflowClient, experiment: str, names: list[str], repo:
         found = models_from_runs(client, runs, name)
         if not found and name in records:
             found = models_from_metric_files(records[name]["metrics"], name,
-                                             records[name]["params"].get("steer.variant", "sparse"))
+                                             records[name]["params"].get("steer.variant", "sparse_plus"))
         if not found and name not in records:
             raise ValueError(f"no DVC experiment or MLflow runs named {name!r} (see `dvc exp show`)")
         models.extend(found)

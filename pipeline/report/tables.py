@@ -157,6 +157,13 @@ STEER_COLUMNS = [("sim to true", "sim_true", "num"), ("sim to boosted", "sim_boo
                  ("p (named > random)", "p_named_beats_random", "p")]
 
 
+def _with_interval(metrics: dict[str, float], key: str, kind: str) -> str:
+    """A value with its 95% interval in brackets, where the stage measured one."""
+    low, high = metrics.get(f"{key}_lo95"), metrics.get(f"{key}_hi95")
+    shown = fmt(metrics.get(key), kind)
+    return shown if low is None or high is None else f"{shown} [{fmt(low, kind)}, {fmt(high, kind)}]"
+
+
 def steering(models: list[Model]) -> Table:
     rows = []
     for model in models:
@@ -176,9 +183,10 @@ def steering(models: list[Model]) -> Table:
                 at = f"{prefix}grid.{point}"
                 rows.append([model.label, question or MISSING, fmt(metrics.get(f"{at}.k"), "int"),
                              f"{metrics.get(f'{at}.strength', float('nan')):g}",
-                             *(fmt(metrics.get(f"{at}.{key}"), kind) for _, key, kind in STEER_COLUMNS)])
+                             *(_with_interval(metrics, f"{at}.{key}", kind) for _, key, kind in STEER_COLUMNS)])
     return Table("steering", "Steering (Fig 8b)", "Answers after suppressing the true label's top-K text features "
-                 "and boosting another label's at strength SS, against random edits of the same size; corrupted: "
+                 "and boosting another label's at strength SS (95% intervals in brackets), against random edits of the "
+                 "same size; corrupted: "
                  "empty or longer than the unedited answers' 99th percentile; p: paired sign test that named edits "
                  "give the boosted label on more images than random ones.",
                  ["model", "question", "K", "SS", *(h for h, _, _ in STEER_COLUMNS)], rows)

@@ -65,7 +65,7 @@ class Steerer:
 
 
 def steer(image, suppress: Sequence[str] = (), boost: Sequence[str] = (), k: int = 1, strength: float = 2.0,
-          question: str = QUESTIONS["subject"], vlm_dir: str | Path = "vlm/sparse") -> str:
+          question: str = QUESTIONS["subject"], vlm_dir: str | Path = "vlm/sparse_plus") -> str:
     """One-call API: load the VLM in ``vlm_dir`` and answer with the edit applied."""
     from pipeline.vlm.train import load_vlm
 
@@ -144,13 +144,40 @@ def _named_vs_random(named: Sequence[str], control: Sequence[str], boosted: Sequ
 
 
 def _scores(answers: Sequence[str], labels: Sequence[str], boosted: Sequence[str], max_words: int) -> dict[str, float]:
-    return {
-        "sim_true": float(np.mean(sbert_similarity(answers, labels))),
-        "sim_boosted": float(np.mean(sbert_similarity(answers, boosted))),
-        "true_rate": float(np.mean([normalise(a) == x for a, x in zip(answers, labels)])),
-        "boosted_rate": float(np.mean([normalise(a) == x for a, x in zip(answers, boosted)])),
-        "corruption": float(np.mean([corrupted(a, max_words) for a in answers])),
+    """The cell's means, each with its 95% interval (``<name>_lo95`` / ``<name>_hi95``): Wilson's for
+    the rates, the normal one for the mean similarities."""
+    per_image = {
+        "sim_true": np.asarray(sbert_similarity(answers, labels), dtype=float),
+        "sim_boosted": np.asarray(sbert_similarity(answers, boosted), dtype=float),
+        "true_rate": np.array([normalise(a) == x for a, x in zip(answers, labels)]),
+        "boosted_rate": np.array([normalise(a) == x for a, x in zip(answers, boosted)]),
+        "corruption": np.array([corrupted(a, max_words) for a in answers]),
     }
+    out: dict[str, float] = {}
+    for name, values in per_image.items():
+        low, high = wilson_interval(values) if values.dtype == bool else mean_interval(values)
+        out.update({name: float(values.mean()), f"{name}_lo95": low, f"{name}_hi95": high})
+    return out
+
+
+def wilson_interval(hits: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson's score interval of a rate: sensible at 0 and 1 hits, where the normal one collapses."""
+    from scipy.stats import binomtest
+
+    if len(hits) == 0:
+        return math.nan, math.nan
+    ci = binomtest(int(hits.sum()), len(hits)).proportion_ci(confidence, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def mean_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The t interval of a mean over images."""
+    from scipy.stats import t
+
+    if len(values) < 2:
+        return math.nan, math.nan
+    half = float(t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+    return float(values.mean()) - half, float(values.mean()) + half
 
 
 def run_steering(params: Params, vlm_dir: Path, plot_dir: Path) -> tuple[dict[str, Any], str]:
@@ -201,17 +228,19 @@ def fig8b(results: dict[str, dict[str, Any]], path: Path) -> Path:
         for row, (metric, label) in enumerate(rows):
             ax = axes[row, col]
             for i, strength in enumerate(strengths):
-                line = sorted((g["k"], g[metric], g[f"random.{metric}"]) for g in points if g["strength"] == strength)
-                ks, named, control = zip(*line)
+                line = sorted((g["k"], g[metric], g[f"random.{metric}"], g.get(f"{metric}_lo95", np.nan),
+                               g.get(f"{metric}_hi95", np.nan)) for g in points if g["strength"] == strength)
+                ks, named, control, low, high = zip(*line)
                 colour = f"C{i}"
                 ax.plot(ks, named, marker="o", color=colour, label=f"SS {strength:g}")
+                ax.fill_between(ks, low, high, color=colour, alpha=0.15, lw=0)
                 ax.plot(ks, control, ls="--", color=colour, alpha=0.7)
             ax.axhline(result["baseline"][metric], color="grey", ls=":", lw=1)
             ax.set_xscale("log", base=2)
             ax.grid(alpha=0.3)
             ax.set_ylabel(label)
             if row == 0:
-                ax.set_title(f"{question} (dashed: random edits; dotted: unedited)", fontsize=9)
+                ax.set_title(f"{question} (band: 95% interval; dashed: random edits; dotted: unedited)", fontsize=8)
         axes[-1, col].set_xlabel("K (features per concept)")
         axes[0, col].legend(fontsize=7)
     return save_figure(fig, path, "Steering (Fig 8b)")
@@ -230,7 +259,7 @@ def qualitative_table(results: dict[str, dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.vlm.steering", description=__doc__)
     parser.add_argument("image", help="an image file")
-    parser.add_argument("--vlm", default="vlm/sparse", help="a trained VLM folder (the vlm stage's output)")
+    parser.add_argument("--vlm", default="vlm/sparse_plus", help="a trained VLM folder (the vlm stage's output)")
     parser.add_argument("--question", default=QUESTIONS["subject"])
     parser.add_argument("--suppress", nargs="*", default=[], help="concept words to suppress")
     parser.add_argument("--boost", nargs="*", default=[], help="concept words to boost")
