@@ -417,6 +417,9 @@ class SAEParams(Section):
                                        "tokens after this block (0-based; the SAE supplementary's setting); None: off")
     tokens_per_image: int = Field(4, ge=1, description="random patch tokens per training image (the supplementary: 4)")
     include_cls: bool = Field(True, description="add each training image's CLS token to its patch tokens")
+    cls_layer: int | None = Field(-2, description="also train the paper's SAE baseline: an SAE on the CLS token of the "
+                                  "vision tower after this block (Prisma's cls@11 of 12 blocks: -2, the last but one; "
+                                  "negative counts from the end), measured with the variants' metrics; None: off")
     outlier_quantile: float = Field(0.99, gt=0, lt=1, description="outlier rows: norm above this quantile of "
                                     "the evaluated rows' norms (the supplementary picks its tau from that distribution)")
     cache_data: bool = Field(True, description="read the training embeddings once (false: stream every epoch)")

@@ -141,7 +141,7 @@ def test_sae_baselines_on_the_dense_model(extracted, workdir):
         "vocab.out_dir": str(root / "vocab"), "sae.out_dir": str(workdir / "sae"),
         "sae.expansion": 4, "sae.k": 4, "sae.epochs": 5, "sae.batch_size": 32, "sae.aux_k": 8,
         "sae.train_splits": ["train"], "extract.actors": 2,
-        "sae.multimodal": True, "sae.residual_layer": 0, "sae.tokens_per_image": 3,
+        "sae.multimodal": True, "sae.residual_layer": 0, "sae.tokens_per_image": 3, "sae.cls_layer": -1,
     })
     result, histories = run_sae_baseline(params, workdir / "plots")
     assert result["width"] == 4 * models["dense"][1]["width"]
@@ -169,6 +169,14 @@ def test_sae_baselines_on_the_dense_model(extracted, workdir):
     assert residual["reconstruction"]["all.n"] == n_eval * grid and residual["reconstruction"]["outlier.n"] >= 1
     assert 0 <= residual["reconstruction"]["all.fvu"] < 1.5
     assert histories["multimodal"][-1]["step"] == histories["residual"][-1]["step"] == history[-1]["step"]
+
+    cls = result["cls"]  # Prisma's cls@11 of 12: the CLS token after the last-but-one block, scored as a variant
+    n_measured = len(image_rows(root / "data", params.extract.splits))
+    assert cls["layer"] == 0 and cls["d_in"] == 32  # the micro ViT has 1 block: -1 is block 0
+    assert cls["reconstruction"]["all.n"] == n_measured and 0 <= cls["reconstruction"]["all.fvu"] < 1.5
+    assert cls["width"] == 4 * 32 and 0 < cls["image"]["l0"] <= cls["width"]  # sae.expansion x the block width
+    assert 0 <= cls["clarity"] <= 1 and "recovery" in cls
+    assert not {"text", "modality", "retrieval", "cscore"} & set(cls)  # no text side to score
     curves = training_curves(histories)
     assert {"fvu", "multimodal.fvu", "residual.fvu"} <= set().union(*curves.values())
 
@@ -204,8 +212,9 @@ def test_residual_rows_are_the_blocks_output_at_a_per_key_draw_of_tokens(tmp_pat
     model.clip.visual.transformer.resblocks[0].register_forward_hook(lambda m, i, o: hooked.__setitem__("x", o))
     model.encode_image(images)
     torch.testing.assert_close(model.residual_tokens(images, 0), hooked["x"])
-    with pytest.raises(ValueError, match="residual_layer=2"):
+    with pytest.raises(ValueError, match="vision block 2: the vision tower has blocks 0..1"):
         model.residual_tokens(images, 2)
+    torch.testing.assert_close(model.residual_tokens(images, -2), hooked["x"])  # from the end: the last but one
 
     encoder = SparseEncoder(str(tmp_path / "dense"),
                             residual={"layer": 1, "tokens_per_image": 3, "include_cls": True, "seed": 0})
@@ -229,6 +238,14 @@ def test_residual_rows_are_the_blocks_output_at_a_per_key_draw_of_tokens(tmp_pat
     stream = model.residual_tokens(pixels, 1)
     expected = torch.stack([stream[i // 4, t] for i, t in enumerate(tokens)]).numpy()
     np.testing.assert_allclose(to_csr(table, 32).toarray(), expected, rtol=1e-5, atol=1e-6)
+
+    cls_encoder = SparseEncoder(str(tmp_path / "dense"), residual={"cls_layer": -2})
+    batch["kind"] = np.asarray(["residual_cls"] * 2, dtype=object)
+    batch["meta"] = np.asarray(['{"a": 1}', '{"a": 2}'], dtype=object)
+    table = cls_encoder(batch)  # one row per image, its meta kept: the CLS token after block 0 (of 2)
+    assert table.column("key").to_pylist() == ["x", "y"] and table.column("meta").to_pylist() == ['{"a": 1}', '{"a": 2}']
+    np.testing.assert_allclose(to_csr(table, 32).toarray(), model.residual_tokens(pixels, 0)[:, 0].numpy(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_topk_cuts_of_labels_and_of_images_against_brute_force():

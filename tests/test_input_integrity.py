@@ -90,7 +90,8 @@ def read_extract(data: Path, params, out: Path):
 def read_sae(data: Path, params, out: Path):
     from pipeline.sae.baseline import training_inputs
 
-    sae = params.sae.model_copy(update={"train_splits": ["test"], "multimodal": False, "residual_layer": None})
+    sae = params.sae.model_copy(update={"train_splits": ["test"], "multimodal": False, "residual_layer": None,
+                                        "cls_layer": None})
     return training_inputs(params.model_copy(update={"sae": sae}), home(params) / "model", out)
 
 

@@ -18,7 +18,7 @@ from pipeline.report.sources import (
     from_run_ids,
     models_from_metric_files,
 )
-from pipeline.report.tables import build_tables
+from pipeline.report.tables import build_tables, scale_at_cap
 from pipeline.tracking import stage_run, tracking_uri
 from stages.report import main as report_main
 
@@ -57,9 +57,11 @@ def pipeline_runs(workdir):
     for variant, cap in (("dense", 100), ("sparse", 50)):
         expansion = 0 if variant == "dense" else 32
         curve = {s: {"train/loss": 5 / s, "train/l0_image_pct": 100.0 if variant == "dense" else 60 - 5 * s,
+                     "train/logit_scale": min(cap, 14.3 * s ** 1.5),
                      **({"zeroshot/shape/top1": 0.1 * s} if s % 2 == 0 else {})} for s in (1, 2, 3, 4)}
         ids[f"train-{variant}"] = log_run(params, "train", variant, curve=curve, section={"model": {
-            "arch": None, "expansion": expansion, "activation": "relu", "pooling": "cls", "logit_scale_cap": cap}})
+            "arch": None, "expansion": expansion, "activation": "relu", "pooling": "cls", "logit_scale_cap": cap,
+            "init_logit_scale": 2.6592, "head_bias_init": -0.5}, "optim": {"head_lr_multiplier": 10.0, "lr": 1e-3}})
         ids[f"metrics-{variant}"] = log_run(params, "metrics", variant, METRICS[variant])
     log_run(params, "sae", "dense", {"width": 2048, "image.l0": 22.5, "clarity": 0.525, "reconstruction.all.fvu": 0.117,
                                      "zeroshot_reconstruction.shape.dense.top1": 0.128,
@@ -118,7 +120,14 @@ def test_tables_from_the_latest_finished_run_of_each_stage(pipeline_runs):
     assert [row[1:4] for row in steering] == [["colour", "none", "–"], ["colour", "4", "2"], ["colour", "16", "5"],
                                               ["subject", "4", "2"]]
     assert [row[-1] for row in steering] == ["–", "–", "2e-06", "–"] and steering[-1][7] == "25.0"
-    assert table(tables, "models").rows[1] == ["sparse", "inline", "32", "relu", "cls", "50", "2048"]
+    assert table(tables, "models").rows[1] == ["sparse", "inline", "32", "relu", "cls", "50", "2048", "step 3",
+                                               "head_bias_init=-0.5, head_lr_multiplier=10.0"]
+    dense, sparse = comparison.models[0], comparison.models[4]
+    assert scale_at_cap(dense) == "step 4"  # 14.3 s^1.5 passes 100 at the 4th step
+    sparse.params["model.init_logit_scale"] = "None"  # null: the scale starts at its cap
+    assert scale_at_cap(sparse) == "step 0 (starts at the cap)"
+    sparse.params.update({"model.init_logit_scale": "2.6592", "model.logit_scale_cap": "8"})  # exp(2.66) = 14.3 > 8
+    assert scale_at_cap(sparse) == "step 0 (starts at the cap)"
 
 
 def test_sections_without_runs_are_left_out_and_given_runs_are_compared(pipeline_runs):
@@ -146,7 +155,7 @@ def test_report_files_and_the_report_stage_run(pipeline_runs, workdir):
     html = (workdir / "out" / "comparison.html").read_text()
     assert "<h2 id='sparsity'>" in html and "cdn" not in html.lower()
     assert {p.name for p in (workdir / "out").glob("curves_*.png")} == {"curves_l0.png", "curves_loss.png",
-                                                                        "curves_zeroshot.png"}
+                                                                        "curves_scale.png", "curves_zeroshot.png"}
     client = MlflowClient(tracking_uri())
     exp = client.get_experiment_by_name(params.project.experiment).experiment_id
     [run] = client.search_runs([exp], "tags.stage = 'report'")

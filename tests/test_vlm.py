@@ -279,6 +279,7 @@ def test_ray_train_vlm_on_two_workers_and_steering_api(extracted, ray_local, wor
         "sample.out_dir": str(root / "data"), "train.out_dir": str(root / "models"),
         "train.variants": {"sparse": {}, "dense": {"expansion": 0, "activation": "none"}},
         "sae.source_variant": "dense", "atlas.variants": ["sparse"], "atlas.heatmap_models": [],
+        "vlm.variants": ["sparse"], "steer.variant": "sparse",
         "vlm.stage1_steps": 2, "vlm.stage2_steps": 2, "vlm.batch_size": 4, "vlm.num_workers": 2,
         "vlm.threads_per_worker": 1, "vlm.lm_layers": 1, "vlm.lm_cache": str(REPO / ".cache" / "lm"),
         "vlm.out_dir": str(workdir / "vlm"), "ray.storage_path": str(workdir / "ray_results"),
@@ -327,7 +328,8 @@ def test_on_embedded_data_the_vlm_answers_above_chance_and_named_boosts_beat_ran
         "sample.source.generator.num_records": 2400, "sample.out_dir": str(workdir / "data"),
         "train.variants": {"sparse": {"logit_scale_cap": 50}}, "train.epochs": 4,
         "train.out_dir": str(workdir / "models"), "ray.storage_path": str(workdir / "ray_results"),
-        "sae.source_variant": "sparse", "vlm.variants": ["sparse"], "vlm.question_types": ["subject", "colour"],
+        "sae.source_variant": "sparse", "vlm.variants": ["sparse"], "steer.variant": "sparse",
+        "vlm.question_types": ["subject", "colour"],
         "vlm.stage1_steps": 40, "vlm.stage2_steps": 40,
         # the setting this test's thresholds were measured in: 60 steps of 128, the paper's recipe
         "train.global_batch_size": 128, "sample.splits": {"train": 0.8, "val": 0.1, "test": 0.1},

@@ -15,7 +15,8 @@ TINY_RUN = {
     "train.model.inline": {**MICRO, "text_cfg": {**MICRO["text_cfg"], "vocab_size": 49408}},
     "train.model.expansion": 8,
     "train.variants": {"sparse": {"logit_scale_cap": 50}},
-    "sae.source_variant": "sparse", "vlm.variants": ["sparse"],
+    "sae.source_variant": "sparse", "vlm.variants": ["sparse"], "steer.variant": "sparse",
+    "sae.cls_layer": -1,  # the micro ViT's one block (the default, -2, is the last but one)
     "train.global_batch_size": 32,
     "train.epochs": 3,
     "train.optim": {"lr": 0.002, "warmup_steps": 2},

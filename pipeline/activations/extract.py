@@ -92,6 +92,8 @@ class SparseEncoder:
             images = torch.as_tensor(np.stack([self.preprocess.image(b) for b in batch["jpg"]]), device=self.device)
             if kind == "image":
                 features = model.encode_image(images)
+            elif kind == "residual_cls":  # one row per image, as "image" rows: the CLS token of a block
+                features = model.residual_tokens(images, self._residual("cls_layer"))[:, 0]
             else:
                 per_token = (model.encode_image_tokens(images)[1] if kind == "tokens"
                              else model.residual_tokens(images, self._residual("layer")))

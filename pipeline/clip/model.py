@@ -194,8 +194,17 @@ class SparseCLIP(nn.Module):
         residual blocks, or a ModifiedResNet's four stages."""
         return 4 if self.convolutional else len(self.clip.visual.transformer.resblocks)
 
+    def block_index(self, layer: int) -> int:
+        """A block given from the start (0-based) or from the end (-1: the last), as an index
+        from the start; a block the tower does not have is an error naming the range."""
+        if not -self.vision_layers <= layer < self.vision_layers:
+            raise ValueError(f"vision block {layer}: the vision tower has blocks 0..{self.vision_layers - 1} "
+                             f"(or -{self.vision_layers}..-1 from the end)")
+        return layer % self.vision_layers
+
     def residual_width(self, layer: int) -> int:
         """The width of :meth:`residual_tokens` after block ``layer``."""
+        layer = self.block_index(layer)
         if not self.convolutional:
             return self.clip.visual.transformer.width
         stages = (self.clip.visual.layer1, self.clip.visual.layer2, self.clip.visual.layer3, self.clip.visual.layer4)
@@ -205,11 +214,10 @@ class SparseCLIP(nn.Module):
     def residual_tokens(self, images: torch.Tensor, layer: int) -> torch.Tensor:
         """[B, T, width] tokens of the vision tower after block ``layer`` (0-based): the tokens an
         SAE of the SAE supplementary reads; token 0 is the CLS token, the rest the patches. Only
-        blocks 0..layer run. A convolutional tower's "block" is a stage, its tokens the positions
+        blocks 0..layer run; a negative ``layer`` counts from the end. A convolutional tower's "block" is a stage, its tokens the positions
         of that stage's feature map, and its token 0 their mean (what the attention pool queries
         with, the ResNet's counterpart of CLS)."""
-        if not 0 <= layer < self.vision_layers:
-            raise ValueError(f"sae.residual_layer={layer}: the vision tower has blocks 0..{self.vision_layers - 1}")
+        layer = self.block_index(layer)
         visual = self.clip.visual
         if self.convolutional:
             x = visual.stem(images)

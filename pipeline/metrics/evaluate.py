@@ -79,17 +79,19 @@ def evaluate(act_dir: str | Path, reference_dir: str | Path, vocab_dir: str | Pa
 def _evaluate(acts: ActivationSet, reference_dir, vocab_dir, params: MetricsParams, plot_dir: Path, title: str,
               modality: bool) -> dict[str, Any]:
     images_meta, images = acts.load("images")
-    texts_meta, texts = acts.load("texts")
     result: dict[str, Any] = {"width": acts.width}
     result["image"] = M.sparsity_summary(images, n_min=params.n_min)
-    result["text"] = M.sparsity_summary(texts, n_min=params.n_min)
     result.update(clarity_metrics(images_meta, images, reference_dir, params))
-    if modality:
-        result["modality"] = modality_metrics(images, texts, plot_dir / "modality.png", title)
     if acts.has("prompts"):
         result["zeroshot"] = zero_shot_metrics(acts, images_meta, images, params, plot_dir / "topk.png", title)
-    result["retrieval"] = retrieval_metrics(images_meta, images, texts_meta, texts)
-    result["cscore"] = cscore_metrics(acts, vocab_dir, params, plot_dir / "cscore.png", title)
+    if acts.has("texts"):  # a vision-only model (an SAE of a vision block) has image metrics alone
+        texts_meta, texts = acts.load("texts")
+        result["text"] = M.sparsity_summary(texts, n_min=params.n_min)
+        if modality:
+            result["modality"] = modality_metrics(images, texts, plot_dir / "modality.png", title)
+        result["retrieval"] = retrieval_metrics(images_meta, images, texts_meta, texts)
+    if acts.has("vocab"):
+        result["cscore"] = cscore_metrics(acts, vocab_dir, params, plot_dir / "cscore.png", title)
     recovery = concept_recovery_metrics(images_meta, images, params)
     if recovery:
         result["recovery"] = recovery

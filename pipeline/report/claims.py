@@ -27,7 +27,7 @@ from pipeline.report.tables import Table
 HOLDS, FAILS, UNMEASURABLE = "holds", "does not hold", "not measurable here"
 SPARSE = ("sparse", "sparse_plus")  # the paper's ViT-L/14 Sparse (cap 50) and Sparse+ (cap 40)
 PAPER_MODEL = "sparse_plus"  # the paper's interpretability analyses use Sparse+ (§3.1)
-SAES = ("sae", "sae_multimodal", "sae_residual")
+SAES = ("sae", "sae_multimodal", "sae_cls")  # the SAEs Tab 3a scores: final embedding, multimodal, CLS@late block
 PARITY_POINTS = 1.0  # "on par": the paper calls the post-hoc SAE's 1-2 point loss a failure to match
 
 

@@ -28,7 +28,7 @@ CURVE_PREFIXES = ("train/l0_image_pct", "train/l0_text_pct", "train/loss", "trai
                   "train/logit_scale", "zeroshot/", "val/")
 SKIPPED_STAGES = {"report", "sample", "vocab", "reference", "extract"}
 SAE = "sae"
-SAE_KINDS = ("multimodal", "residual")  # the SAE stage's other SAEs, keys <kind>.*
+SAE_KINDS = ("multimodal", "cls", "residual")  # the SAE stage's other SAEs, keys <kind>.*
 UNKNOWN_RUN = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}  # MLflow's codes for a bad run id
 
 
@@ -103,7 +103,7 @@ def models_from_runs(client: MlflowClient, runs: Iterable[Run], source: str = ""
             model = models.setdefault(key, Model(key[0], name))
             _add(model, stage, metrics, run.info.run_id)
             if stage == "train":
-                model.params.update({k: v for k, v in run.data.params.items() if k.startswith("model.")})
+                model.params.update({k: v for k, v in run.data.params.items() if k.startswith(("model.", "optim."))})
                 model.curves.update(_curves(client, run))
     return list(models.values())
 

@@ -9,6 +9,11 @@ Three SAEs on the dense baseline, all with the SAE supplementary's recipe (Batch
   its modality is not scored (on captions it would only measure how it misreads them).
 * **multimodal** (Papadimitriou et al., whom the paper contrasts in §3.1): image and caption
   embeddings together, so Tab 3a's "multimodal %" compares like with like.
+* **cls** (the paper's own baseline, Prisma's ``cls@11`` of 12 blocks, with ``sae.cls_layer``): the CLS
+  token of the vision tower after a late block (the last but one by default), one row per image.
+  Its codes of the evaluated images are written in the variants' layout, so it gets their image
+  metrics (L0, active features, Clarity, concept recovery); it has no text side, so no text L0,
+  modality, retrieval or C-score.
 * **residual** (the supplementary's own setting, with ``sae.residual_layer``): the vision tower's
   residual stream after one block, a few random patch tokens plus CLS per training image;
   reconstruction (FVU, cosine, L0) measured on every token of the evaluation images and on the
@@ -56,7 +61,9 @@ EVAL_SPLIT = "test"  # the token SAE is measured on every token of these images
 def training_inputs(params: Params, model_dir: Path, out_dir: Path) -> dict[str, Path]:
     """Every SAE's inputs from the dense model, in one Ray Data run (resumable per set), as Parquet:
     ``train_inputs`` (image embeddings of ``sae.train_splits``), ``train_texts`` (their captions',
-    for the multimodal SAE) and, with ``sae.residual_layer``, ``train_tokens`` (sampled residual
+    for the multimodal SAE), with ``sae.cls_layer``, ``train_cls`` and ``eval_cls`` (the CLS token of
+    that block for the training images and for the images the variants are measured on) and, with
+    ``sae.residual_layer``, ``train_tokens`` (sampled residual
     tokens) and ``eval_tokens`` (every residual token of the test images: 65 rows per image, so
     the test split alone gives tens of thousands)."""
     cfg, data_dir = params.sae, Path(params.sample.out_dir).resolve()
@@ -65,16 +72,34 @@ def training_inputs(params: Params, model_dir: Path, out_dir: Path) -> dict[str,
     if cfg.multimodal:
         sets["train_texts"] = text_set(caption_rows(data_dir, cfg.train_splits))
     residual = None
-    if cfg.residual_layer is not None:
+    if cfg.residual_layer is not None or cfg.cls_layer is not None:
         residual = {"layer": cfg.residual_layer, "tokens_per_image": cfg.tokens_per_image,
-                    "include_cls": cfg.include_cls, "seed": params.project.seed}
+                    "include_cls": cfg.include_cls, "seed": params.project.seed,
+                    "cls_layer": cls_block(cfg.cls_layer, model_dir)}
+    if cfg.residual_layer is not None:
         eval_keys = {row["key"] for row in image_rows(data_dir, [EVAL_SPLIT])}
         sets["train_tokens"] = image_set(data_dir, cfg.train_splits, keys, kind="residual")
         sets["eval_tokens"] = image_set(data_dir, [EVAL_SPLIT], eval_keys, kind="residual_all")
+    if cfg.cls_layer is not None:  # the images every variant is measured on, and the training images
+        measured = {row["key"] for row in image_rows(data_dir, params.extract.splits)}
+        sets["train_cls"] = image_set(data_dir, cfg.train_splits, keys, kind="residual_cls")
+        sets["eval_cls"] = image_set(data_dir, params.extract.splits, measured, kind="residual_cls")
     fingerprint = model_fingerprint(model_dir, ["model.pt"], params.section_hash("sae"), residual)
     write_sets("sae-inputs", sets, out_dir, fingerprint, {"model_dir": str(model_dir.resolve()), "residual": residual},
                params.extract, params.ray.task_cpus, actor=SparseEncoder)
     return {name: out_dir / name for name in sets}
+
+
+def cls_block(layer: int | None, model_dir: Path) -> int | None:
+    """``sae.cls_layer`` as a block index of the source model, checked before any extraction."""
+    from pipeline.clip.model import load_model
+
+    if layer is None:
+        return None
+    try:
+        return load_model(model_dir).block_index(layer)
+    except ValueError as err:
+        raise ValueError(f"sae.cls_layer={layer}: {err}") from None
 
 
 def stream_dense(paths: list[Path], width: int, batch_size: int = 4096):
@@ -196,9 +221,47 @@ def run_sae_baseline(params: Params, plot_dir: Path) -> tuple[dict[str, Any], di
     same_steps = dataclasses.replace(config, steps=histories["image"][-1]["step"])  # as many rows seen
     if cfg.multimodal:
         result["multimodal"], histories["multimodal"] = multimodal_sae(params, source, inputs, same_steps, plot_dir)
+    if cfg.cls_layer is not None:
+        result["cls"], histories["cls"] = cls_sae(params, model_dir, inputs, same_steps, plot_dir)
     if cfg.residual_layer is not None:
         result["residual"], histories["residual"] = residual_sae(params, model_dir, inputs, same_steps)
     return result, histories
+
+
+def cls_sae(params: Params, model_dir: Path, inputs: dict[str, Path], config: SAETrainConfig, plot_dir: Path
+            ) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """The paper's SAE baseline (Prisma cls@11): trained on the training images' CLS tokens of a
+    late block, then its codes of the measured images scored by :func:`evaluate` as a variant's
+    image side is, plus its reconstruction of those CLS tokens."""
+    from pipeline.clip.model import load_model
+
+    cfg = params.sae
+    model = load_model(model_dir)
+    layer, d_in = model.block_index(cfg.cls_layer), model.residual_width(cfg.cls_layer)
+    sae, history = train_sae(training_data(params, [inputs["train_cls"]], d_in), config)
+    out_dir = Path(cfg.out_dir) / "cls"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(sae.state_dict(), out_dir / "sae.pt")
+    meta = pq.read_table(inputs["eval_cls"], columns=["key", "group", "split", "meta"]).sort_by("key")
+    tokens = read_dense([inputs["eval_cls"]], d_in)  # the same (key) order
+    write_image_codes(sae, meta, tokens, out_dir)
+    result = evaluate(out_dir, params.reference.out_dir, params.vocab.out_dir, params.metrics, plot_dir / "cls",
+                      title="cls sae", modality=False)
+    result.update({"layer": layer, "d_in": d_in,
+                   "reconstruction": reconstruction_report(sae.cpu(), tokens.float(), quantile=cfg.outlier_quantile)})
+    return result, history
+
+
+@torch.no_grad()
+def write_image_codes(sae: SparseAutoencoder, meta, inputs: torch.Tensor, out_dir: Path) -> None:
+    """SAE codes of image rows as an activation set of images only (no texts, vocabulary or prompts)."""
+    codes = sae.cpu().eval().encode(inputs.float())
+    table = activation_table({c: meta.column(c).to_pylist() for c in meta.column_names}, *sparse_rows(codes),
+                             sae.W_dec.shape[0])
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out_dir / "images" / "part-0.parquet")
+    write_json(out_dir / "manifest.json", {"width": int(sae.W_dec.shape[0]), "rows": {"images": table.num_rows},
+                                           "zero_shot_tasks": {}})
 
 
 def multimodal_sae(params: Params, source: ActivationSet, inputs: dict[str, Path], config: SAETrainConfig,
