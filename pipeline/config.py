@@ -530,7 +530,12 @@ class AblationParams(Section):
     expansion_activations: list[Literal["relu", "none"]] = Field(["relu", "none"], description="Fig 2a: lines")
     activations: list[Literal["relu", "topk", "l1"]] = Field(["relu", "topk", "l1"],
                                                              description="Fig 2b: sparsity methods; [] skips it")
-    scale_caps: list[float] = Field([5, 10, 15, 20, 30, 50, 100], description="Fig 2c: logit scale caps; [] skips it")
+    scale_caps: list[float] = Field([2, 4, 6, 8, 10, 12, 100], description="Fig 2c: logit scale caps; [] skips "
+                                    "it (pick caps that bind: a cap above the scale the run learns changes nothing)")
+    recipes: list[Literal["paper", "embedded"]] = Field(
+        ["paper", "embedded"], min_length=1, description="the knobs every point trains with, each its own line: "
+        "paper (heads at torch's init and the towers' lr) or embedded (train.model's head_bias_init and "
+        "train.optim's head_lr_multiplier), TopK included either way")
     scale_mode: Literal["learnable", "fixed"] = Field(
         "learnable", description="Fig 2c: the paper's learnable scale under each cap, or a scale fixed at it")
     task_cpus: float = Field(1.0, gt=0, description="CPUs per point (a Ray task); points run side by side")

@@ -25,7 +25,7 @@ def ablation(args) -> None:
     with stage_run(params, "ablation", section=section, upstream=[params.sample.out_dir], lineage_dir=out) as run:
         results = run_ablation(params, params.sample.out_dir)
         summary = summarise(results)
-        checks = trend_checks(summary)
+        checks = trend_checks(summary, params.ablation.recipes)
         points = write_json(out / "points.json", {"summary": summary, "checks": checks})
         curves = write_json(out / "curves.json", results)
         figures = plot_panels(summary, results, out)

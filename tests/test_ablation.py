@@ -21,11 +21,12 @@ from .conftest import REPO
 from .tiny import sampled_tiny_params
 
 
-def test_grid_covers_every_panel_for_every_seed():
+def test_grid_covers_every_panel_for_every_seed_and_recipe():
     params = AblationParams(seeds=[0, 1], expansions=[1, 4], expansion_activations=["relu", "none"],
                             activations=["relu", "topk", "l1"], scale_caps=[5, 50], scale_mode="fixed")
     points = grid(params)
-    assert len(points) == 2 * (2 * 2 + 3 + 2) and len({p.name for p in points}) == len(points)
+    assert len(points) == 2 * 2 * (2 * 2 + 3 + 2) and len({p.name for p in points}) == len(points)
+    assert {p.recipe for p in points} == {"paper", "embedded"}
     base = ModelParams(expansion=32, logit_scale_cap=50)
     fixed5 = next(p for p in points if p.panel == "scale" and p.x == 5 and p.seed == 1)
     model = point_model(base, fixed5)
@@ -36,12 +37,13 @@ def test_grid_covers_every_panel_for_every_seed():
     assert topk.activation == "topk" and topk.expansion == 32  # 2b varies the activation alone
 
 
-def fake_result(panel, label, x, seed, l0, acc, width=64):
+def fake_result(panel, label, x, seed, l0, acc, width=64, recipe="paper"):
     curves = {10: {"train/l0_image_pct": 90.0, "zeroshot/a/top1": 0.1, "zeroshot/b/top1": 0.1},
               20: {"train/l0_image_pct": l0, "train/l0_image": l0 * width / 100, "zeroshot/a/top1": acc - 0.1,
                    "zeroshot/b/top1": acc + 0.1}}
     final = {**curves[10], **curves[20], "accuracy": acc}
-    return {"panel": panel, "label": label, "x": x, "seed": seed, "width": width, "curves": curves, "final": final}
+    return {"panel": panel, "label": label, "line": f"{label} ({recipe})", "x": x, "seed": seed, "width": width,
+            "curves": curves, "final": final}
 
 
 def test_summary_is_the_seed_mean_and_std_and_checks_read_the_trends():
@@ -55,11 +57,11 @@ def test_summary_is_the_seed_mean_and_std_and_checks_read_the_trends():
         for cap, l0 in [(5, 3.0), (20, 10.0), (50, 30.0)]:
             results.append(fake_result("scale", "learnable", cap, seed, l0 + noise, 0.5))
     summary = summarise(results)
-    relu = summary["expansion"]["relu"]
+    relu = summary["expansion"]["relu (paper)"]
     assert [r["x"] for r in relu] == [1, 8]
     assert relu[0]["train/l0_image_pct"]["mean"] == pytest.approx(60.0)
     assert relu[0]["train/l0_image_pct"]["std"] == pytest.approx(np.std([59.0, 61.0]))
-    checks = trend_checks(summary)
+    checks = {k.removeprefix("paper."): v for k, v in trend_checks(summary, ["paper"]).items()}
     assert checks["2a_relu_active_pct_falls_with_width"] is True and checks["2a_none_stays_dense"] is True
     assert checks["2a_relu_accuracy_grows_with_width"] is True
     assert checks["2b_relu_more_accurate_than_topk"] is True and checks["2b_relu_more_accurate_than_l1"] is False
@@ -70,7 +72,7 @@ def test_caps_that_never_bind_tie_and_ties_are_averaged_not_ranked_by_position()
     """Caps 15-100 that the learned scale never reaches give one L0: tied ranks, not a trend."""
     results = [fake_result("scale", "learnable", cap, 0, l0, 0.5)
                for cap, l0 in [(5, 2.0), (10, 4.0), (15, 6.0), (20, 6.0), (50, 6.0), (100, 6.0)]]
-    rho = trend_checks(summarise(results))["2c_l0_rises_with_cap_spearman"]
+    rho = trend_checks(summarise(results), ["paper"])["paper.2c_l0_rises_with_cap_spearman"]
     caps_ranks, l0_ranks = np.arange(1, 7), np.array([1, 2, 4.5, 4.5, 4.5, 4.5])
     assert rho == pytest.approx(np.corrcoef(caps_ranks, l0_ranks)[0, 1]) and rho < 0.9
 
@@ -82,6 +84,7 @@ def test_ablation_stage_trains_every_point_and_the_report_shows_it(workdir, ray_
     params = sampled_tiny_params(workdir)
     overrides = {"steps": 8, "batch_size": 16, "seeds": [0, 1], "log_every": 2, "eval_every": 4, "val_images": 16,
                  "expansions": [1, 4], "activations": ["relu", "topk"], "scale_caps": [5, 50],
+                 "recipes": ["paper"],
                  "task_cpus": 0.5, "out_dir": str(workdir / "plots" / "ablation")}
     text = workdir / "params.yaml"
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -100,6 +103,7 @@ def test_ablation_stage_trains_every_point_and_the_report_shows_it(workdir, ray_
     for result in curves:
         assert sorted(int(s) for s in result["curves"]) == [2, 4, 6, 8]
         assert 0 < result["final"]["train/l0_image_pct"] <= 100 and "accuracy" in result["final"]
+    assert {r["line"] for r in curves if r["panel"] == "activation"} == {"relu (paper)", "topk (paper)"}
     none = [r for r in curves if r["panel"] == "expansion" and r["label"] == "none"]
     assert all(r["final"]["train/l0_image_pct"] == 100.0 for r in none)  # no ReLU: every feature fires
     topk = [r for r in curves if r["label"] == "topk"]
@@ -108,11 +112,11 @@ def test_ablation_stage_trains_every_point_and_the_report_shows_it(workdir, ray_
     assert all(r["final"]["train/logit_scale"] <= r["x"] + 1e-3 for r in fixed)
     assert {p.name for p in out.glob("*.png")} == {"fig2a_expansion.png", "fig2b_activation.png", "fig2c_scale.png"}
     metrics = json.loads((workdir / "plots" / "ablation.json").read_text())
-    assert "expansion.relu.4.l0_image_pct" in metrics and "2c_l0_rises_with_cap_spearman" in metrics
+    assert "expansion.relu (paper).4.l0_image_pct" in metrics and "paper.2c_l0_rises_with_cap_spearman" in metrics
 
     ablation = fetch_ablation(MlflowClient(tracking_uri()), params.project.experiment, workdir / "report")
     assert ablation.table is not None and len(ablation.table.rows) == 2 * 2 + 2 + 2
-    assert ablation.checks["2c_l0_rises_with_cap_spearman"] == metrics["2c_l0_rises_with_cap_spearman"]
+    assert ablation.checks["paper.2c_l0_rises_with_cap_spearman"] == metrics["paper.2c_l0_rises_with_cap_spearman"]
     assert {p.name for p in ablation.figures.values()} == {"ablation_fig2a_expansion.png", "ablation_fig2b_activation.png",
                                                   "ablation_fig2c_scale.png"}
 

@@ -156,8 +156,9 @@ def test_topk_with_a_negative_bias_start_is_refused_and_the_ablation_starts_it_a
     with pytest.raises(ValueError, match="head_bias_init -0.5 with activation topk"):
         ModelParams(**{**micro(expansion=4, head_bias_init=-0.5).model_dump(), "activation": "topk"})
     base = micro(expansion=4, head_bias_init=-0.5)
-    started = point_model(base, Point("activation", "topk", 0, 0, {"activation": "topk"}))
+    started = point_model(base, Point("activation", "topk", 0, 0, {"activation": "topk"}, "embedded"))
     assert started.activation == "topk" and started.head_bias_init is None
     trained = train(started, OPTIM)
     assert (trained(images, texts)["image_raw"] != 0).any(1).all()
-    assert point_model(base, Point("activation", "relu", 0, 0, {"activation": "relu"})).head_bias_init == -0.5
+    assert point_model(base, Point("activation", "relu", 0, 0, {"activation": "relu"}, "embedded")).head_bias_init == -0.5
+    assert point_model(base, Point("activation", "relu", 0, 0, {"activation": "relu"}, "paper")).head_bias_init is None

@@ -2,7 +2,11 @@
 
 Each *point* is a short training of the base model (``train.model`` + ``train.optim``, the same
 recipe and code as the Ray Train stage: :func:`pipeline.clip.train.train_in_process`) with one choice
-changed, once per seed:
+changed, once per seed and per *recipe*: ``paper`` trains every point with the paper's heads (torch's
+init, the towers' learning rate), ``embedded`` every point with the embedded run's sparsity knobs
+(``train.model.head_bias_init``, ``train.optim.head_lr_multiplier``; a TopK head keeps torch's
+init, see :func:`point_model`), so under the paper's recipe no line differs from another in a
+knob the panel does not name.
 
 - **Fig 2a** (``expansion``): head width x {``expansions``} with ``relu`` and with ``none``. The paper:
   accuracy and sparsity grow with width only under non-negativity; without it every feature fires.
@@ -49,44 +53,59 @@ class Point:
     x: float
     seed: int
     overrides: dict[str, Any] = field(default_factory=dict)
+    recipe: str = "paper"
+
+    @property
+    def line(self) -> str:
+        """The figure's line: the panel's choice under one recipe."""
+        return line_name(self.label, self.recipe)
 
     @property
     def name(self) -> str:
-        return f"{self.panel}/{self.label}/{self.x:g}/seed{self.seed}"
+        return f"{self.panel}/{self.line}/{self.x:g}/seed{self.seed}"
+
+
+def line_name(label: str, recipe: str) -> str:
+    return f"{label} ({recipe})"
 
 
 def grid(params: AblationParams) -> list[Point]:
     """Every point of the three panels, for every seed."""
     points = []
-    for seed in params.seeds:
-        for activation in params.expansion_activations:
-            for expansion in params.expansions:
-                points.append(Point("expansion", activation, expansion, seed,
-                                    {"expansion": expansion, "activation": activation}))
-        for activation in params.activations:
-            points.append(Point("activation", activation, 0, seed, {"activation": activation}))
-        for cap in params.scale_caps:
-            points.append(Point("scale", params.scale_mode, cap, seed, {
-                "logit_scale_cap": cap, "logit_scale_mode": params.scale_mode,
-                # a fixed scale is held at the cap; a learnable one starts at open_clip's value (<= cap)
-                **({"init_logit_scale": None} if params.scale_mode == "fixed" else {})}))
+    for recipe in params.recipes:
+        for seed in params.seeds:
+            for activation in params.expansion_activations:
+                for expansion in params.expansions:
+                    points.append(Point("expansion", activation, expansion, seed,
+                                        {"expansion": expansion, "activation": activation}, recipe))
+            for activation in params.activations:
+                points.append(Point("activation", activation, 0, seed, {"activation": activation}, recipe))
+            for cap in params.scale_caps:
+                points.append(Point("scale", params.scale_mode, cap, seed, {
+                    "logit_scale_cap": cap, "logit_scale_mode": params.scale_mode,
+                    # a fixed scale is held at the cap; a learnable one starts at open_clip's value (<= cap)
+                    **({"init_logit_scale": None} if params.scale_mode == "fixed" else {})}, recipe))
     return points
 
 
 def point_model(base: ModelParams, point: Point) -> ModelParams:
-    """The base model with the point's overrides. A negative head bias start is a ReLU sparsity
-    knob: a TopK point starts from torch's init instead, as a negative start leaves every kept
-    value <= 0 and the head without gradient."""
+    """The base model with the point's overrides. The paper's recipe starts every head's biases at
+    torch's init; the embedded one at ``head_bias_init``, except a TopK head's: ReLU(TopK) of
+    pre-activations that all start below 0 is all-zero with no gradient (ModelParams refuses it),
+    so TopK keeps torch's init there -- the one knob that differs between lines, and only under
+    the embedded recipe."""
     merged = {**base.model_dump(), **point.overrides}
-    if merged["activation"] == "topk" and (merged["head_bias_init"] or 0.0) < 0:
+    if point.recipe == "paper" or (merged["activation"] == "topk" and (merged["head_bias_init"] or 0.0) < 0):
         merged["head_bias_init"] = None
     return ModelParams.model_validate(merged)
 
 
-def point_train_params(train: TrainParams, params: AblationParams) -> TrainParams:
-    """The stage's training params with the sweep's batch and logging cadence."""
+def point_train_params(train: TrainParams, params: AblationParams, recipe: str = "paper") -> TrainParams:
+    """The stage's training params with the sweep's batch and logging cadence; under the paper's
+    recipe the heads learn at the towers' rate."""
+    optim = train.optim.model_copy(update={"head_lr_multiplier": 1.0}) if recipe == "paper" else train.optim
     return train.model_copy(update={"global_batch_size": params.batch_size, "log_every": params.log_every,
-                                    "eval_every": params.eval_every, "num_workers": 1})
+                                    "eval_every": params.eval_every, "num_workers": 1, "optim": optim})
 
 
 def run_point(point: Point, base: ModelParams, train: TrainParams, params: AblationParams,
@@ -99,9 +118,9 @@ def run_point(point: Point, base: ModelParams, train: TrainParams, params: Ablat
     torch.set_num_threads(params.threads_per_task)
     device = torch.device("cuda" if params.use_gpu and torch.cuda.is_available() else "cpu")
     model_params = point_model(base, point)
-    model, curves = train_in_process(model_params, point_train_params(train, params), data, val, params.steps,
-                                     point.seed, device)
-    return {**asdict(point), "name": point.name, "width": model.width, "curves": curves,
+    model, curves = train_in_process(model_params, point_train_params(train, params, point.recipe), data, val,
+                                     params.steps, point.seed, device)
+    return {**asdict(point), "line": point.line, "name": point.name, "width": model.width, "curves": curves,
             "final": final_values(curves)}
 
 
@@ -165,7 +184,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             "train/logit_scale", "accuracy", "val/image_retrieval_r5", "val/text_retrieval_r5")
     groups: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
     for result in results:
-        groups[(result["panel"], result["label"], result["x"])].append(result)
+        groups[(result["panel"], result["line"], result["x"])].append(result)
     summary: dict[str, Any] = {panel: {} for panel in PANELS}
     for (panel, label, x), members in sorted(groups.items()):
         row: dict[str, Any] = {"x": x, "width": members[0]["width"], "seeds": [m["seed"] for m in members]}
@@ -190,8 +209,18 @@ def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def trend_checks(summary: dict[str, Any]) -> dict[str, Any]:
-    """Does each of the paper's observations hold here? Plain comparisons of seed means."""
+def trend_checks(summary: dict[str, Any], recipes: list[str]) -> dict[str, Any]:
+    """Does each of the paper's observations hold here, under each recipe? Plain comparisons of
+    seed means, keyed ``<recipe>.<check>``."""
+    checks: dict[str, Any] = {}
+    for recipe in recipes:
+        lines = {panel: {label.removesuffix(f" ({recipe})"): rows for label, rows in panel_lines.items()
+                         if label.endswith(f" ({recipe})")} for panel, panel_lines in summary.items()}
+        checks.update({f"{recipe}.{k}": v for k, v in _checks(lines).items()})
+    return checks
+
+
+def _checks(summary: dict[str, Any]) -> dict[str, Any]:
     checks: dict[str, Any] = {}
     expansion = summary.get("expansion", {})
     if "relu" in expansion and "none" in expansion and len(expansion["relu"]) > 1:
@@ -244,7 +273,7 @@ def plot_panels(summary: dict[str, Any], results: list[dict[str, Any]], out_dir:
     if summary.get("activation"):
         fig, (l0, acc) = panel_row(2)
         for label in summary["activation"]:
-            members = [r for r in results if r["panel"] == "activation" and r["label"] == label]
+            members = [r for r in results if r["panel"] == "activation" and r["line"] == label]
             _band(l0, members, "train/l0_image_pct", label)
             _band(acc, members, "accuracy", label)
         _style(l0, "step", "L0 (% of width)")

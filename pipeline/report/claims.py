@@ -380,7 +380,8 @@ def vlm_parity(run: Run) -> Claim:
 
 def _ablation_claim(run: Run, id_: str, claim: str, paper: str, keys: list[str], rule: str,
                     ok: Callable[[dict[str, Any]], bool]) -> Claim:
-    found = {k: run.ablation[k] for k in keys if k in run.ablation}
+    found = {k: run.ablation.get(f"paper.{k}", run.ablation.get(k)) for k in keys}  # the paper's recipe
+    found = {k: v for k, v in found.items() if v is not None}
     if not found:
         return _unmeasurable(id_, claim, paper, "needs the ablation (make ablation) in this experiment")
     here = ", ".join(f"{k}: {v if isinstance(v, bool) else f'{v:.2f}'}" for k, v in found.items())
