@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
+from pipeline.activations.tokens import token_centres
 from pipeline.atlas.build import build_atlas, naming_agreement
 from pipeline.atlas.evolution import evolution_summary, evolution_table
-from pipeline.atlas.localisation import pointing_game, pointing_trials, token_centres
+from pipeline.atlas.localisation import pointing_game, pointing_trials
 from pipeline.atlas.naming import features_for_word, name_features, top_per_feature
 from pipeline.config import load_params
 from pipeline.data.concepts import COLOURS

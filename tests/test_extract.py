@@ -120,6 +120,11 @@ def test_metrics_of_dense_and_sparse_models(extracted):
                + sparse["modality"]["multimodal"] - 1) < 1e-9
     for png in ("modality.png", "topk.png", "cscore.png"):
         assert (root / "plots" / "sparse" / png).stat().st_size > 1000
+    for result in (dense, sparse):  # beyond zero-shot, dense and sparse alike
+        assert {"shape", "colour"} <= set(result["probe"])
+        assert all(0 <= p["accuracy"] <= 1 and 0 < p["chance"] <= 1 for p in result["probe"].values())
+        assert 0 <= result["segmentation_probe"]["auroc"] <= 1
+        assert result["segmentation_probe"]["tokens_per_image"] == (32 // 8) ** 2  # the micro ViT's patch grid
 
 
 def test_sae_baselines_on_the_dense_model(extracted, workdir):

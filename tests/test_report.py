@@ -30,7 +30,9 @@ METRICS = {  # what the metrics stage logs, per variant (keys of metrics/<varian
               "zeroshot.shape.top1": 0.128, "zeroshot.shape.top5": 0.66, "zeroshot.shape.chance": 0.136,
               "zeroshot.colour.top1": 0.793, "zeroshot.colour.chance": 0.132,
               "zeroshot.colour.top5": 0.997, "zeroshot.box_classification.top1": 0.111,
-              "retrieval.image_retrieval_r1": 0.092, "retrieval.text_retrieval_r5": 0.249},
+              "retrieval.image_retrieval_r1": 0.092, "retrieval.text_retrieval_r5": 0.249,
+              "probe.shape.accuracy": 0.31, "probe.shape.chance": 0.15, "segmentation_probe.auroc": 0.71,
+              "segmentation_probe.foreground_share": 0.4},
     "sparse": {"width": 2048, "image.l0": 921.4, "image.l0_pct": 45.0, "text.l0": 940.7, "image.active_fraction": 0.998,
                "image.dead_fraction": 0.0015, "clarity": 0.493, "clarity_baseline": 0.485, "modality.multimodal": 0.967,
                "zeroshot.shape.top1": 0.1257, "zeroshot.shape.top5": 0.628, "zeroshot.shape.chance": 0.136,
@@ -103,6 +105,7 @@ def test_tables_from_the_latest_finished_run_of_each_stage(pipeline_runs):
     assert table(tables, "zeroshot").header == ["model", "shape top-1", "shape chance", "colour top-1", "colour chance"]
     assert table(tables, "zeroshot").rows == [["dense", "12.8", "13.6", "79.3", "13.2"],
                                               ["sparse", "12.6", "13.6", "80.1", "13.2"]]
+    assert table(tables, "probes").rows == [["dense", "31.0", "15.0", "0.710", "40.0"]]  # sparse has no probes
     box = table(tables, "box_retrieval").rows
     assert box[1][:2] == ["sparse", "11.8"] and box[1][3] == "7.1"
     sparsity = {row[0]: row for row in table(tables, "sparsity").rows}

@@ -27,15 +27,10 @@ from tqdm import tqdm
 
 from pipeline import metrics as M
 from pipeline.activations.sparse_io import evolution_set
+from pipeline.activations.tokens import heatmap, token_grids
 from pipeline.atlas import figures, site
 from pipeline.atlas.evolution import evolution_summary, evolution_table
-from pipeline.atlas.localisation import (
-    FAMILIES,
-    heatmap,
-    pointing_game,
-    pointing_trials,
-    token_grids,
-)
+from pipeline.atlas.localisation import FAMILIES, pointing_game, pointing_trials
 from pipeline.atlas.naming import features_for_word, name_features, top_per_feature
 from pipeline.config import Params
 from pipeline.data.concepts import COLOURS, SHAPES, SYNONYMS, concept_ids

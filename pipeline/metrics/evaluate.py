@@ -10,7 +10,8 @@ variant and (later) an SAE are measured by the same code:
 - zero-shot top-1/top-5 per labelled task, also with only each image's top-k features (supp. Fig 2);
 - box classification on object crops and image/text retrieval R@1/R@5 (Tab 2);
 - the text C-score against SBERT at several thresholds (supp. Fig 3);
-- ground-truth concept recovery (beyond the paper).
+- ground-truth concept recovery (beyond the paper);
+- linear concept probes and a token segmentation probe (beyond zero-shot, :mod:`.probes`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import scipy.sparse as sp
 
 from pipeline import metrics as M
 from pipeline.activations.sparse_io import read_activations, read_reference
+from pipeline.activations.tokens import token_grids
 from pipeline.clip.zeroshot import (
     accuracy_from_scores,
     classifier_from_prompts,
@@ -37,6 +39,7 @@ from pipeline.config import MetricsParams
 from pipeline.data.concepts import concept_ids
 from pipeline.data.evalsets import zero_shot_label
 from pipeline.metrics._arrays import block_threads, unit_sparse_rows
+from pipeline.metrics.probes import concept_probes, segmentation_probe
 from pipeline.plots import panel_row, plot_curves, save_figure
 
 
@@ -95,7 +98,25 @@ def _evaluate(acts: ActivationSet, reference_dir, vocab_dir, params: MetricsPara
     recovery = concept_recovery_metrics(images_meta, images, params)
     if recovery:
         result["recovery"] = recovery
+    result.update(probe_metrics(acts, images_meta, images))
     return result
+
+
+def probe_metrics(acts: ActivationSet, meta: pa.Table, images: sp.csr_matrix) -> dict[str, Any]:
+    """Beyond zero-shot: linear concept probes (val -> test) and the token segmentation probe."""
+    out: dict[str, Any] = {}
+    tasks = list(acts.manifest.get("zero_shot_tasks", {}))
+    if tasks:
+        probes = concept_probes(images, meta.column("split").to_pylist(), tasks, lambda task: _labels(meta, task))
+        if probes:
+            out["probe"] = probes
+    if acts.has("tokens"):
+        truths = {key: json.loads(m).get("truth") or {} for key, m in
+                  zip(meta.column("key").to_pylist(), meta.column("meta").to_pylist())}
+        segmentation = segmentation_probe(token_grids(*acts.load("tokens")), truths)
+        if segmentation:
+            out["segmentation_probe"] = segmentation
+    return out
 
 
 def aligned_reference(meta: pa.Table, reference_dir: str | Path) -> np.ndarray:

@@ -75,6 +75,20 @@ def zero_shot(models: list[Model]) -> Table:
                         "answer scores (top-5 is in metrics/<model>.json).", columns, models)
 
 
+def probes(models: list[Model]) -> Table:
+    tasks = _keys(models, "metrics", r"probe\.(\w+)\.accuracy")
+    columns = [Column(f"{t} {what}", "metrics", f"probe.{t}.{key}") for t in tasks
+               for what, key in (("probe", "accuracy"), ("chance", "chance"))]
+    columns += [Column("segmentation AUROC", "metrics", "segmentation_probe.auroc", "num"),
+                Column("foreground tokens %", "metrics", "segmentation_probe.foreground_share")]
+    return metric_table("probes", "Beyond zero-shot · linear probes", "A logistic regression on each model's frozen, "
+                        "unit-norm image features per concept family (fitted on val, accuracy % on test, beside the "
+                        "majority class's share); and per spatial token of the token sample, foreground (inside an "
+                        "object's box) against background, fitted on half the images, AUROC on the other half. A "
+                        "family the probe reads and zero-shot (Tab 1) misses is in the image features and lost "
+                        "between the towers.", columns, models)
+
+
 def box_and_retrieval(models: list[Model]) -> Table:
     columns = [Column("box top-1", "metrics", "zeroshot.box_classification.top1"),
                Column("box chance", "metrics", "zeroshot.box_classification.chance"),
@@ -252,6 +266,6 @@ def params_diff(comparison: Comparison) -> Table:
 def build_tables(comparison: Comparison) -> list[Table]:
     """Every table that has rows, in the paper's order."""
     models = comparison.models
-    tables = [params_diff(comparison), models_table(models), zero_shot(models), box_and_retrieval(models),
+    tables = [params_diff(comparison), models_table(models), zero_shot(models), probes(models), box_and_retrieval(models),
               sparsity(models), sae(models), training(models), atlas(models), vlm(models), steering(models)]
     return [t for t in tables if t.rows]
