@@ -42,7 +42,7 @@ def fake_result(panel, label, x, seed, l0, acc, width=64, recipe="paper"):
               20: {"train/l0_image_pct": l0, "train/l0_image": l0 * width / 100, "zeroshot/a/top1": acc - 0.1,
                    "zeroshot/b/top1": acc + 0.1}}
     final = {**curves[10], **curves[20], "accuracy": acc}
-    return {"panel": panel, "label": label, "line": f"{label} ({recipe})", "x": x, "seed": seed, "width": width,
+    return {"panel": panel, "label": label, "line": f"{label}_{recipe}", "x": x, "seed": seed, "width": width,
             "curves": curves, "final": final}
 
 
@@ -57,7 +57,7 @@ def test_summary_is_the_seed_mean_and_std_and_checks_read_the_trends():
         for cap, l0 in [(5, 3.0), (20, 10.0), (50, 30.0)]:
             results.append(fake_result("scale", "learnable", cap, seed, l0 + noise, 0.5))
     summary = summarise(results)
-    relu = summary["expansion"]["relu (paper)"]
+    relu = summary["expansion"]["relu_paper"]
     assert [r["x"] for r in relu] == [1, 8]
     assert relu[0]["train/l0_image_pct"]["mean"] == pytest.approx(60.0)
     assert relu[0]["train/l0_image_pct"]["std"] == pytest.approx(np.std([59.0, 61.0]))
@@ -103,7 +103,7 @@ def test_ablation_stage_trains_every_point_and_the_report_shows_it(workdir, ray_
     for result in curves:
         assert sorted(int(s) for s in result["curves"]) == [2, 4, 6, 8]
         assert 0 < result["final"]["train/l0_image_pct"] <= 100 and "accuracy" in result["final"]
-    assert {r["line"] for r in curves if r["panel"] == "activation"} == {"relu (paper)", "topk (paper)"}
+    assert {r["line"] for r in curves if r["panel"] == "activation"} == {"relu_paper", "topk_paper"}
     none = [r for r in curves if r["panel"] == "expansion" and r["label"] == "none"]
     assert all(r["final"]["train/l0_image_pct"] == 100.0 for r in none)  # no ReLU: every feature fires
     topk = [r for r in curves if r["label"] == "topk"]
@@ -112,7 +112,7 @@ def test_ablation_stage_trains_every_point_and_the_report_shows_it(workdir, ray_
     assert all(r["final"]["train/logit_scale"] <= r["x"] + 1e-3 for r in fixed)
     assert {p.name for p in out.glob("*.png")} == {"fig2a_expansion.png", "fig2b_activation.png", "fig2c_scale.png"}
     metrics = json.loads((workdir / "plots" / "ablation.json").read_text())
-    assert "expansion.relu (paper).4.l0_image_pct" in metrics and "paper.2c_l0_rises_with_cap_spearman" in metrics
+    assert "expansion.relu_paper.4.l0_image_pct" in metrics and "paper.2c_l0_rises_with_cap_spearman" in metrics
 
     ablation = fetch_ablation(MlflowClient(tracking_uri()), params.project.experiment, workdir / "report")
     assert ablation.table is not None and len(ablation.table.rows) == 2 * 2 + 2 + 2

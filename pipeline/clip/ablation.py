@@ -66,7 +66,8 @@ class Point:
 
 
 def line_name(label: str, recipe: str) -> str:
-    return f"{label} ({recipe})"
+    """``relu_paper``: a name MLflow takes inside a metric key (no spaces or brackets)."""
+    return f"{label}_{recipe}"
 
 
 def grid(params: AblationParams) -> list[Point]:
@@ -214,8 +215,8 @@ def trend_checks(summary: dict[str, Any], recipes: list[str]) -> dict[str, Any]:
     seed means, keyed ``<recipe>.<check>``."""
     checks: dict[str, Any] = {}
     for recipe in recipes:
-        lines = {panel: {label.removesuffix(f" ({recipe})"): rows for label, rows in panel_lines.items()
-                         if label.endswith(f" ({recipe})")} for panel, panel_lines in summary.items()}
+        lines = {panel: {label.removesuffix(f"_{recipe}"): rows for label, rows in panel_lines.items()
+                         if label.endswith(f"_{recipe}")} for panel, panel_lines in summary.items()}
         checks.update({f"{recipe}.{k}": v for k, v in _checks(lines).items()})
     return checks
 
