@@ -179,7 +179,7 @@ def test_sae_baselines_on_the_dense_model(extracted, workdir):
     n_measured = len(image_rows(root / "data", params.extract.splits))
     assert cls["layer"] == 0 and cls["d_in"] == 32  # the micro ViT has 1 block: -1 is block 0
     assert cls["reconstruction"]["all.n"] == n_measured and 0 <= cls["reconstruction"]["all.fvu"] < 1.5
-    assert cls["width"] == 4 * 32 and 0 < cls["image"]["l0"] <= cls["width"]  # sae.expansion x the block width
+    assert cls["width"] == result["width"] and 0 < cls["image"]["l0"] <= cls["width"]  # the image SAE's width
     assert 0 <= cls["clarity"] <= 1 and "recovery" in cls
     assert not {"text", "modality", "retrieval", "cscore"} & set(cls)  # no text side to score
     curves = training_curves(histories)

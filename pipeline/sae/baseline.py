@@ -238,6 +238,9 @@ def cls_sae(params: Params, model_dir: Path, inputs: dict[str, Path], config: SA
     cfg = params.sae
     model = load_model(model_dir)
     layer, d_in = model.block_index(cfg.cls_layer), model.residual_width(cfg.cls_layer)
+    # as many features as the image SAE (and the variants) have, whatever the block's width: Tab 3a
+    # then compares dictionaries of one size
+    config = dataclasses.replace(config, width=cfg.expansion * model.width)
     sae, history = train_sae(training_data(params, [inputs["train_cls"]], d_in), config)
     out_dir = Path(cfg.out_dir) / "cls"
     out_dir.mkdir(parents=True, exist_ok=True)
