@@ -25,7 +25,7 @@ pipeline-long: setup
 	@$(ENV) python -m pipeline.job --workspace $(LONG_WORKSPACE) --params-override deploy/params.long.yaml
 
 test: setup
-	@$(ENV) python -m pytest -m "not slow" $(PYTEST_ARGS)
+	@$(ENV) python -m pytest -m "not slow" --durations=25 $(PYTEST_ARGS)
 
 test-all: setup
 	@$(ENV) python -m pytest $(PYTEST_ARGS)
