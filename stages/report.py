@@ -19,7 +19,7 @@ from pipeline.cli import run_stage, stage_parser
 from pipeline.config import ReportParams, load_params
 from pipeline.report import collect, describe, write_report
 from pipeline.report.ablation import fetch_ablation
-from pipeline.report.claims import FAILS, HOLDS, UNMEASURABLE
+from pipeline.report.claims import verdict_counts
 from pipeline.tracking import stage_run, tracking_uri
 
 NOTE_CHARS = 7500  # MLflow tag values stop at 8000 characters
@@ -38,19 +38,13 @@ def report(args) -> None:
     else:
         with stage_run(params, "report", section=cfg.model_dump(mode="json")) as run:
             paths = write_report(comparison, cfg.out_dir, sources, ablation, cfg.claims_file)
-            run.log_metrics(verdict_counts(paths["claims"]))
+            first_source = next(iter(json.loads(paths["claims"].read_text()).values()), {})
+            run.log_metrics(verdict_counts(first_source))
             run.set_tags({"report.run_ids": json.dumps(comparison.run_ids())[:NOTE_CHARS],
                           "mlflow.note.content": paths["markdown"].read_text()[:NOTE_CHARS]})
             run.log_outputs([cfg.out_dir])
     print(f"report: {len(comparison.models)} models from {len(comparison.run_ids())} runs -> "
           f"{paths['markdown']}, {paths['html']}")
-
-
-def verdict_counts(claims_json: Path) -> dict[str, float]:
-    """How many of the first source's claims hold, do not hold, or cannot be measured (MLflow)."""
-    claims = next(iter(json.loads(claims_json.read_text()).values()), {})
-    verdicts = [c["verdict"] for c in claims.values()]
-    return {f"claims.{v.replace(' ', '_')}": float(verdicts.count(v)) for v in (HOLDS, FAILS, UNMEASURABLE)}
 
 
 def with_options(cfg: ReportParams, args) -> ReportParams:

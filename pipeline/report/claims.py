@@ -436,4 +436,10 @@ def claims_metrics(claims: list[Claim]) -> dict[str, dict[str, Any]]:
     return {c.id: c.as_metric() for c in claims}
 
 
+def verdict_counts(metrics: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """How many claims hold, do not hold, or cannot be measured, from :func:`claims_metrics`."""
+    verdicts = [entry["verdict"] for entry in metrics.values()]
+    return {f"claims.{v.replace(' ', '_')}": float(verdicts.count(v)) for v in (HOLDS, FAILS, UNMEASURABLE)}
+
+
 __all__ = ["Claim", "claims_metrics", "claims_table", "judge"]

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -151,21 +152,29 @@ def train_config(params: Params) -> SAETrainConfig:
     return SAETrainConfig(**{name: getattr(cfg, name) for name in shared}, seed=params.project.seed, device=device)
 
 
-@torch.no_grad()
 def write_codes(sae: SparseAutoencoder, source: ActivationSet, out_dir: Path) -> dict[str, int]:
     """SAE codes of the dense model's extracted sets, in the sparse layout, plus a manifest."""
+    sets = {name: source.load(name) for name in CODED_SETS}
+    return write_coded_sets(sae, {name: (meta, torch.from_numpy(dense.toarray())) for name, (meta, dense)
+                                  in sets.items()}, out_dir, {"source": str(source.dir)})
+
+
+@torch.no_grad()
+def write_coded_sets(sae: SparseAutoencoder, sets: dict[str, tuple[pa.Table, torch.Tensor]], out_dir: Path,
+                     manifest: dict[str, Any] | None = None) -> dict[str, int]:
+    """The SAE's codes of each named set of (identifying columns, inputs), in the sparse layout a
+    variant's activations have, and the manifest that makes them an activation set."""
     sae = sae.cpu().eval()
     rows = {}
-    for name in CODED_SETS:
-        meta, dense = source.load(name)
-        codes = sae.encode(torch.from_numpy(dense.toarray()).float())
+    for name, (meta, inputs) in sets.items():
+        codes = sae.encode(inputs.float())
         table = activation_table({c: meta.column(c).to_pylist() for c in meta.column_names}, *sparse_rows(codes),
                                  sae.W_dec.shape[0])
         (out_dir / name).mkdir(parents=True, exist_ok=True)
         pq.write_table(table, out_dir / name / "part-0.parquet")
         rows[name] = table.num_rows
     write_json(out_dir / "manifest.json", {"width": int(sae.W_dec.shape[0]), "rows": rows, "zero_shot_tasks": {},
-                                           "source": str(source.dir)})
+                                           **(manifest or {})})
     return rows
 
 
@@ -245,26 +254,15 @@ def cls_sae(params: Params, model_dir: Path, inputs: dict[str, Path], config: SA
     out_dir = Path(cfg.out_dir) / "cls"
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(sae.state_dict(), out_dir / "sae.pt")
-    meta = pq.read_table(inputs["eval_cls"], columns=["key", "group", "split", "meta"]).sort_by("key")
-    tokens = read_dense([inputs["eval_cls"]], d_in)  # the same (key) order
-    write_image_codes(sae, meta, tokens, out_dir)
+    table = pq.read_table(inputs["eval_cls"]).sort_by("key")  # one row per measured image
+    tokens = torch.from_numpy(to_csr(table, d_in).toarray())
+    write_coded_sets(sae, {"images": (table.select(["key", "group", "split", "meta"]), tokens)}, out_dir)
     result = evaluate(out_dir, params.reference.out_dir, params.vocab.out_dir, params.metrics, plot_dir / "cls",
                       title="cls sae", modality=False)
     result.update({"layer": layer, "d_in": d_in,
                    "reconstruction": reconstruction_report(sae.cpu(), tokens.float(), quantile=cfg.outlier_quantile)})
     return result, history
 
-
-@torch.no_grad()
-def write_image_codes(sae: SparseAutoencoder, meta, inputs: torch.Tensor, out_dir: Path) -> None:
-    """SAE codes of image rows as an activation set of images only (no texts, vocabulary or prompts)."""
-    codes = sae.cpu().eval().encode(inputs.float())
-    table = activation_table({c: meta.column(c).to_pylist() for c in meta.column_names}, *sparse_rows(codes),
-                             sae.W_dec.shape[0])
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out_dir / "images" / "part-0.parquet")
-    write_json(out_dir / "manifest.json", {"width": int(sae.W_dec.shape[0]), "rows": {"images": table.num_rows},
-                                           "zero_shot_tasks": {}})
 
 
 def multimodal_sae(params: Params, source: ActivationSet, inputs: dict[str, Path], config: SAETrainConfig,
