@@ -4,6 +4,8 @@
 #   make test-all   the whole suite, `slow` included (~15 min on 2 cores)
 #   make pipeline-long  the embedded pipeline trained 9x longer (deploy/params.long.yaml) in its own
 #                   workspace beside this one ($(LONG_WORKSPACE)); about 45 minutes on 2 cores
+#   make pipeline-flickr8k  real photos (Flickr8k, ../shared/data) with pretrained, locked towers
+#                   (deploy/params.flickr8k.yaml) in its own workspace ($(FLICKR8K_WORKSPACE))
 #   make ablation   the paper's Fig 2a-c sweep (ablation/dvc.yaml; about an hour on 2 cores)
 # Both create and install .venv first when it is missing or stale.
 SHELL := /bin/bash
@@ -12,8 +14,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 ENV := source scripts/env.sh &&
 
 LONG_WORKSPACE ?= $(CURDIR)-long
+FLICKR8K_WORKSPACE ?= $(CURDIR)-flickr8k
 
-.PHONY: setup pipeline pipeline-long test test-all ablation
+.PHONY: setup pipeline pipeline-long pipeline-flickr8k test test-all ablation
 
 setup:
 	@bash scripts/setup.sh
@@ -23,6 +26,9 @@ pipeline: setup
 
 pipeline-long: setup
 	@$(ENV) python -m pipeline.job --workspace $(LONG_WORKSPACE) --params-override deploy/params.long.yaml
+
+pipeline-flickr8k: setup
+	@$(ENV) python -m pipeline.job --workspace $(FLICKR8K_WORKSPACE) --params-override deploy/params.flickr8k.yaml $(if $(STAGES),-- $(STAGES))
 
 test: setup
 	@$(ENV) python -m pytest -m "not slow" --durations=25 $(PYTEST_ARGS)

@@ -29,7 +29,7 @@ def embeddings(model, data_dir: str, split: str, limit: int | None) -> tuple[np.
 
     from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
 
-    arrays, metas = load_split_arrays(data_dir, split, ClipBatchPreprocessor(model.image_size, model.context_length),
+    arrays, metas = load_split_arrays(data_dir, split, ClipBatchPreprocessor.for_model(model),
                                       limit=limit)
     images = torch.as_tensor(arrays["image"])
     with torch.no_grad():

@@ -161,7 +161,7 @@ def main() -> None:
         connect(base.ray)
         run_sample(base.sample, base.ray)
     probe = build_model(base.train.model)
-    preprocessor = ClipBatchPreprocessor(probe.image_size, probe.context_length)
+    preprocessor = ClipBatchPreprocessor.for_model(probe)
     arrays = {split: load_split_arrays(data_dir, split, preprocessor)[0] for split in ("train", "test")}
     val = load_val(data_dir, preprocessor, limit=2000)
     rows = []

@@ -125,7 +125,7 @@ def main() -> None:
     overrides = parse_overrides(args.set)
     base = load_params(args.params, overrides=overrides)
     probe = build_model(base.train.model)
-    preprocessor = ClipBatchPreprocessor(probe.image_size, probe.context_length)
+    preprocessor = ClipBatchPreprocessor.for_model(probe)
     arrays, _ = load_split_arrays(base.sample.out_dir, "train", preprocessor)
     val = load_val(base.sample.out_dir, preprocessor, limit=1000)
     chance = chance_levels(val)

@@ -54,7 +54,7 @@ def measure(name: str, layers: int | None, params, eval_images: int) -> dict:
     if layers == ALL_BLOCKS:
         layers = len(vlm.lm.model.layers)
     cfg = cfg.model_copy(update={"lm_layers": layers})
-    preprocessor = ClipBatchPreprocessor(vlm.encoder.image_size, vlm.encoder.context_length)
+    preprocessor = ClipBatchPreprocessor.for_model(vlm.encoder)
     images, examples, _ = qa_examples(params.sample.out_dir, "train", cfg, preprocessor)
     start = time.perf_counter()
     loss = two_stage_training(vlm, images, examples, cfg, params.project.seed)

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 # Stages run from the project root (DVC runs every command there), so relative paths in
 # params.yaml, and the params file itself, resolve against the working directory.
@@ -166,12 +175,48 @@ TINY_CLIP = {
 }
 
 
+class TowerParams(Section):
+    """Pretrained towers that ship offline (:mod:`pipeline.clip.towers`), in place of the image or
+    text tower of ``arch`` / ``inline``; ``embed_dim`` stays that config's."""
+
+    image: Literal["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"] | None = Field(
+        None, description="ImageNet EfficientNet-lite as a timm tower (average pool, linear projection); "
+        "None: the config's vision tower")
+    text: Literal["all-minilm-l6-v2"] | None = Field(
+        None, description="all-MiniLM-L6-v2 as a Hugging Face tower (mean pooling, linear projection); "
+        "None: the config's text tower")
+    image_size: int | None = Field(None, ge=32, description="input size of the image tower (None: its own: "
+                                   "224 / 240 / 260 for lite0 / 1 / 2)")
+    context_length: int = Field(32, ge=4, le=512, description="tokens per caption for the text tower")
+
+
+class LockParams(Section):
+    """Frozen towers, as open_clip's ``--lock-image`` / ``--lock-text`` flags freeze them."""
+
+    image: bool = Field(False, description="freeze the image tower (its projection stays trainable)")
+    image_unlocked_groups: int = Field(0, ge=0, description="last layer groups of the image tower left trainable")
+    image_freeze_bn_stats: bool = Field(True, description="locked batch-norm layers keep their running statistics")
+    text: bool = Field(False, description="freeze the text tower (its projection stays trainable)")
+    text_unlocked_layers: int = Field(0, ge=0, description="last layers of the text tower left trainable")
+    text_freeze_layer_norm: bool = Field(True, description="locked layer norms stay frozen too")
+
+    @property
+    def image_fully(self) -> bool:
+        return self.image and self.image_unlocked_groups == 0
+
+    @property
+    def text_fully(self) -> bool:
+        return self.text and self.text_unlocked_layers == 0
+
+
 class ModelParams(Section):
     """The Sparse CLIP architecture (:mod:`pipeline.clip.model`); variants override any of these."""
 
     arch: str | None = Field(None, description="open_clip config name (ViT-B-32, ViT-L-14); None: inline")
     inline: dict[str, Any] = Field(default_factory=lambda: json.loads(json.dumps(TINY_CLIP)))
     checkpoint: str | None = Field(None, description="local open_clip state dict to start from")
+    towers: TowerParams = TowerParams()
+    lock: LockParams = LockParams()
     expansion: int = Field(32, ge=0, description="head width = embed_dim x expansion; 0 = dense baseline")
     activation: Literal["relu", "none", "topk", "l1"] = "relu"
     topk: int = Field(64, ge=1, description="k for activation=topk")
@@ -220,7 +265,9 @@ def _overrides_of(base: type[Section], name: str, exclude: set[str]) -> type[Sec
                         "(only the keys given change).", **fields)
 
 
-VariantParams = _overrides_of(ModelParams, "VariantParams", exclude={"inline", "checkpoint"})
+# The towers, their weights and their locks are the run's, not a variant's: every variant shares
+# them (and the feature cache that encodes locked towers once).
+VariantParams = _overrides_of(ModelParams, "VariantParams", exclude={"inline", "checkpoint", "towers", "lock"})
 
 
 # The paper's models: the dense baseline, Sparse (cap 50), Sparse+ (cap 40), Sparse-Avg.
@@ -297,6 +344,9 @@ class TrainParams(WorkerGroupParams):
         "sparse shifts were slower at every density down to 0.005")
     cache_data: bool = Field(True, description="each worker decodes its slice of the train split once, in its "
                              "own process, and keeps it in memory (false: Ray Data streams every epoch)")
+    feature_cache: bool = Field(True, description="when both towers are fully locked, train from their outputs, "
+                                "encoded once by the tower_cache stage (pipeline/clip/feature_cache.py)")
+    feature_cache_dir: OutputDir = Field("data/tower_features", description="where the tower_cache stage writes")
     log_every: int = Field(10, ge=1, description="steps between training metrics")
     eval_every: int = Field(100, ge=1, description="steps between zero-shot evaluations on val")
     val_images: int = Field(2000, ge=1, description="val images scored at each evaluation (the metrics stage "
@@ -306,6 +356,15 @@ class TrainParams(WorkerGroupParams):
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
     keep_ray_checkpoints: bool = Field(False, description="keep Ray's checkpoint folder after export")
     out_dir: OutputDir = "models"
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _drop_null_variants(cls, variants: Any) -> Any:
+        """``name: null`` removes a variant: an override file merges into params.yaml key by key, and
+        this is how it drops one (deploy/params.flickr8k.yaml drops Sparse-Avg)."""
+        if isinstance(variants, dict):
+            return {name: spec for name, spec in variants.items() if spec is not None}
+        return variants
 
     @model_validator(mode="after")
     def _valid(self) -> TrainParams:
@@ -356,7 +415,7 @@ class VocabParams(Section):
 class ReferenceParams(Section):
     """The dense image encoder Clarity is measured with (the paper: OpenAI CLIP, not offline)."""
 
-    encoder: Literal["efficientnet-lite0", "open_clip"] = "efficientnet-lite0"
+    encoder: Literal["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "open_clip"] = "efficientnet-lite0"
     arch: str | None = Field(None, description="encoder=open_clip: config name")
     checkpoint: str | None = Field(None, description="encoder=open_clip: local weights")
     image_size: int = Field(224, ge=32)
@@ -391,6 +450,9 @@ class MetricsParams(Section):
     cscore_thresholds: list[float] = Field([0.0, 0.5, 1.0, 1.5], min_length=1)
     topk: list[int] = Field([1, 2, 4, 8, 16, 32], description="zero-shot with each image's top-k features")
     mono_auroc: float = Field(0.9, gt=0.5, le=1.0)
+    tag_words: int = Field(50, ge=0, description="open-vocabulary tagging: the most frequent caption nouns scored on "
+                           "the test images (0: off)")
+    tag_min_images: int = Field(10, ge=1, description="tagging: a noun tags at least this many test images")
     threads: int | None = Field(None, ge=1, description="threads for the row blocks of Clarity, zero-shot and "
                                 "top-k (None: one per core); the numbers do not depend on it")
     out_dir: OutputDir = "metrics"
@@ -472,6 +534,8 @@ class VLMParams(WorkerGroupParams):
                                   "whole LM, the paper's 'adapter and LLM together'; a number saves memory and time)")
     batch_size: int = Field(16, ge=1)
     log_every: int = Field(5, ge=1)
+    train_images: int | None = Field(None, ge=1, description="training photos decoded for the VLM (None: the "
+                                     "whole train split; each is held in memory at the encoder's input size)")
     eval_images: int = Field(64, ge=1, description="held-out test images for QA evaluation")
     eval_batch_size: int = Field(32, ge=1)
     max_new_tokens: int = Field(8, ge=1)
@@ -580,6 +644,9 @@ class Params(Section):
             raise ValueError(f"atlas/vlm variants {unknown} are not train.variants ({', '.join(self.train.variants)})")
         if self.steer.variant not in self.vlm.variants:
             raise ValueError(f"steer.variant {self.steer.variant!r} is not one of vlm.variants {self.vlm.variants}")
+        if missing := [t for t in self.steer.question_types if t not in self.vlm.question_types]:
+            raise ValueError(f"steer.question_types {missing} are not in vlm.question_types {self.vlm.question_types}: "
+                             "the steered VLM is trained and asked only those")
         if self.steer.max_new_tokens <= self.vlm.max_new_tokens:
             raise ValueError(f"steer.max_new_tokens {self.steer.max_new_tokens} must exceed vlm.max_new_tokens "
                              f"{self.vlm.max_new_tokens}: answers cut at the normal length can never be abnormally "

@@ -41,6 +41,8 @@ NOT_CODE = (
     "ray_results", "mlruns", "mlartifacts", "mlflow.db", "dvc_plots",
 )
 STORAGE_ENV = "SPARSECLIP_STORAGE_PATH"
+# Mappings whose entries an override file removes with ``name: null`` (every other null is a value).
+DROPPABLE = ("train.variants",)
 
 
 def ray_excludes() -> list[str]:
@@ -77,7 +79,10 @@ def apply_overrides(params_file: Path, overrides: Mapping[str, Any]) -> None:
         node = tree
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = value
+        if value is None and ".".join(parents) in DROPPABLE:
+            node.pop(leaf, None)  # DVC's foreach must not see the dropped entry either
+        else:
+            node[leaf] = value
     params_file.write_text(yaml.safe_dump(tree, sort_keys=False))
     load_params(params_file)
 

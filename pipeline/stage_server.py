@@ -44,7 +44,7 @@ from pathlib import Path
 
 SERVER_ENV = "SPARSECLIP_STAGE_SERVER"  # the socket's path, set for the stages of a run
 TRACE_ENV = "SPARSECLIP_STAGE_SERVER_TRACE"  # set: each warm stage lists what it still had to import
-STAGES = ("check_params", "sample", "train", "vocab", "reference", "extract", "metrics", "sae", "atlas", "vlm", "steer",
+STAGES = ("check_params", "sample", "tower_cache", "train", "vocab", "reference", "extract", "metrics", "sae", "atlas", "vlm", "steer",
           "report", "ablation")
 # Imported by the stages inside functions, so not by importing them; measured with TRACE_ENV.
 LAZY_IMPORTS = ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.db.utils", "ray.data", "ray.train.torch",

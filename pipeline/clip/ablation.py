@@ -155,7 +155,7 @@ def run_ablation(params: Params, data_dir: str | Path) -> list[dict[str, Any]]:
     ablation = params.ablation
     points = grid(ablation)
     probe = build_model(params.train.model)
-    preprocessor = ClipBatchPreprocessor(probe.image_size, probe.context_length)
+    preprocessor = ClipBatchPreprocessor.for_model(probe)
     arrays, _ = load_split_arrays(data_dir, "train", preprocessor)
     val = load_val(str(data_dir), preprocessor, limit=ablation.val_images)
     connect(params.ray)

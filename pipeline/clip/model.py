@@ -9,6 +9,11 @@ Gao et al.), ``l1`` (ReLU plus an L1 penalty, see :func:`l1_penalty`).
 Pooling ``avg`` is the supplementary's Sparse-Avg: every spatial token goes through the
 projection, head and activation, and the contrastive embedding is the mean of those per-token
 activations, which :meth:`SparseCLIP.encode_image_tokens` keeps for heatmaps.
+
+The towers are open_clip's: a ViT, a ModifiedResNet, a timm model (the pretrained EfficientNet-lite
+of :mod:`pipeline.clip.towers`) or a Hugging Face text model, in the model class open_clip's
+factory picks (``CustomTextCLIP`` for an HF text tower). A locked tower's output can be computed
+once and cached (:mod:`pipeline.clip.feature_cache`); :meth:`SparseCLIP.forward` then reads it.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from typing import Any
 
 import open_clip
 import torch
-from open_clip.modified_resnet import ModifiedResNet
 import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.timm_model import TimmModel
 from torch import nn
 
+from pipeline.clip import towers
 from pipeline.config import ModelParams
 from pipeline.topk import keep_top
 
@@ -88,12 +95,19 @@ class SparseCLIP(nn.Module):
 
     HEAD_PREFIXES = ("image_head.", "text_head.")  # the wide layers that ``head_lr_multiplier`` reaches
 
-    def __init__(self, clip_cfg: dict[str, Any], params: ModelParams):
+    def __init__(self, clip_cfg: dict[str, Any], params: ModelParams, pretrained: bool = False):
+        """``pretrained``: start the towers from their configured weights (the packaged pretrained
+        towers, ``params.checkpoint``); False when a saved Sparse CLIP's weights follow. The locks
+        apply last, so a saved model and its rebuild share one state-dict layout."""
         super().__init__()
         self.clip_cfg = copy.deepcopy(clip_cfg)
         self.params = params
-        self.clip = open_clip.CLIP(**clip_cfg, init_logit_scale=params.initial_logit_scale)
+        self.clip = _open_clip_model(clip_cfg, params.initial_logit_scale, load_text_weights=pretrained)
         self.clip.visual.output_tokens = True  # spatial tokens feed Sparse-Avg and heatmaps
+        if pretrained:
+            self._load_tower_weights()
+        towers.lock_towers(self.clip, params.lock)
+        self.cached_inputs = False  # forward() reads raw images and tokens; see read_cached_inputs
         embed_dim = clip_cfg["embed_dim"]
         self.image_head = SparseHead(embed_dim, params)
         self.text_head = SparseHead(embed_dim, params)
@@ -102,6 +116,17 @@ class SparseCLIP(nn.Module):
         # A fixed scale is a constant temperature (as in non-negative contrastive learning): the
         # optimiser never sees it, so it stays at its start value.
         self.logit_scale.requires_grad_(params.logit_scale_mode == "learnable")
+
+    def _load_tower_weights(self) -> None:
+        image_tower = self.clip_cfg["vision_cfg"].get("pretrained_tower")
+        if image_tower:
+            towers.load_image_weights(self.clip.visual.trunk, image_tower)
+        if self.params.checkpoint:
+            path = Path(self.params.checkpoint)
+            if not path.is_file():
+                raise FileNotFoundError(f"train.model.checkpoint: no such file: {path}")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.clip.load_state_dict(state.get("state_dict", state))
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -115,6 +140,19 @@ class SparseCLIP(nn.Module):
     @property
     def context_length(self) -> int:
         return self.clip_cfg["text_cfg"].get("context_length", 77)
+
+    @property
+    def image_mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The pixel normalisation the image tower was trained with (OpenAI CLIP's by default)."""
+        vision = self.clip_cfg["vision_cfg"]
+        return (tuple(vision.get("image_mean", open_clip.OPENAI_DATASET_MEAN)),
+                tuple(vision.get("image_std", open_clip.OPENAI_DATASET_STD)))
+
+    @property
+    def text_tokenizer(self) -> str | None:
+        """The Hugging Face tokenizer (name or folder) of an HF text tower; None: open_clip's BPE."""
+        name = self.clip_cfg["text_cfg"].get("hf_tokenizer_name")
+        return towers.resolve_packaged(self.clip_cfg, False)["text_cfg"]["hf_tokenizer_name"] if name else None
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self._encode_image(images, keep_tokens=False)[0]
@@ -130,14 +168,24 @@ class SparseCLIP(nn.Module):
 
     @property
     def convolutional(self) -> bool:
-        """True for open_clip's ModifiedResNet tower (``vision_cfg.layers`` a list of 4 stage depths)."""
-        return isinstance(self.clip.visual, ModifiedResNet)
+        """True for a convolutional image tower: open_clip's ModifiedResNet (``vision_cfg.layers`` a
+        list of 4 stage depths) or a timm tower (EfficientNet-lite)."""
+        return isinstance(self.clip.visual, (ModifiedResNet, TimmModel))
+
+    @property
+    def timm_tower(self) -> bool:
+        return isinstance(self.clip.visual, TimmModel)
 
     def _encode_image(self, images: torch.Tensor, keep_tokens: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Per-token activations are [B, T, F]: at ViT-L x72 that is 256 x 55,296 per image, so
         # they are computed only when the pooling needs them or the caller asks (heatmaps).
         want_tokens = keep_tokens or self.params.pooling == "avg"
-        pooled, tokens = self._conv_tower(images, want_tokens) if self.convolutional else self._vit_tower(images)
+        if self.timm_tower:
+            pooled, tokens = self._timm_head(self.clip.visual.trunk.forward_features(images), want_tokens)
+        elif self.convolutional:
+            pooled, tokens = self._conv_tower(images, want_tokens)
+        else:
+            pooled, tokens = self._vit_tower(images)
         token_features = self.image_head(tokens) if want_tokens else None
         if self.params.pooling == "avg":
             return token_features.mean(dim=1), token_features
@@ -164,14 +212,95 @@ class SparseCLIP(nn.Module):
         positions = x.flatten(2).transpose(1, 2) + pool.positional_embedding[1:].to(x.dtype)
         return pooled, pool.c_proj(pool.v_proj(positions))
 
+    def _timm_head(self, feature_map: torch.Tensor, want_tokens: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pooled embedding [B, D], one embedding per position of the feature map [B, H x W, D]
+        when asked) from a timm trunk's last feature map [B, C, H, W]. The pool is an average and
+        the projection linear, so the positions' embeddings average exactly to the pooled one."""
+        visual = self.clip.visual
+        pooled = visual.head(visual.trunk.forward_head(feature_map))
+        if not want_tokens:
+            return pooled, None
+        return pooled, visual.head(feature_map.flatten(2).transpose(1, 2))
+
     def encode_text(self, texts: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        features = self.text_head(self.clip.encode_text(texts))
+        features = self.text_head(self.clip.encode_text(self._trimmed(texts)))
         return F.normalize(features, dim=-1) if normalize else features
+
+    def _trimmed(self, texts: torch.Tensor) -> torch.Tensor:
+        """An HF text tower's batch without the padding columns every row has: the attention mask
+        hides padding from every other position and from the mean pool, and positions are absolute,
+        so the output is the same (to rounding) at the cost of the longest caption, not of
+        ``context_length`` (captions of ~16 tokens padded to 32 cost half). open_clip's own text
+        transformer pools at the EOT token of a causal stack and is left as it is."""
+        if "hf_model_name" not in self.clip_cfg["text_cfg"] or texts.ndim != 2:
+            return texts
+        used = (texts != self.clip.text.config.pad_token_id).any(dim=0).nonzero()
+        return texts[:, : int(used.max()) + 1] if used.numel() else texts
+
+    # ----------------------------------------------------------------- locked towers, cached
+
+    def tower_features(self, images: torch.Tensor | None = None, texts: torch.Tensor | None = None,
+                       ) -> dict[str, torch.Tensor]:
+        """What a fully locked tower computes before its trainable projection, per input: the
+        timm trunk's pooled last feature map [B, C], the HF text model's pooled output [B, W].
+        The feature cache stores these once; :meth:`read_cached_inputs` trains from them."""
+        out = {}
+        if images is not None:
+            feature_map = self.clip.visual.trunk.forward_features(images)
+            out["image"] = feature_map.mean(dim=(2, 3))
+        if texts is not None:
+            text, texts = self.clip.text, self._trimmed(texts)
+            mask = (texts != text.config.pad_token_id).long()
+            out["text"] = text.pooler(text.transformer(input_ids=texts, attention_mask=mask), mask)
+        return out
+
+    def cacheable_towers(self) -> list[str]:
+        """The towers whose :meth:`tower_features` can stand in for their input: fully locked
+        (frozen batch-norm statistics included), a timm image tower with an average pool, an HF
+        text tower."""
+        lock, out = self.params.lock, []
+        if (lock.image_fully and lock.image_freeze_bn_stats and self.timm_tower
+                and self.clip_cfg["vision_cfg"].get("timm_pool") == "avg" and self.params.pooling == "cls"):
+            out.append("image")
+        if lock.text_fully and "hf_model_name" in self.clip_cfg["text_cfg"]:
+            out.append("text")
+        return out
+
+    def read_cached_inputs(self, enable: bool = True) -> None:
+        """From now on :meth:`forward` takes :meth:`tower_features` instead of images and tokens
+        for the cacheable towers: a training step then runs the projections and heads only."""
+        if enable and set(self.cacheable_towers()) != {"image", "text"}:
+            raise ValueError("cached tower inputs need both towers fully locked (train.model.lock), a timm image "
+                             "tower with cls pooling and an HF text tower; cacheable here: "
+                             f"{', '.join(self.cacheable_towers()) or 'none'}")
+        self.cached_inputs = enable
+
+    def train(self, mode: bool = True) -> SparseCLIP:
+        """A fully locked tower is a fixed function: it stays in eval mode (no dropout) while the
+        rest trains, so what the feature cache stored is what the tower computes in training."""
+        super().train(mode)
+        if self.params.lock.image_fully and self.timm_tower:
+            self.clip.visual.trunk.eval()
+        if self.params.lock.text_fully and "hf_model_name" in self.clip_cfg["text_cfg"]:
+            self.clip.text.transformer.eval()
+        return self
+
+    def encode_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """The sparse image embedding from :meth:`tower_features`' image rows: the layers that follow
+        them in :meth:`encode_image` (an average pool of a 1x1 map is the map)."""
+        visual = self.clip.visual
+        return self.image_head(visual.head(visual.trunk.forward_head(image_features[:, :, None, None])))
+
+    def encode_text_features(self, text_features: torch.Tensor) -> torch.Tensor:
+        """The sparse text embedding from :meth:`tower_features`' text rows (the projection, the head)."""
+        return self.text_head(self.clip.text.proj(text_features))
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unnormalised sparse embeddings (for L0 and L1), normalised ones and exp(logit scale)."""
-        image_raw = self.encode_image(images)
-        text_raw = self.encode_text(texts)
+        if self.cached_inputs:
+            image_raw, text_raw = self.encode_image_features(images), self.encode_text_features(texts)
+        else:
+            image_raw, text_raw = self.encode_image(images), self.encode_text(texts)
         return {
             "image_raw": image_raw,
             "text_raw": text_raw,
@@ -191,7 +320,9 @@ class SparseCLIP(nn.Module):
     @property
     def vision_layers(self) -> int:
         """Blocks of the vision tower whose output :meth:`residual_tokens` can read: a ViT's
-        residual blocks, or a ModifiedResNet's four stages."""
+        residual blocks, a ModifiedResNet's four stages, or a timm tower's feature stages."""
+        if self.timm_tower:
+            return len(self.clip.visual.trunk.feature_info)
         return 4 if self.convolutional else len(self.clip.visual.transformer.resblocks)
 
     def block_index(self, layer: int) -> int:
@@ -205,6 +336,8 @@ class SparseCLIP(nn.Module):
     def residual_width(self, layer: int) -> int:
         """The width of :meth:`residual_tokens` after block ``layer``."""
         layer = self.block_index(layer)
+        if self.timm_tower:
+            return self.clip.visual.trunk.feature_info[layer]["num_chs"]
         if not self.convolutional:
             return self.clip.visual.transformer.width
         stages = (self.clip.visual.layer1, self.clip.visual.layer2, self.clip.visual.layer3, self.clip.visual.layer4)
@@ -220,9 +353,13 @@ class SparseCLIP(nn.Module):
         layer = self.block_index(layer)
         visual = self.clip.visual
         if self.convolutional:
-            x = visual.stem(images)
-            for stage in (visual.layer1, visual.layer2, visual.layer3, visual.layer4)[: layer + 1]:
-                x = stage(x)
+            if self.timm_tower:
+                x = visual.trunk.forward_intermediates(images, indices=[layer], intermediates_only=True,
+                                                       stop_early=True)[0]
+            else:
+                x = visual.stem(images)
+                for stage in (visual.layer1, visual.layer2, visual.layer3, visual.layer4)[: layer + 1]:
+                    x = stage(x)
             positions = x.flatten(2).transpose(1, 2)
             return torch.cat([positions.mean(dim=1, keepdim=True), positions], dim=1)
         x = visual._embeds(images)
@@ -245,17 +382,31 @@ def l1_penalty(image_features: torch.Tensor, text_features: torch.Tensor) -> tor
 
 
 def clip_config(params: ModelParams) -> dict[str, Any]:
-    """The open_clip architecture: a named built-in config, or the inline one from params."""
+    """The open_clip architecture: a named built-in config or the inline one from params, with the
+    pretrained towers of ``params.towers`` in place of its own."""
     if params.arch:
         cfg = open_clip.get_model_config(params.arch)
         if cfg is None:
             raise ValueError(f"train.model.arch = {params.arch!r}: not an open_clip model config; "
                              f"known: {', '.join(open_clip.list_models()[:12])}, ...")
-        cfg = {k: v for k, v in cfg.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")}
-        if "hf_model_name" in cfg.get("text_cfg", {}):
-            raise ValueError(f"train.model.arch = {params.arch!r}: Hugging Face text towers are not supported")
-        return cfg
-    return copy.deepcopy(params.inline)
+        cfg = {k: copy.deepcopy(v) for k, v in cfg.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")}
+    else:
+        cfg = copy.deepcopy(params.inline)
+    if params.towers.image:
+        cfg["vision_cfg"] = towers.image_tower_config(params.towers.image, params.towers.image_size)
+    if params.towers.text:
+        cfg["text_cfg"] = towers.text_tower_config(params.towers.text, params.towers.context_length)
+    return cfg
+
+
+def _open_clip_model(cfg: dict[str, Any], init_logit_scale: float, load_text_weights: bool) -> nn.Module:
+    """The class open_clip's factory picks for ``cfg``: ``CustomTextCLIP`` for a Hugging Face text
+    tower, ``CLIP`` otherwise."""
+    resolved = towers.resolve_packaged(cfg, load_text_weights)
+    if "hf_model_name" not in resolved["text_cfg"]:
+        return open_clip.CLIP(**resolved, init_logit_scale=init_logit_scale)
+    with towers.quiet_transformers():
+        return open_clip.CustomTextCLIP(**resolved, init_logit_scale=init_logit_scale)
 
 
 def head_parameters(params: ModelParams) -> int:
@@ -269,15 +420,9 @@ def head_parameters(params: ModelParams) -> int:
 
 
 def build_model(params: ModelParams) -> SparseCLIP:
-    """A randomly initialised Sparse CLIP, or one whose CLIP towers start from a local checkpoint."""
-    model = SparseCLIP(clip_config(params), params)
-    if params.checkpoint:
-        path = Path(params.checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"train.model.checkpoint: no such file: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.clip.load_state_dict(state.get("state_dict", state))
-    return model
+    """A Sparse CLIP to train: random towers, pretrained ones, or a local checkpoint's, locked as
+    configured; the heads always start fresh."""
+    return SparseCLIP(clip_config(params), params, pretrained=True)
 
 
 def save_model(model: SparseCLIP, out_dir: str | Path, name: str = "model.pt") -> Path:

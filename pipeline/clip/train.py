@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from pipeline import raytrain
+from pipeline.clip.feature_cache import FeatureCache, cached_split
 from pipeline.clip.loss import SparseClipObjective
 from pipeline.clip.model import SparseCLIP, build_model, head_parameters, save_model
 from pipeline.clip.zeroshot import class_embeddings, labelled_rows, zero_shot_accuracy
@@ -46,8 +47,15 @@ from pipeline.config import ModelParams, OptimParams, Params, TrainParams
 from pipeline.data.evalsets import load_zero_shot_tasks, zero_shot_label
 from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
 from pipeline.data.shards import verify_shards
-from pipeline.io import (check_output_dir, exclusive_lock, file_sha256, is_owned_output, remove_output_dir,
-                         staged_output_dir, write_json)
+from pipeline.io import (
+    check_output_dir,
+    exclusive_lock,
+    file_sha256,
+    is_owned_output,
+    remove_output_dir,
+    staged_output_dir,
+    write_json,
+)
 from pipeline.metrics import sparsity
 from pipeline.metrics.retrieval import retrieval_recall
 
@@ -159,8 +167,11 @@ def validation_eval(model: SparseCLIP, val: dict[str, Any], device: torch.device
     embedding is all-zero."""
     model.eval()
     tokenize = val["preprocessor"].tokens
-    features = model.encode_image(torch.as_tensor(val["images"]).to(device)).float()
-    captions = model.encode_text(torch.as_tensor(val["texts"]).to(device)).float()
+    images, texts = torch.as_tensor(val["images"]).to(device), torch.as_tensor(val["texts"]).to(device)
+    if model.cached_inputs:  # the val pairs are the locked towers' cached outputs
+        features, captions = model.encode_image_features(images).float(), model.encode_text_features(texts).float()
+    else:
+        features, captions = model.encode_image(images).float(), model.encode_text(texts).float()
     out = {}
     # An all-zero embedding (every ReLU off, possible early on) has no cosine similarity; retrieval
     # is then skipped for this evaluation rather than scored on a subset of the val images.
@@ -179,10 +190,14 @@ def validation_eval(model: SparseCLIP, val: dict[str, Any], device: torch.device
     return out
 
 
-def load_val(data_dir: str, preprocessor: ClipBatchPreprocessor, limit: int | None) -> dict[str, Any]:
-    """The val split decoded once: images, captions, zero-shot tasks and each image's labels."""
+def load_val(data_dir: str, preprocessor: ClipBatchPreprocessor, limit: int | None,
+             cache_dir: str | None = None) -> dict[str, Any]:
+    """The val split decoded once (or read from the feature cache): images, captions, zero-shot
+    tasks and each image's labels."""
     tasks = load_zero_shot_tasks(data_dir)
-    arrays, metas = load_split_arrays(data_dir, "val", preprocessor, limit=limit)
+    arrays, metas = load_split_arrays(data_dir, "val", preprocessor, limit=limit, decode=cache_dir is None)
+    if cache_dir is not None:
+        arrays = cached_split(cache_dir, data_dir, "val", limit)
     labels = {task: [zero_shot_label(m, task) for m in metas] for task in tasks}
     return {"tasks": tasks, "images": arrays["image"], "texts": arrays["text"], "labels": labels,
             "preprocessor": preprocessor}
@@ -288,7 +303,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_step = RecipeStep(model, optimizer, objective, train_params.optim, total, autocast_dtype, ddp_model)
     log_progress = _rank0_progress(config, model, train_params, device, step) if rank == 0 else None
     epoch_batches = _batch_source(config["data_dir"], train_params, model, (rank, world),
-                                  config["seed"] + 7919 * rank, device)
+                                  config["seed"] + 7919 * rank, device, config.get("feature_cache_dir"))
     snapshots = evolution_steps(train_params.evolution, total)
     for epoch, batch in remaining_batches(epoch_batches, step, total, per_epoch):
         losses, outputs, lr = train_step(batch, step)
@@ -318,8 +333,8 @@ def _rank0_progress(config: dict[str, Any], model: SparseCLIP, train_params: Tra
     sink = raytrain.MetricSink(config.get("tracking_uri"), config.get("run_id"))
     if resumed_at:
         sink.note_resume(resumed_at)
-    val = load_val(config["data_dir"], ClipBatchPreprocessor(model.image_size, model.context_length),
-                   train_params.val_images)
+    val = load_val(config["data_dir"], ClipBatchPreprocessor.for_model(model), train_params.val_images,
+                   config.get("feature_cache_dir"))
     progress = ProgressLog(model, train_params, config["total_steps"], val, device)
 
     def log_progress(step: int, epoch: int, losses, outputs, lr: float) -> None:
@@ -330,8 +345,11 @@ def _rank0_progress(config: dict[str, Any], model: SparseCLIP, train_params: Tra
 
 
 def _batch_source(data_dir: str, train_params: TrainParams, model: SparseCLIP, part: tuple[int, int], seed: int,
-                  device: torch.device):
+                  device: torch.device, cache_dir: str | None = None):
     """epoch -> iterator of this worker's batches.
+
+    From the feature cache (``cache_dir``, locked towers): the worker's slice of the cached
+    tower outputs, and the model steps on them (:meth:`SparseCLIP.read_cached_inputs`).
 
     Cached (small data): the worker decodes its slice of the train split once, in its own process
     (rows rank, rank + world, ... in shard order), and reshuffles it in memory each epoch. On 2
@@ -342,6 +360,11 @@ def _batch_source(data_dir: str, train_params: TrainParams, model: SparseCLIP, p
     import ray.train
 
     batch_size = train_params.global_batch_size // part[1]
+    if cache_dir is not None:  # the locked towers' outputs, encoded once by the tower_cache stage
+        model.read_cached_inputs(True)
+        data = {k: torch.as_tensor(v).to(device) for k, v in cached_split(cache_dir, data_dir, "train", part=part).items()}
+        log.info("worker %d of %d: %d cached training pairs", *part, len(data["text"]))
+        return lambda epoch: shuffled_batches(data, batch_size, seed + epoch)
     if not train_params.cache_data:
         shard = ray.train.get_dataset_shard("train")
         return lambda epoch: shard.iter_torch_batches(
@@ -349,7 +372,7 @@ def _batch_source(data_dir: str, train_params: TrainParams, model: SparseCLIP, p
             local_shuffle_seed=seed + epoch, device=device, dtypes={"image": torch.float32, "text": torch.int64},
         )
     started = time.perf_counter()
-    arrays, _ = load_split_arrays(data_dir, "train", ClipBatchPreprocessor(model.image_size, model.context_length),
+    arrays, _ = load_split_arrays(data_dir, "train", ClipBatchPreprocessor.for_model(model),
                                   part=part)
     data = {"image": torch.as_tensor(arrays["image"]).to(device), "text": torch.as_tensor(arrays["text"]).to(device)}
     log.info("worker %d of %d: decoded %d training pairs in %.1f s", *part, len(data["text"]),
@@ -497,6 +520,7 @@ def run_training(params: Params, variant: str, *, run_id: str | None = None, tra
             "train": train_params.model_dump(mode="json"), "model": model_params.model_dump(mode="json"),
             "seed": params.project.seed, "data_dir": data_dir, "total_steps": total, "steps_per_epoch": per_epoch,
             "run_id": run_id, "tracking_uri": tracking_uri, "fail_once": fail_once,
+            "feature_cache_dir": feature_cache_dir(params, model_params),
         },
         name=name,
         failure_config=ray.train.FailureConfig(max_failures=train_params.max_failures),
@@ -511,6 +535,19 @@ def run_training(params: Params, variant: str, *, run_id: str | None = None, tra
     return outcome
 
 
+def feature_cache_dir(params: Params, model_params: ModelParams) -> str | None:
+    """The tower cache to train from, or None: off by params, nothing cached (towers that train),
+    or a variant that cannot read it (Sparse-Avg pools the positions the cache averaged away)."""
+    train_params = params.train
+    if not (train_params.feature_cache and FeatureCache.available(train_params.feature_cache_dir)):
+        return None
+    if model_params.pooling != "cls":
+        log.info("pooling %s reads every position of the feature map: training without the feature cache",
+                 model_params.pooling)
+        return None
+    return str(Path(train_params.feature_cache_dir).resolve())
+
+
 def _streamed_train_split(params: Params, model_params: ModelParams, data_dir: str):
     """The train split as a Ray Dataset, decoded by Ray Data tasks; images travel as float16."""
     from pipeline.cluster import connect
@@ -519,7 +556,7 @@ def _streamed_train_split(params: Params, model_params: ModelParams, data_dir: s
     connect(params.ray)  # the dataset is built before the trainer joins the cluster
 
     probe = build_model(model_params)
-    preprocessor = ClipBatchPreprocessor(probe.image_size, probe.context_length, image_dtype=np.float16)
+    preprocessor = ClipBatchPreprocessor.for_model(probe, np.float16)
     return ray_split_dataset(data_dir, "train", preprocessor, params.ray.task_cpus)
 
 
@@ -569,15 +606,17 @@ def remove_abandoned_runs(storage: Path, variant: str, keep: str) -> list[Path]:
 def train_in_process(model_params: ModelParams, train_params: TrainParams, data: dict[str, np.ndarray],
                      val: dict[str, Any] | None, steps: int, seed: int,
                      device: torch.device = torch.device("cpu"), batches: Callable[..., Iterator[dict]] | None = None,
-                     ) -> tuple[SparseCLIP, dict[int, dict[str, float]]]:
+                     cached_inputs: bool = False) -> tuple[SparseCLIP, dict[int, dict[str, float]]]:
     """The same recipe as the Ray Train workers (:class:`RecipeStep`, :class:`ProgressLog`), in this
     process on in-memory arrays, for ``steps`` steps of ``train_params.global_batch_size``: what the
     ablation sweep runs many times side by side. ``batches(data, batch_size, seed)`` yields one
     epoch of batches (default :func:`shuffled_batches`; a benchmark may compose its own, e.g. hard
-    negatives). Returns the model and its logged curves."""
+    negatives). ``cached_inputs``: ``data`` holds the locked towers' cached outputs (the feature
+    cache). Returns the model and its logged curves."""
     batches = batches or shuffled_batches
     torch.manual_seed(seed)
     model = build_model(model_params).to(device)
+    model.read_cached_inputs(cached_inputs)
     optimizer = make_optimizer(model, train_params.optim)
     objective = SparseClipObjective(model_params)
     train_step = RecipeStep(model, optimizer, objective, train_params.optim, steps,

@@ -10,6 +10,7 @@ variant and (later) an SAE are measured by the same code:
 - zero-shot top-1/top-5 per labelled task, also with only each image's top-k features (supp. Fig 2);
 - box classification on object crops and image/text retrieval R@1/R@5 (Tab 2);
 - the text C-score against SBERT at several thresholds (supp. Fig 3);
+- open-vocabulary tagging from the captions (real photos have no class labels, :mod:`.tagging`);
 - ground-truth concept recovery (beyond the paper);
 - linear concept probes and a token segmentation probe (beyond zero-shot, :mod:`.probes`).
 """
@@ -36,10 +37,12 @@ from pipeline.clip.zeroshot import (
     zero_shot_accuracy,
 )
 from pipeline.config import MetricsParams
+from pipeline.data.captions import caption_words
 from pipeline.data.concepts import concept_ids
 from pipeline.data.evalsets import zero_shot_label
 from pipeline.metrics._arrays import block_threads, unit_sparse_rows
 from pipeline.metrics.probes import concept_probes, segmentation_probe
+from pipeline.metrics.tagging import frequent_tags, tagging_auroc
 from pipeline.plots import panel_row, plot_curves, save_figure
 
 
@@ -95,6 +98,9 @@ def _evaluate(acts: ActivationSet, reference_dir, vocab_dir, params: MetricsPara
         result["retrieval"] = retrieval_metrics(images_meta, images, texts_meta, texts)
     if acts.has("vocab"):
         result["cscore"] = cscore_metrics(acts, vocab_dir, params, plot_dir / "cscore.png", title)
+        if acts.has("texts") and params.tag_words and (tagging := tagging_metrics(acts, images_meta, images,
+                                                                                vocab_dir, params)):
+            result["tagging"] = tagging
     recovery = concept_recovery_metrics(images_meta, images, params)
     if recovery:
         result["recovery"] = recovery
@@ -225,7 +231,34 @@ def retrieval_metrics(images_meta: pa.Table, images: sp.csr_matrix, texts_meta: 
     if not image_split.any() or not keep.any():
         return {}
     return M.retrieval_recall(images[np.flatnonzero(image_split)], texts[np.flatnonzero(text_split)[keep]],
-                              np.asarray([owner[g] for g in text_groups[keep]]))
+                              np.asarray([owner[g] for g in text_groups[keep]]), ks=(1, 5, 10))
+
+
+def tagging_metrics(acts: ActivationSet, images_meta: pa.Table, images: sp.csr_matrix, vocab_dir: str | Path,
+                    params: MetricsParams) -> dict[str, Any] | None:
+    """Open-vocabulary tagging on the test images (:mod:`.tagging`): the mean AUROC over the most
+    frequent caption nouns that the vocabulary holds, and each tag's; None without such tags."""
+    nouns_file = Path(vocab_dir) / "nouns.txt"
+    texts_meta = acts.load("texts")[0]
+    if not nouns_file.is_file() or "text" not in texts_meta.column_names:
+        return None
+    test = np.flatnonzero(np.asarray(images_meta.column("split").to_pylist()) == "test")
+    words_of_group: dict[str, set[str]] = {}
+    for group, split, text in zip(*(texts_meta.column(c).to_pylist() for c in ("group", "split", "text"))):
+        if split == "test":
+            words_of_group.setdefault(group, set()).update(caption_words(text))
+    groups = images_meta.column("group").to_pylist()
+    image_words = [words_of_group.get(groups[i], set()) for i in test]
+    vocab_meta, vocab = acts.load("vocab")
+    position = {w: i for i, w in enumerate(vocab_meta.column("key").to_pylist())}
+    nouns = [w for w in nouns_file.read_text(encoding="utf-8").split() if w in position]
+    tags = frequent_tags(image_words, nouns, params.tag_words, params.tag_min_images)
+    if not tags:
+        return None
+    labels = np.array([[t in words for t in tags] for words in image_words], dtype=bool)
+    auroc = tagging_auroc(images[test], vocab[[position[t] for t in tags]], labels)
+    return {"auroc": float(np.nanmean(auroc)), "tags": len(tags), "images": len(test),
+            "per_tag": {t: float(a) for t, a in zip(tags, auroc)}}
 
 
 def cscore_metrics(acts: ActivationSet, vocab_dir: str | Path, params: MetricsParams, plot_path: Path,

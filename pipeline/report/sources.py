@@ -105,6 +105,8 @@ def models_from_runs(client: MlflowClient, runs: Iterable[Run], source: str = ""
             if stage == "train":
                 model.params.update({k: v for k, v in run.data.params.items() if k.startswith(("model.", "optim."))})
                 model.curves.update(_curves(client, run))
+            if stage == "metrics":  # which encoder judged Clarity
+                model.params.update({k: v for k, v in run.data.params.items() if k.startswith("reference.")})
     return list(models.values())
 
 

@@ -98,6 +98,20 @@ def box_and_retrieval(models: list[Model]) -> Table:
                         "accuracy and retrieval recall (%), test split.", columns, models)
 
 
+def captions(models: list[Model]) -> Table:
+    columns = [*(Column(f"{d} R@10", "metrics", f"retrieval.{d}_retrieval_r10") for d in ("image", "text")),
+               Column("tagging AUROC", "metrics", "tagging.auroc", "num"), Column("tags", "metrics", "tagging.tags", "int"),
+               Column("name in top images' captions %", "atlas", "caption_naming.agreement"),
+               Column("chance %", "atlas", "caption_naming.chance"),
+               Column("named features", "atlas", "caption_naming.features", "int")]
+    return metric_table("captions", "Judged by captions · retrieval, tagging and naming", "What photos without labels "
+                        "allow (test split): retrieval R@10 (R@1/5 in Tab 2); open-vocabulary tagging, the AUROC of each "
+                        "image's zero-shot score for a frequent caption noun against the noun being in the photo's "
+                        "captions, averaged over the tags (0.5 is chance); naming: the share of a named feature's top "
+                        "images whose captions use its name (its top vocabulary word, from the text side), beside the "
+                        "share those names would reach on random images.", columns, models)
+
+
 def sparsity(models: list[Model]) -> Table:
     columns = [Column("width", "metrics", "width", "int"), Column("L0 image", "metrics", "image.l0", "num1"),
                Column("L0 image %", "metrics", "image.l0_pct", "pct100"), Column("L0 text", "metrics", "text.l0", "num1"),
@@ -216,21 +230,47 @@ PAPER_KNOBS = {"model.head_bias_init": "None", "optim.head_lr_multiplier": "1.0"
 
 
 def models_table(models: list[Model]) -> Table:
-    keys = [("arch", "model.arch"), ("expansion", "model.expansion"), ("activation", "model.activation"),
+    keys = [("towers", "model.arch"), ("expansion", "model.expansion"), ("activation", "model.activation"),
             ("pooling", "model.pooling"), ("logit scale cap", "model.logit_scale_cap")]
     rows = []
     for model in models:
         if model.params:
-            arch = model.params.get("model.arch")
-            shown = {**model.params, "model.arch": "inline" if arch in (None, "None") else arch}
+            shown = {**model.params, "model.arch": towers(model)}
             width = model.value("metrics", "width") or model.value("train", "width")
             rows.append([model.label, *(shown.get(k, MISSING) for _, k in keys), fmt(width, "int"),
-                         scale_at_cap(model), knobs_off_recipe(model)])
-    return Table("models", "Models compared", "From each model's training run. Scale at cap: when the learned "
+                         scale_at_cap(model), knobs_off_recipe(model), clarity_reference(model)])
+    return Table("models", "Models compared", "From each model's training run. Towers: the open_clip config, or the "
+                 "pretrained towers that replace its own (locked: frozen, only the projections and heads train). "
+                 "Scale at cap: when the learned "
                  "logit scale first reaches its cap (a scale that starts at or above the cap is clamped there from "
                  "step 0: a fixed temperature, not the paper's scale that rises to its cap). Knobs: every training "
-                 "knob that differs from the paper's recipe.",
-                 ["model", *(h for h, _ in keys), "width", "scale at cap", "knobs off the paper's recipe"], rows)
+                 "knob that differs from the paper's recipe. Clarity reference: the encoder Clarity (Tab 3a) measures "
+                 "coherence with; it should not be the model's own image tower.",
+                 ["model", *(h for h, _ in keys), "width", "scale at cap", "knobs off the paper's recipe",
+                  "Clarity reference"], rows)
+
+
+def towers(model: Model) -> str:
+    """The model's towers: its open_clip config (``inline``: params.yaml's), or the pretrained ones."""
+    params = model.params
+    arch = params.get("model.arch")
+    base = "inline" if arch in (None, "None") else arch
+    image, text = (params.get(f"model.towers.{t}") for t in ("image", "text"))
+    parts = [p for p in (image, text) if p not in (None, "None")]
+    if not parts:
+        return base
+    locked = [t for t in ("image", "text") if params.get(f"model.lock.{t}") == "True"]
+    return " + ".join(parts) + (f" (locked: {', '.join(locked)})" if locked else "")
+
+
+def clarity_reference(model: Model) -> str:
+    encoder = model.params.get("reference.encoder")
+    if encoder is None:
+        return MISSING
+    size = model.params.get("reference.image_size")
+    name = model.params.get("reference.arch") if encoder == "open_clip" else encoder
+    same = " (the model's own image tower!)" if name == model.params.get("model.towers.image") else ""
+    return f"{name} at {size} px{same}"
 
 
 def scale_at_cap(model: Model) -> str:
@@ -267,5 +307,5 @@ def build_tables(comparison: Comparison) -> list[Table]:
     """Every table that has rows, in the paper's order."""
     models = comparison.models
     tables = [params_diff(comparison), models_table(models), zero_shot(models), probes(models), box_and_retrieval(models),
-              sparsity(models), sae(models), training(models), atlas(models), vlm(models), steering(models)]
+              captions(models), sparsity(models), sae(models), training(models), atlas(models), vlm(models), steering(models)]
     return [t for t in tables if t.rows]

@@ -2,7 +2,8 @@
 
 On the embedded data they come from each image's ground truth, one per question type (the
 paper's "What's the main subject in this image? Your answer needs to be short." plus colour,
-count and rendered-text questions). For real runs any image-QA set works as JSONL lines
+count and rendered-text questions). On captioned photos the subject question is answered from
+the captions (:func:`qa_from_captions`). For real runs any image-QA set works as JSONL lines
 ``{"key": <sample image key>, "type": ..., "question": ..., "answer": ...}``.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,38 @@ def qa_from_jsonl(path: str | Path, keys: Sequence[str]) -> list[dict[str, Any]]
             examples.append({"image": position[key], "type": row.get("type", "qa"), "question": question,
                              "answer": answer})
     return examples
+
+
+def qa_from_captions(metas: Sequence[Mapping[str, Any]], captions: Mapping[str, Sequence[str]],
+                     types: Sequence[str]) -> list[dict[str, Any]]:
+    """Real photos, which carry captions and no ground truth: the subject question, answered by the
+    noun most of the photo's captions use ("dog", "girl", "people"; ties to the one the first
+    caption uses first). One example per photo (its first record), since a photo's five caption
+    records share one image. Other question types need ``vlm.qa_path``."""
+    from pipeline.data.captions import caption_words
+    from pipeline.vocab import noun_words
+
+    if "subject" not in types:
+        return []
+    words_of = {group: [caption_words(c) for c in texts] for group, texts in captions.items()}
+    nouns = set(noun_words(sorted({w for lists in words_of.values() for words in lists for w in words})))
+    examples, seen = [], set()
+    for i, meta in enumerate(metas):
+        group = str(meta.get("group", meta.get("key")))
+        if group in seen or group not in words_of:
+            continue
+        seen.add(group)
+        counts = Counter(w for words in words_of[group] for w in words & nouns)
+        if counts:
+            first = " ".join(captions[group][0].lower().split())
+            best = max(counts.items(), key=lambda item: (item[1], -_position(first, item[0])))[0]
+            examples.append({"image": i, "type": "subject", "question": QUESTIONS["subject"], "answer": best})
+    return examples
+
+
+def _position(text: str, word: str) -> int:
+    found = text.find(word)
+    return found if found >= 0 else len(text)
 
 
 def normalise(answer: str) -> str:

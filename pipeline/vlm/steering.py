@@ -29,7 +29,7 @@ from pipeline.vlm.questions import QUESTIONS, normalise
 @torch.no_grad()
 def concept_features(vlm: VisionLanguageModel, word: str, k: int) -> torch.Tensor:
     """Indices of the k features the text encoder activates most for ``word``."""
-    pre = ClipBatchPreprocessor(vlm.encoder.image_size, vlm.encoder.context_length)
+    pre = ClipBatchPreprocessor.for_model(vlm.encoder)
     features = vlm.encoder.encode_text(torch.as_tensor(pre.tokens([word])))[0]
     return torch.topk(features, k).indices
 
@@ -40,7 +40,7 @@ class Steerer:
 
     def __init__(self, vlm: VisionLanguageModel):
         self.vlm = vlm
-        self.preprocess = ClipBatchPreprocessor(vlm.encoder.image_size, vlm.encoder.context_length)
+        self.preprocess = ClipBatchPreprocessor.for_model(vlm.encoder)
 
     def edit(self, suppress: Sequence[str], boost: Sequence[str], k: int, strength: float) -> FeatureEdit:
         def indices(words):
@@ -186,18 +186,22 @@ def run_steering(params: Params, vlm_dir: Path, plot_dir: Path) -> tuple[dict[st
     ``plot_dir``. Returns the results (numbers under ``<question>.baseline.*`` and
     ``<question>.grid.k<K>_ss<SS>.*``, beside each cell's examples) and a one-line summary."""
     from pipeline.io import write_json
-    from pipeline.vlm.questions import answers_from_truth
     from pipeline.vlm.train import load_vlm, qa_examples
 
     cfg = params.steer
     model = load_vlm(vlm_dir)
-    images, _, metas = qa_examples(params.sample.out_dir, "test", params.vlm, ClipBatchPreprocessor(
-        model.encoder.image_size, model.encoder.context_length), limit=cfg.images)
+    images, examples, _ = qa_examples(params.sample.out_dir, "test", params.vlm,
+                                      ClipBatchPreprocessor.for_model(model.encoder), limit=cfg.images)
     results = {}
     for question_type in cfg.question_types:
-        labels = [answers_from_truth(m["truth"])[question_type] for m in metas]
+        answer_of = {e["image"]: e["answer"] for e in examples if e["type"] == question_type}
+        if not answer_of:
+            raise ValueError(f"steer.question_types: no test image has an answer to the {question_type!r} question "
+                             f"(vlm.question_types {params.vlm.question_types}; captioned photos answer 'subject' only)")
+        rows = sorted(answer_of)
+        labels = [answer_of[i] for i in rows]
         results[question_type] = steering_evaluation(
-            model, images, labels, sorted(set(labels)), QUESTIONS[question_type], cfg.ks, cfg.strengths,
+            model, images[rows], labels, sorted(set(labels)), QUESTIONS[question_type], cfg.ks, cfg.strengths,
             seed=params.project.seed, batch_size=params.vlm.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
             max_words=cfg.max_words, quantile=cfg.corruption_quantile)
     write_json(plot_dir / "examples.json", {q: {k: g["examples"] for k, g in r["grid"].items()}

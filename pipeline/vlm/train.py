@@ -22,10 +22,11 @@ from pipeline import raytrain
 from pipeline.clip.model import load_model
 from pipeline.config import Params, VLMParams
 from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
+from pipeline.data.shards import caption_rows
 from pipeline.io import check_output_dir, staged_output_dir
 from pipeline.vlm.language_model import load_language_model, prepare_language_model
 from pipeline.vlm.model import VisionLanguageModel
-from pipeline.vlm.questions import qa_from_jsonl, qa_from_truth
+from pipeline.vlm.questions import qa_from_captions, qa_from_jsonl, qa_from_truth
 
 
 def build_vlm(encoder_dir: str | Path, lm_dir: str | Path, cfg: VLMParams) -> VisionLanguageModel:
@@ -48,16 +49,24 @@ def trained_lm_state(vlm: VisionLanguageModel, layers: int | None) -> dict[str, 
 
 def qa_examples(data_dir: str, split: str, cfg: VLMParams, preprocessor: ClipBatchPreprocessor,
                 limit: int | None = None):
-    """(images [N, 3, H, W], examples) of one split: pairs from ground truth or ``vlm.qa_path``."""
-    arrays, metas = load_split_arrays(data_dir, split, preprocessor, limit=limit)
+    """(images [N, 3, H, W], examples, metas) of one split's photos (each decoded once, however
+    many captions it has; ``limit`` counts photos): pairs from ground truth, the captions or
+    ``vlm.qa_path``."""
+    arrays, metas = load_split_arrays(data_dir, split, preprocessor, limit=limit, one_per_group=True)
     if cfg.qa_path:
         keys = [m.get("key", "") for m in metas]
         examples = qa_from_jsonl(cfg.qa_path, keys)
-    else:
+    elif any(m.get("truth") for m in metas):
         examples = qa_from_truth(metas, cfg.question_types)
+    else:
+        captions: dict[str, list[str]] = {}
+        for row in caption_rows(data_dir, [split]):
+            captions.setdefault(str(row["group"]), []).append(row["text"])
+        examples = qa_from_captions(metas, captions, cfg.question_types)
     if not examples:
         raise ValueError(f"no question-answer pairs for the {split} split: the embedded data carries ground "
-                         "truth; other data needs vlm.qa_path (JSONL of key, question, answer)")
+                         "truth, captioned photos answer the subject question from their captions (is 'subject' "
+                         "in vlm.question_types?); anything else needs vlm.qa_path (JSONL of key, question, answer)")
     return torch.from_numpy(arrays["image"]), examples, metas
 
 
@@ -75,7 +84,7 @@ def train_vlm_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     vlm.to(device)
     images, examples, _ = qa_examples(config["data_dir"], "train", cfg,
-                                      ClipBatchPreprocessor(vlm.encoder.image_size, vlm.encoder.context_length))
+                                      ClipBatchPreprocessor.for_model(vlm.encoder), limit=cfg.train_images)
     examples = examples[rank::world]
     sink = raytrain.MetricSink(config.get("tracking_uri"), config.get("run_id"), "vlm/loss") if rank == 0 else None
     loss = two_stage_training(vlm, images, examples, cfg, config["seed"] + rank, world, device,

