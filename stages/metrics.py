@@ -31,7 +31,8 @@ def metrics(args) -> None:
         run.log_outputs(outputs)
     print(f"metrics[{args.variant}]: L0 image {flat['image.l0']:.1f} of {flat['width']}, "
           f"clarity {flat['clarity']:.3f} (baseline {flat['clarity_baseline']:.3f}), "
-          f"zero-shot shape {flat.get('zeroshot.shape.top1', float('nan')):.3f} -> {metrics_path}")
+          + (f"zero-shot shape {flat['zeroshot.shape.top1']:.3f}" if "zeroshot.shape.top1" in flat
+             else f"tagging AUROC {flat.get('tagging.auroc', float('nan')):.3f}") + f" -> {metrics_path}")
 
 
 def main(argv=None) -> None:

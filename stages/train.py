@@ -44,8 +44,9 @@ def train(args) -> None:
         run.log_dict(outcome.snapshots, "evolution_snapshots.json")
         run.set_tags({"ray_nodes": len({w["node_id"] for w in outcome.workers})})
         run.log_outputs([model_dir, metrics_path, csv_path, png_path])
-    print(f"train[{variant}]: {outcome.total_steps} steps -> {model_dir}; "
-          f"zero-shot shape top1 {final.get('zeroshot/shape/top1', float('nan')):.3f}, "
+    score = (f"zero-shot shape top1 {final['zeroshot/shape/top1']:.3f}" if "zeroshot/shape/top1" in final
+             else f"val R@5 {final.get('val/image_retrieval_r5', float('nan')):.3f}")
+    print(f"train[{variant}]: {outcome.total_steps} steps -> {model_dir}; {score}, "
           f"L0 image {final.get('train/l0_image', float('nan')):.1f} of {summary['width']}")
 
 

@@ -62,3 +62,24 @@ def test_caption_agreement_against_its_chance_level():
 def test_noun_words_keep_nouns_and_drop_function_words():
     nouns = noun_words(["dog", "grass", "red", "shirt", "the", "is", "in", "a", "hot dog", "wearing"])
     assert nouns == ["dog", "grass", "red", "shirt"]
+
+
+def test_subject_answers_come_from_the_noun_most_captions_use():
+    from pipeline.vlm.questions import QUESTIONS, qa_from_captions
+
+    metas = [{"group": "p1", "key": "a"}, {"group": "p1", "key": "b"}, {"group": "p2", "key": "c"},
+             {"group": "p3", "key": "d"}]
+    captions = {"p1": ["A dog runs on the grass .", "Two dogs play", "A brown dog on a lawn"],
+                "p2": ["A man in a red shirt", "A girl and a man"], "p3": ["is in the"]}
+    examples = qa_from_captions(metas, captions, ["subject", "colour"])
+    assert [(e["image"], e["answer"]) for e in examples] == [(0, "dog"), (2, "man")]  # one per photo; p3 has no noun
+    assert all(e["question"] == QUESTIONS["subject"] and e["type"] == "subject" for e in examples)
+    assert qa_from_captions(metas, captions, ["colour"]) == []
+
+
+def test_qa_metrics_score_one_word_subjects_from_captions():
+    from pipeline.vlm.evaluate import qa_metrics
+
+    examples = [{"type": "subject", "answer": a} for a in ("dog", "man", "girl")]
+    out = qa_metrics(["a dog", "woman", "girl"], examples)
+    assert out["subject.exact"] == 2 / 3 and "subject.colour_named" not in out

@@ -86,7 +86,9 @@ def training_inputs(params: Params, model_dir: Path, out_dir: Path) -> dict[str,
         sets["train_cls"] = image_set(data_dir, cfg.train_splits, keys, kind="residual_cls")
         sets["eval_cls"] = image_set(data_dir, params.extract.splits, measured, kind="residual_cls")
     fingerprint = model_fingerprint(model_dir, ["model.pt"], params.section_hash("sae"), residual)
-    write_sets("sae-inputs", sets, out_dir, fingerprint, {"model_dir": str(model_dir.resolve()), "residual": residual},
+    cache = str(Path(params.train.feature_cache_dir).resolve()) if params.train.feature_cache else None
+    write_sets("sae-inputs", sets, out_dir, fingerprint, {"model_dir": str(model_dir.resolve()), "residual": residual,
+                                                          "feature_cache": cache},
                params.extract, params.ray.task_cpus, actor=SparseEncoder)
     return {name: out_dir / name for name in sets}
 

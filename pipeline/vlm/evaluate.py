@@ -71,7 +71,8 @@ def qa_metrics(answers: Sequence[str], examples: Sequence[dict[str, Any]]) -> di
         out[f"{qtype}.p_above_chance"] = p_above(sum(exact), len(idx), out[f"{qtype}.chance"])
         out[f"{qtype}.sbert"] = float(np.mean(similarity[idx]))
         out[f"{qtype}.n"] = len(idx)
-        if qtype == "subject":
+        if qtype == "subject" and all(len(examples[i]["answer"].split()) == 2 for i in idx):
+            # the generated data's "<colour> <shape>" answers (captioned photos answer one noun)
             for j, part in enumerate(("colour", "shape")):
                 out[f"subject.{part}_named"] = float(np.mean(
                     [examples[i]["answer"].split()[j] in normalise(answers[i]).split() for i in idx]))
