@@ -32,7 +32,7 @@ def report(args) -> None:
     comparison = collect(client, cfg, params.project.experiment, args.repo)
     sources = describe(comparison, cfg, cfg.experiment or params.project.experiment)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    ablation = fetch_ablation(client, cfg.experiment or params.project.experiment, cfg.out_dir)
+    ablation = fetch_ablation(client, cfg.experiment or params.project.experiment, cfg.out_dir, params.ablation.out_dir)
     if args.no_mlflow:
         paths = write_report(comparison, cfg.out_dir, sources, ablation, cfg.claims_file)
     else:

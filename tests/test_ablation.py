@@ -119,6 +119,9 @@ def test_ablation_stage_trains_every_point_and_the_report_shows_it(workdir, ray_
     assert ablation.checks["paper.2c_l0_rises_with_cap_spearman"] == metrics["paper.2c_l0_rises_with_cap_spearman"]
     assert {p.name for p in ablation.figures.values()} == {"ablation_fig2a_expansion.png", "ablation_fig2b_activation.png",
                                                   "ablation_fig2c_scale.png"}
+    on_disk = fetch_ablation(MlflowClient(tracking_uri()), "no-such-experiment", workdir / "report2", out)
+    assert on_disk.table.rows == ablation.table.rows and on_disk.checks == ablation.checks  # the DVC output, no run
+    assert len(on_disk.figures) == 3
 
 
 def test_gpu_ablation_is_one_override_file_away():

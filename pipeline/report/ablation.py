@@ -1,4 +1,4 @@
-"""The Fig 2 ablation in the report: the latest FINISHED ``ablation`` run's panels and points.
+"""The Fig 2 ablation in the report: the sweep's DVC output, or the latest FINISHED ``ablation`` run.
 
 The sweep (:mod:`pipeline.clip.ablation`) is one run of its own, not a model, so it is not a row of the
 model tables: its figures are fetched from the run's artifacts and its seed means become one table
@@ -41,13 +41,17 @@ def latest_ablation_run(client: MlflowClient, experiment: str):
     return runs[0] if runs else None
 
 
-def fetch_ablation(client: MlflowClient, experiment: str, out_dir: str | Path) -> Ablation:
-    """The latest ablation run's table, figures (copied into ``out_dir``) and checks; an empty
-    :class:`Ablation` when no run exists."""
+def fetch_ablation(client: MlflowClient, experiment: str, out_dir: str | Path,
+                   sweep_dir: str | Path | None = None) -> Ablation:
+    """The sweep's table, figures (copied into ``out_dir``) and checks: from its DVC output
+    ``sweep_dir`` (``ablation.out_dir``, checked out) when it holds them, else from the latest
+    ablation run of the experiment; an empty :class:`Ablation` when there is neither."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("ablation_*.png"):
         stale.unlink()
+    if sweep_dir is not None and (Path(sweep_dir) / "points.json").is_file():
+        return _from_folder(Path(sweep_dir), out_dir, f"{Path(sweep_dir).as_posix()}/")
     run = latest_ablation_run(client, experiment)
     if run is None:
         return Ablation()
@@ -56,14 +60,17 @@ def fetch_ablation(client: MlflowClient, experiment: str, out_dir: str | Path) -
             local = Path(client.download_artifacts(run.info.run_id, ARTIFACTS, tmp))
         except Exception:  # an ablation run without the artifacts (e.g. logged elsewhere): leave it out
             return Ablation()
-        figures = {}
-        for png in sorted(local.glob("fig2*.png")):
-            figures[f"ablation_{png.stem}"] = Path(shutil.copy(png, out_dir / f"ablation_{png.name}"))
-        points = json.loads((local / "points.json").read_text()) if (local / "points.json").is_file() else {}
-    return Ablation(ablation_table(points, run.info.run_id), figures, dict(points.get("checks", {})))
+        return _from_folder(local, out_dir, f"run {run.info.run_id[:8]}")
 
 
-def ablation_table(points: dict[str, Any], run_id: str) -> Table:
+def _from_folder(folder: Path, out_dir: Path, origin: str) -> Ablation:
+    figures = {f"ablation_{png.stem}": Path(shutil.copy(png, out_dir / f"ablation_{png.name}"))
+               for png in sorted(folder.glob("fig2*.png"))}
+    points = json.loads((folder / "points.json").read_text()) if (folder / "points.json").is_file() else {}
+    return Ablation(ablation_table(points, origin), figures, dict(points.get("checks", {})))
+
+
+def ablation_table(points: dict[str, Any], origin: str) -> Table:
     rows = []
     for panel, lines in points.get("summary", {}).items():
         for label, entries in lines.items():
@@ -74,7 +81,7 @@ def ablation_table(points: dict[str, Any], run_id: str) -> Table:
                              str(len(row.get("seeds", [])))])
     checks = ", ".join(f"{k}: {v if isinstance(v, bool) else fmt(v, 'num')}"
                        for k, v in points.get("checks", {}).items())
-    note = (f"Fig 2 ablation (run {run_id[:8]}): seed mean ± std at the last step; x is the expansion "
+    note = (f"Fig 2 ablation ({origin}): seed mean ± std at the last step; x is the expansion "
             f"(2a), the activation (2b) or the logit scale cap (2c). Observations: {checks or 'none'}.")
     return Table("ablation", "Small-scale ablation (Fig 2a-c)", note,
                  ["panel", "line", "x", "width", "L0 image %", "L0 text %", "zero-shot top-1 %", "dead %", "seeds"],
