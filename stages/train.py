@@ -30,7 +30,8 @@ def train(args) -> None:
     model_dir = Path(params.train.out_dir) / variant
     with training_lock(params, variant), stage_run(
             params, "train", variant=variant, section=training_section(params, variant),
-            upstream=[params.sample.out_dir], lineage_dir=model_dir, resume_key=training_identity(params, variant)
+            upstream=[params.sample.out_dir, params.train.feature_cache_dir], lineage_dir=model_dir,
+            resume_key=training_identity(params, variant)
     ) as run:
         outcome = run_training(params, variant, run_id=run.run_id, tracking_uri=tracking_uri())
         curves = metric_curves(run.run_id)

@@ -257,10 +257,11 @@ def test_submitted_pipeline_trains_on_both_nodes_and_logs_to_mlflow(two_nodes, r
     mlflow = MlflowClient(f"sqlite:///{db}")
     runs = mlflow.search_runs([mlflow.get_experiment_by_name("sparseclip").experiment_id])
     by_stage = {r.data.tags["stage"]: r for r in runs}
-    assert set(by_stage) == {"sample", "train"} and all(r.info.status == "FINISHED" for r in runs)
+    assert set(by_stage) == {"sample", "tower_cache", "train"} and all(r.info.status == "FINISHED" for r in runs)
     assert {r.data.tags["git_commit"] for r in runs} == {"cafe1234"}
     train = by_stage["train"]
     assert train.data.tags["ray_nodes"] == "2" and train.data.tags["upstream.sample"] == by_stage["sample"].info.run_id
+    assert train.data.tags["upstream.tower_cache"] == by_stage["tower_cache"].info.run_id
     n_train = json.loads((workspace / "data/sample/manifest.json").read_text())["records_by_split"]["train"]
     steps = [m.step for m in mlflow.get_metric_history(train.info.run_id, "train/loss")]
     assert steps == list(range(1, n_train // 32 * 2 + 1))  # every step of 2 epochs, once
