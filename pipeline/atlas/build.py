@@ -38,7 +38,7 @@ from pipeline.atlas.naming import (
     top_per_feature,
 )
 from pipeline.config import Params
-from pipeline.data.captions import caption_words
+from pipeline.data.captions import words_by_group
 from pipeline.data.concepts import COLOURS, SHAPES, SYNONYMS, concept_ids
 from pipeline.data.shards import caption_rows, read_split
 from pipeline.metrics.evaluate import ActivationSet, aligned_reference
@@ -147,9 +147,7 @@ def _image_caption_words(images_meta: pa.Table, texts_meta: pa.Table) -> dict[st
     extraction without caption text."""
     if "text" not in texts_meta.column_names:
         return {}
-    by_group: dict[str, set[str]] = {}
-    for group, text in zip(texts_meta.column("group").to_pylist(), texts_meta.column("text").to_pylist()):
-        by_group.setdefault(group, set()).update(caption_words(text))
+    by_group = words_by_group(texts_meta.column("group").to_pylist(), texts_meta.column("text").to_pylist())
     return {k: by_group.get(g, set()) for k, g in zip(images_meta.column("key").to_pylist(),
                                                         images_meta.column("group").to_pylist())}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 CAPTION_WORD = re.compile(r"[a-z][a-z'-]*")
 
@@ -13,3 +14,11 @@ def caption_words(text: str) -> set[str]:
     words = set(CAPTION_WORD.findall(text.lower()))
     singular = {w[:-2] for w in words if w.endswith("es")} | {w[:-1] for w in words if w.endswith("s")}
     return words | singular
+
+
+def words_by_group(groups: Iterable[str], captions: Iterable[str]) -> dict[str, set[str]]:
+    """Each photo's caption words (the union over its captions), by its group."""
+    out: dict[str, set[str]] = {}
+    for group, text in zip(groups, captions):
+        out.setdefault(group, set()).update(caption_words(text))
+    return out

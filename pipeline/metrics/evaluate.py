@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
@@ -37,7 +38,7 @@ from pipeline.clip.zeroshot import (
     zero_shot_accuracy,
 )
 from pipeline.config import MetricsParams
-from pipeline.data.captions import caption_words
+from pipeline.data.captions import words_by_group
 from pipeline.data.concepts import concept_ids
 from pipeline.data.evalsets import zero_shot_label
 from pipeline.metrics._arrays import block_threads, unit_sparse_rows
@@ -243,10 +244,8 @@ def tagging_metrics(acts: ActivationSet, images_meta: pa.Table, images: sp.csr_m
     if not nouns_file.is_file() or "text" not in texts_meta.column_names:
         return None
     test = np.flatnonzero(np.asarray(images_meta.column("split").to_pylist()) == "test")
-    words_of_group: dict[str, set[str]] = {}
-    for group, split, text in zip(*(texts_meta.column(c).to_pylist() for c in ("group", "split", "text"))):
-        if split == "test":
-            words_of_group.setdefault(group, set()).update(caption_words(text))
+    test_texts = texts_meta.filter(pa.compute.equal(texts_meta.column("split"), "test"))
+    words_of_group = words_by_group(test_texts.column("group").to_pylist(), test_texts.column("text").to_pylist())
     groups = images_meta.column("group").to_pylist()
     image_words = [words_of_group.get(groups[i], set()) for i in test]
     vocab_meta, vocab = acts.load("vocab")
