@@ -22,13 +22,13 @@ setup:
 	@bash scripts/setup.sh
 
 pipeline: setup
-	@$(ENV) python -m pipeline.shared_cluster dvc repro  # every stage joins one local Ray cluster
+	@$(ENV) python -m pipeline.runtime.shared_cluster dvc repro  # every stage joins one local Ray cluster
 
 pipeline-long: setup
-	@$(ENV) python -m pipeline.job --workspace $(LONG_WORKSPACE) --params-override deploy/params.long.yaml
+	@$(ENV) python -m pipeline.runtime.job --workspace $(LONG_WORKSPACE) --params-override deploy/params.long.yaml
 
 pipeline-flickr8k: setup
-	@$(ENV) python -m pipeline.job --workspace $(FLICKR8K_WORKSPACE) --params-override deploy/params.flickr8k.yaml $(if $(STAGES),-- $(STAGES))
+	@$(ENV) python -m pipeline.runtime.job --workspace $(FLICKR8K_WORKSPACE) --params-override deploy/params.flickr8k.yaml $(if $(STAGES),-- $(STAGES))
 
 test: setup
 	@$(ENV) python -m pytest -m "not slow" --durations=25 $(PYTEST_ARGS)

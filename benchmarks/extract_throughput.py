@@ -120,8 +120,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from pipeline.activations.extract import extraction_plan
-    from pipeline.cluster import connect
     from pipeline.config import load_params
+    from pipeline.runtime.cluster import connect
 
     params = load_params(args.params)
     model_dir = (Path(params.train.out_dir) / args.variant).resolve()

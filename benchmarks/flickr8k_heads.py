@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from pipeline.clip.feature_cache import cached_split
-from pipeline.clip.train import train_in_process
+from pipeline.clip.recipe import train_in_process
 from pipeline.config import load_params
 from pipeline.data.shards import index_rows
-from pipeline.job import read_override
+from pipeline.runtime.job import read_override
 from pipeline.metrics import sparsity
 from pipeline.metrics.retrieval import retrieval_recall
 

@@ -112,7 +112,7 @@ def main() -> None:
     import torch
 
     from pipeline.clip.model import build_model
-    from pipeline.clip.train import load_val
+    from pipeline.clip.recipe import load_val
     from pipeline.config import load_params
     from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
 

@@ -123,38 +123,31 @@ def load(cache: Path, width: int) -> dict:
 # --------------------------------------------------------------------------- the metrics
 
 
-def run_metric(name: str, d: dict, topk=(1, 2, 4, 8, 16, 32), top_images: int = 8):
-    """One metric computation, as the metrics stage (evaluate.py) or the atlas (build.py) calls it."""
-    import scipy.sparse as sp
-
-    from pipeline import metrics as M
+def run_metric(name: str, d: dict, top_images: int = 8):
+    """One metric computation through the registry the metrics stage computes from
+    (:mod:`pipeline.metrics.registry`), with the stage's default parameters (tau, n_min, top-k
+    cuts), or the atlas's top images per feature as ``pipeline/atlas/build.py`` calls it."""
     from pipeline.atlas.naming import top_per_feature
-    from pipeline.clip.zeroshot import accuracy_from_scores, cosine_scores
-    from pipeline.metrics.evaluate import topk_cut_scores
+    from pipeline.config import MetricsParams
+    from pipeline.metrics import modality_summary
+    from pipeline.metrics.registry import Activations, compute
 
-    images, labels = d["images"], d["labels"]
-    if name == "sparsity":  # evaluate(): sparsity_summary; clarity_metrics(): active_pct_clarity
-        return {**M.sparsity_summary(images, n_min=2), "active_pct_clarity": 100 * M.active_fraction(images, 0.001, 2)}
-    if name == "clarity":  # clarity_metrics() and map_model() (per feature)
-        value, scores = M.clarity(images, d["reference"], tau=0.001, n_min=2, per_feature=True)
-        return {"clarity": value, "scored": int(np.isfinite(scores).sum())}
-    if name == "clarity_baseline":
-        return {"baseline": M.dataset_baseline(d["reference"])}
-    if name == "modality":  # modality_metrics(), map_model()
-        return M.modality_summary(M.modality_scores(images, d["texts"]))
-    if name == "feature_density":  # modality_metrics(), map_model(): on images and texts stacked
-        density = M.feature_density(sp.vstack([images, d["texts"]]).tocsr())
-        return {"mean_density": float(density.mean())}
-    if name == "zeroshot":  # zero_shot_metrics(): all features
-        return accuracy_from_scores(cosine_scores(images, d["classifier"]), labels)
-    if name in ("images_topk", "labels_topk"):  # zero_shot_metrics(): supp. Fig 2, every k of params.metrics.topk
-        cut = name
-        return {f"top1_at_{k}": accuracy_from_scores(topk_cut_scores(cut, images, d["classifier"], k), labels)["top1"]
-                for k in topk}
     if name == "atlas_top_images":  # name_features(): each feature's top images
-        rows, _ = top_per_feature(images, top_images)
+        rows, _ = top_per_feature(d["images"], top_images)
         return {"features_with_images": int((rows[:, 0] >= 0).sum())}
-    raise ValueError(f"unknown metric {name!r}")
+    if name == "clarity_baseline":  # part of the registry's clarity; timed alone for the fits
+        from pipeline.metrics import dataset_baseline
+
+        return {"baseline": dataset_baseline(d["reference"])}
+    x = Activations(d["images"], d["texts"], d["reference"], d["classifier"], d["labels"])
+    value = compute(name, x, MetricsParams())
+    if name == "modality":
+        return modality_summary(value)
+    if name == "feature_density":
+        return {"mean_density": float(value.mean())}
+    if name in ("labels_topk", "images_topk"):
+        return {f"top1_at_{k}": acc for k, acc in value.items()}
+    return value
 
 
 def _rss() -> int:

@@ -193,8 +193,8 @@ def finish(run: dict, records: int, reference: dict | None) -> dict:
 
 def measure(records: int, per_tar: int, pool: int, shard_size: int, task_cpus: list[float],
             cluster_cpus: int = 2, work: Path | None = None) -> dict:
-    from pipeline.cluster import connect
     from pipeline.config import RayParams
+    from pipeline.runtime.cluster import connect
 
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="sample-bench-")) if own else work

@@ -7,7 +7,7 @@ Both contrastive losses then see what a real worker sees:
 * :func:`clip_loss` is open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)`` itself,
   its all_gather replaced by a concatenation of the blocks, so the gathered
   ``global x width`` matrices (and, in backward, their gradients) live as they would;
-* :func:`tiled_loss` is :func:`pipeline.clip.loss.tiled_clip_loss`, the code of TiledClipLoss's ring,
+* :func:`tiled_loss` is :func:`pipeline.clip.tiled_loss.tiled_clip_loss`, the code of TiledClipLoss's ring,
   which makes the blocks one at a time in forward and again in backward.
 
 :class:`SimulatedContrastive` wraps either as the contrastive term of
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch import nn
 
-from pipeline.clip.loss import LOSSES, Pair, tiled_clip_loss
+from pipeline.clip.loss import LOSSES
+from pipeline.clip.tiled_loss import Pair, tiled_clip_loss
 
 
 def make_block(index: int, rows: int, width: int, density: float, device: str | torch.device,

@@ -1,6 +1,6 @@
 """Sparse transport measured: dense vs (index, value) block shifts of the tiled loss, on gloo.
 
-The tiled loss (:class:`pipeline.clip.loss.TiledClipLoss`) moves each worker's embedding block,
+The tiled loss (:class:`pipeline.clip.tiled_loss.TiledClipLoss`) moves each worker's embedding block,
 ``cat(image, text)`` = ``2 x local_b x width``, one hop round a ring per step of its loop; with
 ``train.sparse_transport_density`` set, a block sparser than that travels as flat int32 indices +
 fp32 values (:class:`pipeline.clip.transport.Transport`). This benchmark spawns ``--workers`` gloo

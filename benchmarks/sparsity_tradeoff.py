@@ -59,7 +59,7 @@ def measure(name: str, overrides: dict, params_path: str, arrays: dict, val: dic
     metrics stage counts them (:func:`pipeline.metrics.sparsity_summary`)."""
     import torch
 
-    from pipeline.clip.train import train_in_process
+    from pipeline.clip.recipe import train_in_process
     from pipeline.config import load_params
     from pipeline.metrics import sparsity_summary
 
@@ -141,7 +141,7 @@ def main() -> None:
     import torch
 
     from pipeline.clip.model import build_model
-    from pipeline.clip.train import load_val
+    from pipeline.clip.recipe import load_val
     from pipeline.config import load_params
     from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
 
@@ -155,7 +155,7 @@ def main() -> None:
     base = load_params(args.params, overrides=overrides)
     data_dir = base.sample.out_dir
     if not (Path(data_dir) / "manifest.json").is_file():  # sample the overridden source first
-        from pipeline.cluster import connect
+        from pipeline.runtime.cluster import connect
         from pipeline.data.sampling import run_sample
 
         connect(base.ray)

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from pipeline.io import write_json
-from pipeline.stage_server import SERVER_ENV, STAGES, warm_stage_server
+from pipeline.runtime.stage_server import SERVER_ENV, warm_stage_server
+from stages import STAGES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parent.parent
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(RESULTS / "stage_startup_cpu.json"))
     args = parser.parse_args(argv)
     cold_env = {k: v for k, v in os.environ.items() if k != SERVER_ENV}
-    with tempfile.TemporaryDirectory(prefix="warm-") as folder, warm_stage_server(folder, {}) as warm:
+    with tempfile.TemporaryDirectory(prefix="warm-") as folder, warm_stage_server(folder, {}, "stages") as warm:
         warm_env = {**cold_env, **warm}
         started = time.perf_counter()
         while not Path(warm[SERVER_ENV]).exists():

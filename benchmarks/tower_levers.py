@@ -46,7 +46,7 @@ def measure(name: str, overrides: dict, params_path: str, arrays: dict, val: dic
             eval_every: int, base_overrides: dict, batches=None) -> dict:
     """Train one setting; its curves (step, training seconds, each family's top-1, R@1).
     ``batches``: the epoch's batch order (:func:`pipeline.clip.train.train_in_process`'s hook)."""
-    from pipeline.clip.train import train_in_process
+    from pipeline.clip.recipe import train_in_process
     from pipeline.config import load_params
 
     overrides = dict(overrides)
@@ -111,7 +111,7 @@ def main() -> None:
     import torch
 
     from pipeline.clip.model import build_model
-    from pipeline.clip.train import load_val
+    from pipeline.clip.recipe import load_val
     from pipeline.config import load_params
     from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
 

@@ -43,7 +43,7 @@ def measure(arch: str, expansion: int, loss: str, args) -> dict:
     from benchmarks.simulated import SimulatedContrastive, generation_ms, other_blocks
     from pipeline.clip.loss import SparseClipObjective
     from pipeline.clip.model import build_model
-    from pipeline.clip.train import make_optimizer
+    from pipeline.clip.recipe import make_optimizer
     from pipeline.config import ModelParams, OptimParams
 
     cuda = args.device == "cuda"

@@ -30,7 +30,7 @@ def measure(arch: str | None, expansion: int, batch: int, steps: int, warmup: in
 
     from pipeline.clip.loss import SparseClipObjective
     from pipeline.clip.model import build_model
-    from pipeline.clip.train import make_optimizer
+    from pipeline.clip.recipe import make_optimizer
     from pipeline.config import ModelParams, OptimParams
 
     params = ModelParams(arch=arch, expansion=expansion, activation="none" if expansion == 0 else "relu",

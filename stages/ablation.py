@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cli import run_stage, stage_parser
 from pipeline.clip.ablation import (
     flat_metrics,
     plot_panels,
@@ -14,7 +13,8 @@ from pipeline.clip.ablation import (
 )
 from pipeline.config import load_params
 from pipeline.io import write_json
-from pipeline.tracking import stage_run
+from pipeline.runtime.cli import run_stage, stage_parser
+from pipeline.runtime.tracking import stage_run
 
 
 def ablation(args) -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.atlas.build import build_atlas
-from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
-from pipeline.tracking import stage_run
+from pipeline.runtime.cli import run_stage, stage_parser
+from pipeline.runtime.tracking import stage_run
 
 
 def atlas(args) -> None:

@@ -9,9 +9,9 @@ output folder outside the project) stops the run before anything is deleted or e
 
 from __future__ import annotations
 
-from pipeline.cli import run_stage, stage_parser
 from pipeline.config import CHECKED_PARAMS, checked_params_record, load_params
 from pipeline.io import write_json
+from pipeline.runtime.cli import run_stage, stage_parser
 
 
 def check_params(args) -> None:

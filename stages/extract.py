@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.activations.extract import run_extraction
-from pipeline.cli import run_stage, stage_parser
-from pipeline.cluster import connect
 from pipeline.config import load_params
-from pipeline.tracking import stage_run
+from pipeline.runtime.cli import run_stage, stage_parser
+from pipeline.runtime.cluster import connect
+from pipeline.runtime.tracking import stage_run
 
 
 def extract(args) -> None:

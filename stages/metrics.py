@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
 from pipeline.io import write_json
 from pipeline.metrics.evaluate import evaluate
-from pipeline.tracking import stage_run
+from pipeline.runtime.cli import run_stage, stage_parser
+from pipeline.runtime.tracking import stage_run
 
 
 def metrics(args) -> None:

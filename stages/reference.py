@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pipeline.activations.reference import run_reference
-from pipeline.cli import run_stage, stage_parser
-from pipeline.cluster import connect
 from pipeline.config import load_params
-from pipeline.tracking import stage_run
+from pipeline.runtime.cli import run_stage, stage_parser
+from pipeline.runtime.cluster import connect
+from pipeline.runtime.tracking import stage_run
 
 
 def reference(args) -> None:

@@ -1,11 +1,11 @@
-"""DVC stage ``report`` (and ``python -m pipeline.report``): the paper's tables and overlaid
+"""DVC stage ``report`` (also by hand: ``python -m stages report --runs ...``): the paper's tables and overlaid
 training curves comparing models, runs or DVC experiments, in ``reports/comparison/``, logged to
 MLflow as a ``report`` run whose description is the Markdown report.
 
-    python -m pipeline.report                          # latest run of each stage+variant
-    python -m pipeline.report --runs RUN_ID [RUN_ID ...]
-    python -m pipeline.report --experiment NAME
-    python -m pipeline.report --dvc-exps EXP [EXP ...]  # experiments of `dvc exp run`
+    python -m stages report                          # latest run of each stage+variant
+    python -m stages report --runs RUN_ID [RUN_ID ...]
+    python -m stages report --experiment NAME
+    python -m stages report --dvc-exps EXP [EXP ...]  # experiments of `dvc exp run`
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipeline.cli import run_stage, stage_parser
 from pipeline.config import ReportParams, load_params
 from pipeline.report import collect, describe, write_report
 from pipeline.report.ablation import fetch_ablation
 from pipeline.report.claims import verdict_counts
-from pipeline.tracking import stage_run, tracking_uri
+from pipeline.runtime.cli import run_stage, stage_parser
+from pipeline.runtime.tracking import stage_run, tracking_uri
 
 NOTE_CHARS = 7500  # MLflow tag values stop at 8000 characters
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
 from pipeline.data.sampling import run_sample
-from pipeline.tracking import stage_run
+from pipeline.runtime.cli import run_stage, stage_parser
+from pipeline.runtime.tracking import stage_run
 
 METRICS = Path("metrics/sample.json")
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pipeline.activations.tower_cache import run_feature_cache
-from pipeline.cli import run_stage, stage_parser
-from pipeline.cluster import connect
 from pipeline.config import load_params
-from pipeline.tracking import stage_run
+from pipeline.runtime.cli import run_stage, stage_parser
+from pipeline.runtime.cluster import connect
+from pipeline.runtime.tracking import stage_run
 
 
 def tower_cache(args) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cli import run_stage, stage_parser
+from pipeline.runtime.cli import run_stage, stage_parser
 from pipeline.clip.model import clip_config
 from pipeline.clip.train import run_training, training_identity, training_lock, training_section
 from pipeline.config import load_params
 from pipeline.plots import plot_curves, write_curve_csv
-from pipeline.tracking import metric_curves, stage_run, tracking_uri
+from pipeline.runtime.tracking import metric_curves, stage_run, tracking_uri
 
 PANELS = [
     ["train/loss", "train/contrastive_loss"],

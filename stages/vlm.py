@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
 from pipeline.data.loading import ClipBatchPreprocessor
 from pipeline.io import write_json
-from pipeline.tracking import stage_run, tracking_uri
+from pipeline.runtime.cli import run_stage, stage_parser
+from pipeline.runtime.tracking import stage_run, tracking_uri
 from pipeline.vlm.evaluate import answer_all, qa_metrics
 from pipeline.vlm.train import load_vlm, qa_examples, run_vlm_training
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cli import run_stage, stage_parser
 from pipeline.config import load_params
 from pipeline.io import write_json
-from pipeline.tracking import stage_run
+from pipeline.runtime.cli import run_stage, stage_parser
+from pipeline.runtime.tracking import stage_run
 from pipeline.vocab import build_vocabulary, cscore_sample, noun_words, sbert_embeddings
 
 

@@ -41,8 +41,8 @@ def ray_local():
     """One local Ray cluster for the whole session (starting Ray costs seconds)."""
     import ray
 
-    from pipeline.cluster import connect
     from pipeline.config import RayParams
+    from pipeline.runtime.cluster import connect
 
     connect(RayParams(num_cpus=2))
     yield ray

@@ -27,7 +27,7 @@ if __name__ == "__main__":
 
 from ray.cluster_utils import Cluster
 
-from pipeline.shared_cluster import free_port
+from pipeline.runtime.shared_cluster import free_port
 
 NODE = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "object_store_memory": 200 * 1024**2}
 

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.clip.ablation import grid, point_model, summarise, trend_checks
 from pipeline.config import AblationParams, ModelParams
 from pipeline.report.ablation import fetch_ablation
-from pipeline.tracking import tracking_uri
+from pipeline.runtime.tracking import tracking_uri
 
 from .conftest import REPO
 from .tiny import sampled_tiny_params
@@ -126,7 +126,7 @@ def test_ablation_stage_trains_every_point_and_the_report_shows_it(workdir, ray_
 
 def test_gpu_ablation_is_one_override_file_away():
     from pipeline.config import load_params
-    from pipeline.job import read_override
+    from pipeline.runtime.job import read_override
 
     params = load_params(REPO / "params.yaml", read_override(REPO / "deploy" / "params.ablation-gpu.yaml"))
     assert params.ablation.use_gpu and params.train.model.arch == "ViT-B-32" and params.sample.source.kind == "csv"

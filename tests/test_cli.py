@@ -10,7 +10,7 @@ from .conftest import REPO
 
 
 def test_submit_to_an_address_where_no_cluster_answers(capsys):
-    from pipeline.submit import main
+    from pipeline.runtime.submit import main
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -19,7 +19,7 @@ def test_submit_to_an_address_where_no_cluster_answers(capsys):
         main(["--address", address, "--project", str(REPO), "--no-wait"])
     assert exit_.value.code == 2
     [line] = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"python -m pipeline.submit: error: no Ray Jobs API at {address}")
+    assert line.startswith(f"python -m pipeline.runtime.submit: error: no Ray Jobs API at {address}")
 
 
 def test_a_stage_names_a_missing_params_file(capsys, tmp_path):

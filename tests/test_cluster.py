@@ -22,8 +22,8 @@ from ray.exceptions import AuthenticationError
 
 from pipeline.clip.model import clip_config
 from pipeline.config import ParamsError, load_params
-from pipeline.job import apply_overrides, materialise, ray_excludes, read_override
-from pipeline.submit import build_job, client, ray_job_submit_command
+from pipeline.runtime.job import apply_overrides, materialise, ray_excludes, read_override
+from pipeline.runtime.submit import build_job, client, ray_job_submit_command
 
 from .conftest import REPO
 
@@ -52,7 +52,7 @@ def test_job_uploads_code_only_and_carries_storage_mlflow_and_commit():
     spec = build_job(REPO, ["train@sparse"], workspace="/mnt/shared/ws", params_override="deploy/params.paper.yaml",
                      storage_path="s3://bucket/ray", mlflow_uri="http://mlflow:5000", git_commit="abc123",
                      submission_id="sc-1")
-    assert spec.entrypoint == ("python -m pipeline.job --workspace /mnt/shared/ws "
+    assert spec.entrypoint == ("python -m pipeline.runtime.job --workspace /mnt/shared/ws "
                                "--params-override deploy/params.paper.yaml -- train@sparse")
     assert spec.runtime_env["working_dir"] == str(REPO)
     assert {"/.venv", "/.git", "/.dvc/cache", "/data", "/models", "/mlruns", "/mlflow.db"} <= set(
@@ -63,7 +63,7 @@ def test_job_uploads_code_only_and_carries_storage_mlflow_and_commit():
                                             "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
     command = ray_job_submit_command(spec, "http://head:8265")
     assert command.startswith("ray job submit --address http://head:8265 --submission-id sc-1")
-    assert command.endswith("-- python -m pipeline.job --workspace /mnt/shared/ws "
+    assert command.endswith("-- python -m pipeline.runtime.job --workspace /mnt/shared/ws "
                             "--params-override deploy/params.paper.yaml -- train@sparse")
 
 
@@ -111,7 +111,7 @@ def test_deploy_manifests_agree_with_the_paper_params():
     gpus = sum(int(g["replicas"]) * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
                for g in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"])
     assert gpus == params.train.num_workers
-    assert "pipeline.job" in rayjob["spec"]["entrypoint"] and "deploy/params.paper.yaml" in rayjob["spec"]["entrypoint"]
+    assert "pipeline.runtime.job" in rayjob["spec"]["entrypoint"] and "deploy/params.paper.yaml" in rayjob["spec"]["entrypoint"]
     assert yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])["excludes"] == ray_excludes()
     launcher = yaml.safe_load((REPO / "deploy" / "cluster.paper.yaml").read_text())
     workers = launcher["available_node_types"]["gpu_8x"]
@@ -136,9 +136,27 @@ def test_workspace_keeps_outputs_and_gets_params(tmp_path):
     assert params.train.num_workers == 256 and params.ray.storage_path == "/nfs/ray"
 
 
+def test_processes_a_workspace_stage_starts_import_the_workspaces_code(tmp_path):
+    """A Ray worker's folder is not the workspace; with the project installed editable it would
+    import the checkout the workspace was copied from, unless the workspace comes first."""
+    import subprocess
+    import sys
+
+    from pipeline.runtime.job import workspace_env
+
+    workspace = tmp_path / "ws"
+    (workspace / "pipeline").mkdir(parents=True)
+    (workspace / "pipeline" / "__init__.py").write_text("")
+    elsewhere = tmp_path / "worker-folder"
+    elsewhere.mkdir()
+    found = subprocess.run([sys.executable, "-c", "import pipeline; print(pipeline.__file__)"], cwd=elsewhere,
+                           env=workspace_env(workspace), capture_output=True, text=True, check=True).stdout.strip()
+    assert found == str(workspace / "pipeline" / "__init__.py")
+
+
 def test_a_job_driver_does_not_repeat_the_jobs_env_vars(monkeypatch):
     """Ray refuses to merge a driver's runtime_env with its job's when both set one variable."""
-    from pipeline import cluster
+    from pipeline.runtime import cluster
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////shared/mlflow.db")
     assert cluster._worker_env()["MLFLOW_TRACKING_URI"] == "sqlite:////shared/mlflow.db"
@@ -153,7 +171,7 @@ def test_one_machine_workers_start_no_preemption_watcher(ray_local):
     there (one process less per training) and left on for a cluster on the network."""
     import os
 
-    from pipeline import cluster
+    from pipeline.runtime import cluster
 
     @ray_local.remote(num_cpus=0.1)
     def switch():
@@ -168,7 +186,7 @@ def test_ray_workers_silence_only_the_placement_group_cleaners_state_api_warning
     training); every worker process starts with that one logger at ERROR, the others untouched."""
     import logging
 
-    from pipeline.cluster import NOISY_WORKER_LOGGERS
+    from pipeline.runtime.cluster import NOISY_WORKER_LOGGERS
 
     @ray_local.remote(num_cpus=0.1)
     def levels():
@@ -237,7 +255,7 @@ def test_submitted_pipeline_trains_on_both_nodes_and_logs_to_mlflow(two_nodes, r
     env = {**os.environ, "RAY_AUTH_TOKEN": two_nodes["token"], "SPARSECLIP_GIT_COMMIT": "cafe1234"}
     env.pop("MLFLOW_TRACKING_URI", None)
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.submit", "--address", two_nodes["dashboard"], "--project", str(repo_copy),
+        [sys.executable, "-m", "pipeline.runtime.submit", "--address", two_nodes["dashboard"], "--project", str(repo_copy),
          "--workspace", str(workspace), "--storage-path", str(storage), "--mlflow-uri", f"sqlite:///{db}",
          "--params-override", "tiny.yaml", "--submission-id", "sc-two-nodes", "--timeout", "420",
          "--", "train@sparse"],
@@ -272,13 +290,13 @@ def test_submitted_pipeline_trains_on_both_nodes_and_logs_to_mlflow(two_nodes, r
 def test_shared_cluster_runs_a_command_whose_ray_stages_join_it(tmp_path):
     """`make pipeline` wraps `dvc repro` in one loopback cluster: a child's connect() joins it (no new
     cluster), the child's exit status comes back, and nothing of the cluster is left behind."""
-    child = ("import json, os; from pipeline.cluster import connect; from pipeline.config import RayParams; "
+    child = ("import json, os; from pipeline.runtime.cluster import connect; from pipeline.config import RayParams; "
              "r = connect(RayParams(num_cpus=1)); "
              "print(json.dumps({'cpus': r['CPU'], 'loopback': 'node:127.0.0.1' in r, 'tmp': os.environ['RAY_TMPDIR']})); "
              "raise SystemExit(3)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     (tmp_path / "params.yaml").write_text("ray: {num_cpus: 2}\n")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.shared_cluster", sys.executable, "-c", child],
+    proc = subprocess.run([sys.executable, "-m", "pipeline.runtime.shared_cluster", sys.executable, "-c", child],
                           cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                           timeout=180)
     assert proc.returncode == 3, proc.stderr[-2000:]
@@ -290,7 +308,7 @@ def test_shared_cluster_runs_a_command_whose_ray_stages_join_it(tmp_path):
 def test_a_data_pool_that_leaves_no_cpu_for_its_feeders_fails_at_once(ray_local, monkeypatch):
     """ray.num_cpus: 1 with two 0.5-CPU actors read 0 rows for minutes: now one message naming
     the params and the cluster's CPUs, before Ray Data starts."""
-    from pipeline import cluster
+    from pipeline.runtime import cluster
 
     cluster.require_data_pool("extract", actors=2, task_cpus=0.5)  # 1.5 of the test cluster's 2 CPUs
     monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: {"CPU": 1.0})
@@ -306,7 +324,7 @@ def test_trainings_the_cluster_cannot_hold_fail_at_once_naming_what_is_missing(r
     import time
 
     from pipeline.clip.train import run_training
-    from pipeline.cluster import require_resources, worker_resources
+    from pipeline.runtime.cluster import require_resources, worker_resources
     from pipeline.config import load_params
 
     from .conftest import REPO
@@ -332,9 +350,9 @@ def test_trainings_the_cluster_cannot_hold_fail_at_once_naming_what_is_missing(r
 
 LISTENERS = r"""
 import json, sys, tempfile, psutil, ray
-from pipeline.cluster import connect
+from pipeline.runtime.cluster import connect
 from pipeline.config import load_params
-from pipeline.raytrain import make_trainer
+from pipeline.runtime.raytrain import make_trainer
 import ray.data
 
 def listeners(process):

@@ -64,7 +64,7 @@ def test_the_residual_tokens_of_a_stage_are_its_feature_map_after_their_mean():
 
 
 def test_a_conv_tower_trains_and_its_training_time_is_logged_without_evaluations():
-    from pipeline.clip.train import train_in_process
+    from pipeline.clip.recipe import train_in_process
     from pipeline.config import TrainParams
 
     data = {"image": torch.randn(16, 3, 64, 64).numpy(), "text": torch.randint(1, 99, (16, 8)).numpy()}

@@ -257,7 +257,7 @@ def test_topk_cuts_of_labels_and_of_images_against_brute_force():
     or each image's, scored by cosine similarity; checked against dense numpy."""
     import scipy.sparse as sp
 
-    from pipeline.metrics.evaluate import topk_cut_scores
+    from pipeline.metrics.registry import topk_cut_scores
 
     rng = np.random.default_rng(0)
     images = np.maximum(rng.normal(size=(20, 12)), 0)

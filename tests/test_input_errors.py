@@ -73,7 +73,7 @@ def test_report_names_an_unknown_dvc_experiment_whose_name_has_quotes(dvc_repo, 
     from mlflow.tracking import MlflowClient
 
     from pipeline.config import load_params
-    from pipeline.tracking import tracking_uri
+    from pipeline.runtime.tracking import tracking_uri
 
     # with the experiment present, the name reached MLflow's filter parser, which threw
     MlflowClient(tracking_uri()).create_experiment(load_params(REPO / "params.yaml").project.experiment)
@@ -89,7 +89,7 @@ def test_runs_of_a_dvc_experiment_whose_name_has_quotes_are_found(dvc_repo, work
 
     from pipeline.config import load_params
     from pipeline.report.sources import from_dvc_exps
-    from pipeline.tracking import stage_run, tracking_uri
+    from pipeline.runtime.tracking import stage_run, tracking_uri
 
     params = load_params(REPO / "params.yaml")
     for tag, loss in ((QUOTED, 1.0), ("other", 2.0)):
@@ -105,11 +105,11 @@ def test_runs_of_a_dvc_experiment_whose_name_has_quotes_are_found(dvc_repo, work
 
 
 def test_submit_names_an_address_that_is_no_url(capsys):
-    from pipeline.submit import main
+    from pipeline.runtime.submit import main
 
     line = expect_exit_2(main, ["--address", "not-a-url", "--project", str(REPO), "--no-wait"], capsys,
-                         "python -m pipeline.submit")
-    assert line.startswith("python -m pipeline.submit: error: no Ray Jobs API at not-a-url (")
+                         "python -m pipeline.runtime.submit")
+    assert line.startswith("python -m pipeline.runtime.submit: error: no Ray Jobs API at not-a-url (")
 
 
 class _NotRay(http.server.BaseHTTPRequestHandler):
@@ -131,7 +131,7 @@ class _NotRay(http.server.BaseHTTPRequestHandler):
 
 @pytest.mark.parametrize("status", [200, 404])
 def test_submit_names_an_address_that_answers_http_but_is_not_ray(capsys, status):
-    from pipeline.submit import main
+    from pipeline.runtime.submit import main
 
     handler = type("Handler", (_NotRay,), {"status": status})
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
@@ -139,33 +139,33 @@ def test_submit_names_an_address_that_answers_http_but_is_not_ray(capsys, status
         address = f"http://127.0.0.1:{server.server_address[1]}"
         try:
             line = expect_exit_2(main, ["--address", address, "--project", str(REPO), "--no-wait"], capsys,
-                                 "python -m pipeline.submit")
+                                 "python -m pipeline.runtime.submit")
         finally:
             server.shutdown()
-    assert line.startswith(f"python -m pipeline.submit: error: no Ray Jobs API at {address} (")
+    assert line.startswith(f"python -m pipeline.runtime.submit: error: no Ray Jobs API at {address} (")
 
 
 BAD_YAML = "train:\n  variants: {sparse: [1, 2}\n"
 
 
 def test_submit_names_a_params_override_that_is_not_yaml(capsys, tmp_path):
-    from pipeline.submit import main
+    from pipeline.runtime.submit import main
 
     project = tmp_path / "project"
     project.mkdir()
     shutil.copy(REPO / "params.yaml", project / "params.yaml")
     (project / "override.yaml").write_text(BAD_YAML)
     line = expect_exit_2(main, ["--project", str(project), "--params-override", "override.yaml", "--dry-run"],
-                         capsys, "python -m pipeline.submit")
+                         capsys, "python -m pipeline.runtime.submit")
     assert "override.yaml: not valid YAML: " in line and "line 2, column " in line
 
 
 def test_the_job_driver_names_a_params_override_that_is_not_yaml(capsys, tmp_path):
-    from pipeline.job import main
+    from pipeline.runtime.job import main
 
     (tmp_path / "override.yaml").write_text(BAD_YAML)
     line = expect_exit_2(main, ["--workspace", str(tmp_path / "ws"), "--params-override",
-                                str(tmp_path / "override.yaml")], capsys, "python -m pipeline.job")
+                                str(tmp_path / "override.yaml")], capsys, "python -m pipeline.runtime.job")
     assert "override.yaml: not valid YAML: " in line and "line 2, column " in line
     assert not (tmp_path / "ws").exists()  # refused before anything was copied
 

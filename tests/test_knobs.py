@@ -11,7 +11,7 @@ import torch
 
 from pipeline.clip.loss import SparseClipObjective
 from pipeline.clip.model import build_model
-from pipeline.clip.train import RecipeStep, lr_at, make_optimizer, param_groups
+from pipeline.clip.recipe import RecipeStep, lr_at, make_optimizer, param_groups
 from pipeline.config import ModelParams, OptimParams, load_params
 
 from .test_model_loss import batch, micro

@@ -396,7 +396,7 @@ def test_training_window_reports_what_the_metrics_compute_on_the_same_rows():
     metrics module's numbers on the concatenated batches, not a second definition."""
     import torch
 
-    from pipeline.clip.train import SparsityWindow
+    from pipeline.clip.recipe import SparsityWindow
 
     rng = np.random.default_rng(3)
     batches = [(sparse_relu(rng, 16, 40, fill=0.05), sparse_relu(rng, 16, 40, fill=0.1)) for _ in range(3)]
@@ -441,9 +441,9 @@ def test_keep_topk_in_blocks_matches_brute_force(monkeypatch, budget):
 
 def test_labels_topk_scores_equal_the_densified_classifier():
     """topk_cut_scores keeps the cut classifier sparse; the scores equal the dense product's."""
-    from pipeline.clip.zeroshot import cosine_scores
+    from pipeline.metrics.zeroshot import cosine_scores
     from pipeline.metrics._arrays import unit_sparse_rows
-    from pipeline.metrics.evaluate import topk_cut_scores
+    from pipeline.metrics.registry import topk_cut_scores
 
     rng = np.random.default_rng(13)
     images = sp.csr_matrix(sparse_relu(rng, 50, 30, fill=0.3).astype(np.float32))
@@ -491,7 +491,7 @@ def test_chunked_column_reductions_match_dense(monkeypatch, chunk):
 
 def test_cosine_scores_in_row_blocks_equal_one_pass(monkeypatch):
     """cosine_scores converts a block of rows at a time; the scores equal the one-pass product."""
-    from pipeline.clip import zeroshot
+    from pipeline.metrics import zeroshot
 
     rng = np.random.default_rng(15)
     a = sparse_relu(rng, 70, 25, fill=0.3).astype(np.float32)
@@ -538,7 +538,7 @@ def test_metrics_give_the_same_bits_on_several_threads(monkeypatch):
     """Clarity, cosine scores and keep_topk in many small blocks on 4 threads equal 1 thread."""
     import importlib
 
-    from pipeline.clip import zeroshot
+    from pipeline.metrics import zeroshot
     from pipeline.metrics import topk
     from pipeline.metrics._arrays import block_threads
 

@@ -11,7 +11,7 @@ import torch
 from pipeline.clip.loss import SparseClipObjective
 from pipeline.clip.model import build_model, load_model, save_model
 from pipeline.clip.towers import image_weights_file, load_image_weights
-from pipeline.clip.train import RecipeStep, make_optimizer
+from pipeline.clip.recipe import RecipeStep, make_optimizer
 from pipeline.config import ModelParams, OptimParams, load_params
 from pipeline.data.loading import ClipBatchPreprocessor
 
@@ -166,7 +166,7 @@ def test_finetune_preset_builds_from_a_local_checkpoint(tmp_path, monkeypatch):
     random one saved for the test), the paper's sparse heads and caps."""
     import open_clip
 
-    from pipeline.job import read_override
+    from pipeline.runtime.job import read_override
 
     torch.manual_seed(0)
     reference = open_clip.create_model("ViT-B-32", pretrained=None)
@@ -185,10 +185,24 @@ def test_finetune_preset_builds_from_a_local_checkpoint(tmp_path, monkeypatch):
         assert model.eval().encode_image(images).shape == (1, model.width)
 
 
+def preset_params(tmp_path, **overrides):
+    """deploy/params.flickr8k.yaml merged into params.yaml as `make pipeline-flickr8k` merges it."""
+    import shutil
+
+    from pipeline.runtime.job import apply_overrides, read_override
+
+    params_file = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params_file)
+    apply_overrides(params_file, read_override(REPO / "deploy" / "params.flickr8k.yaml"))
+    return load_params(params_file, overrides=overrides)
+
+
 @pytest.mark.integration
-def test_tower_cache_stage_trains_and_extracts_from_cached_features(tmp_path, ray_local):
-    """The tower_cache stage on a tiny sample: the cached rows are what the towers compute; training
-    from them runs in Ray Train; extraction's activations with the cache equal those without."""
+@pytest.mark.flickr
+def test_preset_slice_caches_trains_and_extracts_from_cached_features(tmp_path, ray_local, flickr_dir):
+    """The Flickr8k preset on a 300-pair slice: the tower_cache stage's rows are what the towers
+    compute; training from them runs in Ray Train; extraction's activations with the cache equal
+    those without."""
     from pipeline.activations.extract import SparseEncoder
     from pipeline.activations.tower_cache import run_feature_cache
     from pipeline.clip.feature_cache import FeatureCache, cached_split
@@ -197,19 +211,17 @@ def test_tower_cache_stage_trains_and_extracts_from_cached_features(tmp_path, ra
     from pipeline.data.loading import load_split_arrays
     from pipeline.data.sampling import run_sample
 
-    params = load_params(REPO / "params.yaml", overrides={
-        "sample.source.generator.num_records": 96, "sample.shard_size": 48, "sample.out_dir": str(tmp_path / "data"),
-        "train.model": pretrained().model_dump(mode="json"),
-        "train.variants": {"sparse": {"logit_scale_cap": 50}}, "sae.source_variant": "sparse",
-        "vlm.variants": ["sparse"], "steer.variant": "sparse", "atlas.heatmap_models": ["sparse"],
-        "train.global_batch_size": 16, "train.epochs": 1, "train.eval_every": 2, "train.log_every": 1,
-        "train.feature_cache_dir": str(tmp_path / "cache"), "train.out_dir": str(tmp_path / "models"),
-        "ray.storage_path": str(tmp_path / "ray_results"),
+    params = preset_params(tmp_path, **{
+        "sample.source.path": str(flickr_dir / "captions.csv"), "sample.source.image_root": str(flickr_dir / "images"),
+        "sample.n": 300, "sample.shard_size": 100, "sample.out_dir": str(tmp_path / "data"),
+        "train.global_batch_size": 32, "train.epochs": 1, "train.eval_every": 4, "train.log_every": 1,
+        "train.val_images": 32, "train.feature_cache_dir": str(tmp_path / "cache"),
+        "train.out_dir": str(tmp_path / "models"), "ray.storage_path": str(tmp_path / "ray_results"),
     })
     run_sample(params.sample, RayParams(num_cpus=2))
     manifest = run_feature_cache(params.train.model, params.sample.out_dir, params.train.feature_cache_dir,
                                  ExtractParams(batch_size=32, actors=1), 0.5)
-    assert manifest["cached"] and manifest["rows"]["texts"] == 96
+    assert manifest["cached"] and manifest["rows"]["texts"] == 300
     assert FeatureCache.available(params.train.feature_cache_dir, params.train.model_for("sparse"))
 
     model = build_model(params.train.model_for("sparse")).eval()
@@ -243,17 +255,10 @@ def test_tower_cache_stage_trains_and_extracts_from_cached_features(tmp_path, ra
 def test_flickr8k_preset_drops_sparse_avg_where_dvc_reads_it(tmp_path):
     """The preset's `sparse_avg: null` removes the variant from the written params file, so DVC's
     foreach makes no stage for it; the rest is the real-photo recipe."""
-    import shutil
-
     import yaml
 
-    from pipeline.job import apply_overrides, read_override
-
-    params_file = tmp_path / "params.yaml"
-    shutil.copy(REPO / "params.yaml", params_file)
-    apply_overrides(params_file, read_override(REPO / "deploy" / "params.flickr8k.yaml"))
-    assert set(yaml.safe_load(params_file.read_text())["train"]["variants"]) == {"dense", "sparse", "sparse_plus"}
-    params = load_params(params_file)
+    params = preset_params(tmp_path)
+    assert set(yaml.safe_load((tmp_path / "params.yaml").read_text())["train"]["variants"]) == {"dense", "sparse", "sparse_plus"}
     model = params.train.model_for("sparse")
     assert model.towers.image == "efficientnet-lite0" and model.lock.image and model.lock.text
     assert params.reference.encoder != model.towers.image  # Clarity is judged by another encoder

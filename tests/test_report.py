@@ -20,7 +20,7 @@ from pipeline.report.sources import (
     models_from_metric_files,
 )
 from pipeline.report.tables import build_tables, clarity_reference, scale_at_cap, towers
-from pipeline.tracking import stage_run, tracking_uri
+from pipeline.runtime.tracking import stage_run, tracking_uri
 from stages.report import main as report_main
 
 from .conftest import REPO
@@ -202,7 +202,7 @@ import sys
 
 from pipeline.config import load_params
 from pipeline.io import write_json
-from pipeline.tracking import stage_run
+from pipeline.runtime.tracking import stage_run
 
 params = load_params()
 variant = sys.argv[1]
@@ -254,7 +254,7 @@ def test_two_dvc_experiments_with_different_caps_side_by_side(repo_copy):
     for name, cap in (("cap20", 20), ("cap50", 50)):
         run(repo_copy, "dvc", "exp", "run", "-n", name, "-S", f"train.variants.sparse.logit_scale_cap={cap}")
 
-    run(repo_copy, sys.executable, "-m", "pipeline.report", "--dvc-exps", "cap20", "cap50", "--out-dir", "reports/cmp")
+    run(repo_copy, sys.executable, "-m", "stages", "report", "--dvc-exps", "cap20", "cap50", "--out-dir", "reports/cmp")
     md = (repo_copy / "reports" / "cmp" / "comparison.md").read_text()
     assert "| train.variants.sparse.logit_scale_cap | 20 | 50 |" in md  # the params that differ
     assert "| cap20 / sparse | inline | 32 | relu | cls | 20.0 |" in md and "| cap50 / sparse | inline | 32 | relu |" in md

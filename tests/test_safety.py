@@ -193,7 +193,7 @@ def test_every_stage_depends_on_the_params_check():
 
 def test_make_pipeline_refuses_bad_params_in_one_line(repo_copy):
     set_params(repo_copy, **{"train.epochs": -1})
-    done = subprocess.run([sys.executable, "-m", "pipeline.shared_cluster", "true"], cwd=repo_copy,
+    done = subprocess.run([sys.executable, "-m", "pipeline.runtime.shared_cluster", "true"], cwd=repo_copy,
                           env=stage_env(repo_copy), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "train.epochs = -1" in done.stderr

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import stage_server
-from pipeline.stage_server import SERVER_ENV, WarmState, _refusal
+from pipeline.runtime import stage_server
+from pipeline.runtime.stage_server import SERVER_ENV, WarmState, _refusal
 
 from .conftest import REPO
 
 SERVER = """
 import json, os, sys, time
-from pipeline.stage_server import serve, run_forked_stage
-request = serve(sys.argv[1], ["stages.report"])
+from pipeline.runtime.stage_server import serve, run_forked_stage
+request = serve(sys.argv[1], "stages", ["stages.report"])
 if request.args[:1] == ["--probe-env"]:
     print(json.dumps({"cwd": os.getcwd(), "pid": os.getpid(), "pgid": os.getpgid(0),
                       "env": {k: os.environ.get(k) for k in request.args[1:]}}), flush=True)
@@ -52,7 +52,7 @@ def server(folder):
     """A server on a socket in a private folder, and the environment that sends stages to it."""
     address = str(folder / "stages.sock")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("MLFLOW_DISABLE_TELEMETRY", None)  # pipeline.tracking sets it when imported: the child must too
+    env.pop("MLFLOW_DISABLE_TELEMETRY", None)  # pipeline.runtime.tracking sets it when imported: the child must too
     log = folder / "server.log"  # the server's and its supervisors' own output
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-c", SERVER, address], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
@@ -152,7 +152,7 @@ def test_refused_when_a_module_changed_another_checkout_asks_or_the_environment_
     module = tmp_path / "m.py"
     module.write_text("x = 1\n")
     env = {"HOME": "/root", "PWD": "/a", "DVC_ROOT": "/b", "PS1": "(.venv) $ "}
-    warm = WarmState({str(module): os.stat(module).st_mtime}, "/repo/stages", env, {})
+    warm = WarmState({str(module): os.stat(module).st_mtime}, "/repo/stages", ("train",), env, {})
     client = {k: v for k, v in env.items() if k != "PS1"}  # DVC's non-interactive shell drops the prompt
     request = {"stage": "train", "package": "/repo/stages", "env": {**client, "PWD": "/c", "SHLVL": "2"}}
     assert _refusal(request, warm) is None  # per-command variables do not count

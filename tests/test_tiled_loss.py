@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from benchmarks import simulated
-from pipeline.clip.loss import SparseClipObjective, TiledClipLoss, tiled_clip_loss
+from pipeline.clip.loss import SparseClipObjective
+from pipeline.clip.tiled_loss import TiledClipLoss, tiled_clip_loss
 from pipeline.clip.model import build_model
 from tests.test_model_loss import batch, micro
 

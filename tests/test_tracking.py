@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_params
-from pipeline.tracking import (
+from pipeline.runtime.tracking import (
     LINEAGE_FILE,
     SMALL_ARTIFACT_BYTES,
     numbers_of,
@@ -92,7 +92,7 @@ def test_an_unreachable_tracking_server_fails_a_stage_in_seconds_with_one_line(w
     import socket
     import time
 
-    from pipeline.tracking import TrackingUnreachable, require_reachable
+    from pipeline.runtime.tracking import TrackingUnreachable, require_reachable
     from stages.vocab import main
 
     with socket.socket() as sock:  # a port nothing listens on
@@ -116,7 +116,7 @@ def test_a_healthy_tracking_server_passes_the_check():
     import http.server
     import threading
 
-    from pipeline.tracking import require_reachable
+    from pipeline.runtime.tracking import require_reachable
 
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):

@@ -11,8 +11,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.clip.model import load_model
-from pipeline.clip.train import evolution_steps, lr_at, run_training
-from pipeline.tracking import stage_run, tracking_uri
+from pipeline.clip.recipe import evolution_steps, lr_at
+from pipeline.clip.train import run_training
+from pipeline.runtime.tracking import stage_run, tracking_uri
 
 from .tiny import sampled_tiny_params
 
@@ -62,12 +63,17 @@ def test_cached_workers_decode_disjoint_equal_slices_of_the_split_in_a_fixed_ord
         load_split_arrays(workdir, "train", pre, part=(3, 3))
 
 
-def test_two_workers_train_resume_after_a_failure_and_log_each_step_once(tiny_params, workdir):
-    """One run covers it all (Ray Train start-up costs ~20 s): rank 1 dies at step 5 once."""
+def test_two_workers_train_resume_after_a_failure_and_log_each_step_once(tiny_params, workdir, monkeypatch):
+    """One run covers it all (Ray Train start-up costs ~20 s): rank 1 dies at step 5 once (the
+    worker's fault injection, asked for through its loop config)."""
+    from pipeline.clip import train
+
     marker = workdir / "failed-once"
+    plain = train.worker_config
+    monkeypatch.setattr(train, "worker_config", lambda *args: {
+        **plain(*args), "fault": {"step": 5, "rank": 1, "marker": str(marker)}})
     with stage_run(tiny_params, "train", variant="sparse") as run:
-        outcome = run_training(tiny_params, "sparse", run_id=run.run_id, tracking_uri=tracking_uri(),
-                               fail_once={"step": 5, "rank": 1, "marker": str(marker)})
+        outcome = run_training(tiny_params, "sparse", run_id=run.run_id, tracking_uri=tracking_uri())
     assert marker.exists(), "the injected failure did not happen"
     losses = history(run.run_id, "train/loss")
     steps = [s for s, _ in losses]
@@ -162,7 +168,7 @@ def test_orphaned_runs_are_closed_and_a_matching_one_is_continued(workdir):
     from mlflow.entities import RunStatus
 
     from pipeline.config import load_params
-    from pipeline.tracking import close_orphans, experiment_id
+    from pipeline.runtime.tracking import close_orphans, experiment_id
 
     from .conftest import REPO
 

@@ -6,11 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.clip.zeroshot import constant_accuracy, labelled_rows, zero_shot_accuracy
 from pipeline.data.concepts import concept_ids
 from pipeline.data.evalsets import LABELS, ZERO_SHOT_TASKS, _tasks_for, zero_shot_label
 from pipeline.data.generator import render_record
 from pipeline.data.records import Record
+from pipeline.metrics.zeroshot import (
+    constant_accuracy,
+    labelled_rows,
+    zero_shot_accuracy,
+)
 
 
 def records(n: int = 200) -> list[Record]:

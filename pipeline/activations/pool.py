@@ -71,7 +71,7 @@ def _encode(label: str, pending: dict[str, InputSet], out_dir: Path, fingerprint
     the stage before any encoding, not after it."""
     from ray.data import ActorPoolStrategy
 
-    from pipeline.cluster import require_data_pool
+    from pipeline.runtime.cluster import require_data_pool
 
     for name in pending:
         check_output_dir(_set_dir(out_dir, name))

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
 import scipy.sparse as sp
+
+if TYPE_CHECKING:  # a type only: the metrics that use this geometry install without pyarrow
+    import pyarrow as pa
 
 
 def token_grids(meta: pa.Table, activations: sp.csr_matrix) -> dict[str, sp.csr_matrix]:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from pipeline import metrics as M
 from pipeline.activations.sparse_io import evolution_set
+from pipeline.activations.store import ActivationSet, aligned_reference
 from pipeline.activations.tokens import heatmap, token_grids
 from pipeline.atlas import figures, site
 from pipeline.atlas.evolution import evolution_summary, evolution_table
@@ -41,7 +42,6 @@ from pipeline.config import Params
 from pipeline.data.captions import words_by_group
 from pipeline.data.concepts import COLOURS, SHAPES, SYNONYMS, concept_ids
 from pipeline.data.shards import caption_rows, read_split
-from pipeline.metrics.evaluate import ActivationSet, aligned_reference
 
 log = logging.getLogger(__name__)
 

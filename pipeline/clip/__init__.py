@@ -1,9 +1,12 @@
-"""The method: Sparse CLIP's model, its contrastive objective, the training loop and zero-shot.
+"""The method: Sparse CLIP's model, its contrastive objective and its training.
 
 :mod:`~pipeline.clip.model` (open_clip's CLIP with wide sparse heads and a capped logit scale),
-:mod:`~pipeline.clip.loss` (open_clip's ClipLoss and the exact memory-bounded tiled ring loss),
-:mod:`~pipeline.clip.train` (the Ray Train loop, its knobs, checkpoints and metric sink),
-:mod:`~pipeline.clip.zeroshot` (prompt-ensembled classifiers) and
+:mod:`~pipeline.clip.towers` (pretrained towers that work offline, and locking them),
+:mod:`~pipeline.clip.loss` (the objective: open_clip's ClipLoss, plus L1 for that ablation),
+:mod:`~pipeline.clip.tiled_loss` (the same loss and gradients in memory independent of the batch),
+:mod:`~pipeline.clip.recipe` (the training recipe in torch alone: schedule, step, logging),
+:mod:`~pipeline.clip.worker` and :mod:`~pipeline.clip.train` (the Ray Train worker loop and its driver),
+:mod:`~pipeline.clip.feature_cache` (training on the locked towers' cached outputs) and
 :mod:`~pipeline.clip.ablation` (the paper's Fig 2a-c sweep). Nothing is imported here, so a
 reader of one module does not pay for the others.
 """

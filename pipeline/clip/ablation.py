@@ -114,7 +114,7 @@ def run_point(point: Point, base: ModelParams, train: TrainParams, params: Ablat
     """Train one point in this process; its curves and final values."""
     import torch
 
-    from pipeline.clip.train import train_in_process
+    from pipeline.clip.recipe import train_in_process
 
     torch.set_num_threads(params.threads_per_task)
     device = torch.device("cuda" if params.use_gpu and torch.cuda.is_available() else "cpu")
@@ -148,8 +148,8 @@ def run_ablation(params: Params, data_dir: str | Path) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     from pipeline.clip.model import build_model
-    from pipeline.clip.train import load_val
-    from pipeline.cluster import connect
+    from pipeline.clip.recipe import load_val
+    from pipeline.runtime.cluster import connect
     from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
 
     ablation = params.ablation

@@ -110,7 +110,7 @@ def _sample_into(params: SampleParams, ray_params: RayParams) -> dict[str, Any]:
     """Build every shard into ``params.out_dir`` with one Ray Data task each; the merged manifest."""
     import ray
 
-    from pipeline.cluster import connect
+    from pipeline.runtime.cluster import connect
 
     source = make_source(params.source)
     refs = source.refs()

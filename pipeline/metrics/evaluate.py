@@ -1,7 +1,7 @@
 """The paper's quantitative evaluation of one model, from its extracted activations.
 
 Everything is computed from the Parquet sets the extract stage wrote, with the plain functions
-of :mod:`pipeline.metrics` and :mod:`pipeline.clip.zeroshot`, so a dense baseline, a Sparse CLIP
+of :mod:`pipeline.metrics` (zero-shot scoring: :mod:`.zeroshot`), read through :mod:`pipeline.activations.store`, so a dense baseline, a Sparse CLIP
 variant and (later) an SAE are measured by the same code:
 
 - sparsity (Tab 3a): L0 of images and texts, active features, dead features, density;
@@ -28,49 +28,21 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from pipeline import metrics as M
-from pipeline.activations.sparse_io import read_activations, read_reference
+from pipeline.activations.store import ActivationSet, aligned_reference
 from pipeline.activations.tokens import token_grids
-from pipeline.clip.zeroshot import (
-    accuracy_from_scores,
-    classifier_from_prompts,
-    cosine_scores,
-    labelled_rows,
-    zero_shot_accuracy,
-)
 from pipeline.config import MetricsParams
 from pipeline.data.captions import words_by_group
 from pipeline.data.concepts import concept_ids
 from pipeline.data.evalsets import zero_shot_label
-from pipeline.metrics._arrays import block_threads, unit_sparse_rows
+from pipeline.metrics._arrays import block_threads
 from pipeline.metrics.probes import concept_probes, segmentation_probe
+from pipeline.metrics.registry import Activations, compute
 from pipeline.metrics.tagging import frequent_tags, tagging_auroc
+from pipeline.metrics.zeroshot import (
+    labelled_rows,
+    task_classifiers,
+)
 from pipeline.plots import panel_row, plot_curves, save_figure
-
-
-class ActivationSet:
-    """The extracted sets of one model: identifying columns plus CSR activations, by name."""
-
-    def __init__(self, act_dir: str | Path):
-        self.dir = Path(act_dir)
-        manifest = self.dir / "manifest.json"
-        if not manifest.is_file():
-            raise FileNotFoundError(f"no extraction in {self.dir} (run the extract stage)")
-        self.manifest = json.loads(manifest.read_text())
-        self.width = self.manifest["width"]
-
-    def has(self, name: str) -> bool:
-        return name in self.manifest["rows"]
-
-    def load(self, name: str) -> tuple[pa.Table, sp.csr_matrix]:
-        return read_activations(self.dir / name, self.width)
-
-    def classifiers(self) -> dict[str, np.ndarray]:
-        """Zero-shot class embeddings [C, F] of every task, from the extracted prompts."""
-        prompts_meta, prompts = self.load("prompts")
-        task_of = np.asarray(prompts_meta.column("task").to_pylist())
-        label_of = np.asarray(prompts_meta.column("label").to_pylist())
-        return {task: classifier_from_prompts(prompts[task_of == task], label_of[task_of == task], spec["classes"])
-                for task, spec in self.manifest["zero_shot_tasks"].items()}
 
 
 def evaluate(act_dir: str | Path, reference_dir: str | Path, vocab_dir: str | Path, params: MetricsParams,
@@ -87,15 +59,15 @@ def _evaluate(acts: ActivationSet, reference_dir, vocab_dir, params: MetricsPara
               modality: bool) -> dict[str, Any]:
     images_meta, images = acts.load("images")
     result: dict[str, Any] = {"width": acts.width}
-    result["image"] = M.sparsity_summary(images, n_min=params.n_min)
+    result["image"] = compute("sparsity", Activations(images), params)
     result.update(clarity_metrics(images_meta, images, reference_dir, params))
     if acts.has("prompts"):
         result["zeroshot"] = zero_shot_metrics(acts, images_meta, images, params, plot_dir / "topk.png", title)
     if acts.has("texts"):  # a vision-only model (an SAE of a vision block) has image metrics alone
         texts_meta, texts = acts.load("texts")
-        result["text"] = M.sparsity_summary(texts, n_min=params.n_min)
+        result["text"] = compute("sparsity", Activations(texts), params)
         if modality:
-            result["modality"] = modality_metrics(images, texts, plot_dir / "modality.png", title)
+            result["modality"] = modality_metrics(images, texts, params, plot_dir / "modality.png", title)
         result["retrieval"] = retrieval_metrics(images_meta, images, texts_meta, texts)
     if acts.has("vocab"):
         result["cscore"] = cscore_metrics(acts, vocab_dir, params, plot_dir / "cscore.png", title)
@@ -126,29 +98,14 @@ def probe_metrics(acts: ActivationSet, meta: pa.Table, images: sp.csr_matrix) ->
     return out
 
 
-def aligned_reference(meta: pa.Table, reference_dir: str | Path) -> np.ndarray:
-    """The reference encoder's embeddings of the rows of ``meta``, in its order."""
-    keys, embeddings = read_reference(reference_dir)
-    position = {key: i for i, key in enumerate(keys)}
-    missing = [k for k in meta.column("key").to_pylist() if k not in position]
-    if missing:
-        raise ValueError(f"{len(missing)} images have no reference embedding (e.g. {missing[0]}): "
-                         "rerun the reference stage with the same extract.splits")
-    return embeddings[[position[k] for k in meta.column("key").to_pylist()]]
-
-
 def clarity_metrics(meta: pa.Table, images: sp.csr_matrix, reference_dir, params: MetricsParams) -> dict[str, float]:
-    aligned = aligned_reference(meta, reference_dir)
-    return {
-        "clarity": M.clarity(images, aligned, tau=params.clarity_tau, n_min=params.n_min),
-        "clarity_baseline": M.dataset_baseline(aligned),
-        "active_pct_clarity": 100 * M.active_fraction(images, tau=params.clarity_tau, n_min=params.n_min),
-    }
+    return compute("clarity", Activations(images, reference=aligned_reference(meta, reference_dir)), params)
 
 
-def modality_metrics(images: sp.csr_matrix, texts: sp.csr_matrix, plot_path: Path, title: str) -> dict[str, Any]:
-    scores = M.modality_scores(images, texts)
-    density = M.feature_density(sp.vstack([images, texts]).tocsr())
+def modality_metrics(images: sp.csr_matrix, texts: sp.csr_matrix, params: MetricsParams, plot_path: Path,
+                     title: str) -> dict[str, Any]:
+    both = Activations(images, texts)
+    scores, density = compute("modality", both, params), compute("feature_density", both, params)
     M.plot_modality_density(scores, density, plot_path, title=f"{title} modality vs density")
     return M.modality_summary(scores)
 
@@ -163,7 +120,7 @@ def zero_shot_metrics(acts: ActivationSet, meta: pa.Table, images: sp.csr_matrix
     both ways: ``labels_topk`` keeps each class-label embedding's top-k features (the
     supplementary's protocol: how few features name a class), ``images_topk`` each image's."""
     tasks = acts.manifest["zero_shot_tasks"]
-    classifiers = acts.classifiers()
+    classifiers = task_classifiers(acts)
     test = np.asarray(meta.column("split").to_pylist()) == "test"
     out: dict[str, Any] = {}
     curves: dict[str, dict[str, dict[int, float]]] = {}
@@ -179,28 +136,21 @@ def zero_shot_metrics(acts: ActivationSet, meta: pa.Table, images: sp.csr_matrix
             task_images = images[rows]
         if not labels:
             continue
-        out[task] = zero_shot_accuracy(task_images, classifier, labels)
+        labelled = Activations(task_images, classifier=classifier, labels=labels)
+        out[task] = compute("zeroshot", labelled, params)
         for cut in ("labels_topk", "images_topk"):
-            accuracy = {k: accuracy_from_scores(topk_cut_scores(cut, task_images, classifier, k), labels)["top1"]
-                        for k in params.topk}
+            accuracy = compute(cut, labelled, params)
             out[task][cut] = {f"top1_at_{k}": value for k, value in accuracy.items()}
             curves.setdefault(task, {})[cut] = accuracy
         out[task]["n"] = len(labels)
     if acts.has("crops") and "shape" in tasks:
         crop_meta, crops = acts.load("crops")
         rows, labels = labelled_rows(crop_meta.column("label").to_pylist(), tasks["shape"]["classes"])
-        out["box_classification"] = zero_shot_accuracy(crops[rows], classifiers["shape"], labels)
+        out["box_classification"] = compute("zeroshot", Activations(crops[rows], classifier=classifiers["shape"],
+                                                                    labels=labels), params)
     if curves:
         plot_topk_zeroshot(curves, {task: out[task]["top1"] for task in curves}, plot_path, title)
     return out
-
-
-def topk_cut_scores(cut: str, images, classifier: np.ndarray, k: int) -> np.ndarray:
-    """Cosine scores with only the top-k features of each class label (``labels_topk``) or of
-    each image (``images_topk``)."""
-    if cut == "labels_topk":
-        return cosine_scores(images, unit_sparse_rows(M.keep_topk(classifier, k)))  # sparse: O(matches)
-    return cosine_scores(M.keep_topk(images, k), classifier)
 
 
 def plot_topk_zeroshot(curves: dict[str, dict[str, dict[int, float]]], all_features: dict[str, float], path: Path,

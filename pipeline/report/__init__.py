@@ -4,7 +4,7 @@ runs or DVC experiments, from what MLflow (or ``dvc exp show``) holds.
 ``collect`` picks the runs (:mod:`.sources`), ``write_report`` judges the paper's claims on each
 source (:mod:`.claims`), builds the tables (:mod:`.tables`),
 draws the curves (:mod:`.curves`) and writes ``comparison.md``, ``comparison.html`` and
-``comparison.json`` (:mod:`.render`). The ``report`` stage and ``python -m pipeline.report`` are
+``comparison.json`` (:mod:`.render`). The ``report`` stage and ``python -m stages report`` are
 both ``stages/report.py``.
 """
 

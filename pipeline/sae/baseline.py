@@ -42,12 +42,17 @@ from pipeline.activations.extract import SparseEncoder, model_fingerprint
 from pipeline.activations.inputs import image_rows, image_set, text_set
 from pipeline.activations.pool import write_sets
 from pipeline.activations.sparse_io import activation_table, sparse_rows, to_csr
-from pipeline.clip.zeroshot import labelled_rows, zero_shot_accuracy
+from pipeline.activations.store import ActivationSet
 from pipeline.config import Params
 from pipeline.data.evalsets import zero_shot_label
 from pipeline.data.shards import caption_rows
 from pipeline.io import write_json
-from pipeline.metrics.evaluate import ActivationSet, evaluate
+from pipeline.metrics.evaluate import evaluate
+from pipeline.metrics.zeroshot import (
+    labelled_rows,
+    task_classifiers,
+    zero_shot_accuracy,
+)
 from pipeline.sae import (
     SAETrainConfig,
     SparseAutoencoder,
@@ -185,7 +190,7 @@ def reconstruction_zero_shot(sae: SparseAutoencoder, source: ActivationSet) -> d
     if not source.has("prompts"):
         return {}
     meta, images = source.load("images")
-    classifiers = source.classifiers()
+    classifiers = task_classifiers(source)
     test = np.asarray(meta.column("split").to_pylist()) == "test"
     dense = images[np.flatnonzero(test)].toarray()
     with torch.no_grad():
@@ -206,7 +211,7 @@ def run_sae_baseline(params: Params, plot_dir: Path) -> tuple[dict[str, Any], di
     """Train the SAEs on the dense baseline and measure them; returns (metrics, training history
     per SAE). The image SAE's numbers sit at the top level (Tab 3a's SAE row), the others under
     ``multimodal`` and ``residual``."""
-    from pipeline.cluster import connect
+    from pipeline.runtime.cluster import connect
 
     cfg = params.sae
     model_dir = Path(params.train.out_dir) / cfg.source_variant

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.cli import run_stage
 from pipeline.config import Params
 from pipeline.data.loading import ClipBatchPreprocessor
+from pipeline.runtime.cli import run_stage
 from pipeline.vlm.evaluate import answer_all, p_above, sbert_similarity
 from pipeline.vlm.model import FeatureEdit, VisionLanguageModel
 from pipeline.vlm.questions import QUESTIONS, normalise

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from pipeline import raytrain
 from pipeline.clip.model import load_model
 from pipeline.config import Params, VLMParams
 from pipeline.data.loading import ClipBatchPreprocessor, load_split_arrays
 from pipeline.data.shards import caption_rows
 from pipeline.io import check_output_dir, staged_output_dir
+from pipeline.runtime import raytrain
 from pipeline.vlm.language_model import load_language_model, prepare_language_model
 from pipeline.vlm.model import VisionLanguageModel
 from pipeline.vlm.questions import qa_from_captions, qa_from_jsonl, qa_from_truth

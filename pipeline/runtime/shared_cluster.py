@@ -1,11 +1,11 @@
-"""One local Ray cluster shared by every stage of a run: ``python -m pipeline.shared_cluster CMD...``.
+"""One local Ray cluster shared by every stage of a run: ``python -m pipeline.runtime.shared_cluster CMD...``.
 
 Each DVC stage is its own process, and a stage that starts its own local Ray spends ~8 s on it
 (x 11 Ray stages in the embedded run). This starts one head node on loopback for the length of
 ``CMD`` (``make pipeline`` wraps ``dvc repro`` in it) and hands the stages its address through
-``RAY_ADDRESS``, which :func:`pipeline.cluster.connect` joins. With ``RAY_ADDRESS`` already set (a
+``RAY_ADDRESS``, which :func:`pipeline.runtime.cluster.connect` joins. With ``RAY_ADDRESS`` already set (a
 real cluster, ``ray job submit``) it runs ``CMD`` unchanged. Beside the head it starts the warm
-stage server (:mod:`pipeline.stage_server`), so the stages also skip their ~2-13 s of imports.
+stage server (:mod:`pipeline.runtime.stage_server`), so the stages also skip their ~2-13 s of imports.
 
 The head binds to 127.0.0.1, starts no dashboard UI (only Ray's minimal head process), and keeps its sessions in a private temp dir
 (``RAY_TMPDIR``), where no other ``ray.init()`` on the machine looks; a fresh token guards it
@@ -62,19 +62,23 @@ def shared_local_cluster(num_cpus: int | None) -> Iterator[dict[str, str]]:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def run(command: list[str], num_cpus: int | None) -> int:
-    """``command``'s exit status, run inside one shared cluster, its stages warm
-    (:mod:`pipeline.stage_server`: forked from one process that imported their code once)."""
-    from pipeline.stage_server import warm_stage_server
+# The application's package of stages that the warm-stage server serves (read by name, not imported).
+STAGE_PACKAGE = "stages"
 
-    with shared_local_cluster(num_cpus) as env, warm_stage_server(env["RAY_TMPDIR"], env) as warm:
+
+def run(command: list[str], num_cpus: int | None, stage_package: str = STAGE_PACKAGE) -> int:
+    """``command``'s exit status, run inside one shared cluster, its stages warm
+    (:mod:`pipeline.runtime.stage_server`: forked from one process that imported their code once)."""
+    from pipeline.runtime.stage_server import warm_stage_server
+
+    with shared_local_cluster(num_cpus) as env, warm_stage_server(env["RAY_TMPDIR"], env, stage_package) as warm:
         print(f"shared Ray cluster at {env['RAY_ADDRESS']} for: {' '.join(command)}", file=sys.stderr, flush=True)
         return subprocess.call(command, env={**os.environ, **env, **warm})
 
 
 def main(argv: list[str]) -> int:
     if not argv:
-        print("usage: python -m pipeline.shared_cluster COMMAND [ARGS...]", file=sys.stderr)
+        print("usage: python -m pipeline.runtime.shared_cluster COMMAND [ARGS...]", file=sys.stderr)
         return 2
     from pipeline.config import ParamsError, load_params
 

@@ -56,7 +56,7 @@ def connect(params: RayParams) -> dict:
     if not ray.is_initialized():
         address = params.address or os.environ.get("RAY_ADDRESS")
         one_machine = not address or _on_loopback(address)
-        env = {"env_vars": _worker_env(one_machine), "worker_process_setup_hook": "pipeline.cluster.quiet_worker_logs"}
+        env = {"env_vars": _worker_env(one_machine), "worker_process_setup_hook": "pipeline.runtime.cluster.quiet_worker_logs"}
         _one_machine(one_machine)
         if address:
             log.info("joining Ray cluster at %s", address)
@@ -83,7 +83,7 @@ def _one_machine(loopback: bool) -> None:
 
 def on_one_machine() -> bool:
     """Whether this process joined a one-machine cluster (a local one, or one on loopback): then
-    every listener, torch's process group included (:mod:`pipeline.process_group`), stays on
+    every listener, torch's process group included (:mod:`pipeline.runtime.process_group`), stays on
     127.0.0.1."""
     return ray.is_initialized() and not ray_constants.ENABLE_RAY_CLUSTER
 
@@ -142,7 +142,7 @@ def require_data_pool(what: str, actors: int, task_cpus: float, actor_gpus: floa
 # Ray Train's placement-group cleaner polls the State API every second; without a dashboard (the
 # local cluster starts none) every poll fails and logs a warning, hundreds per training. The
 # cleaner still does its job when the controller dies; only that line is silenced. (Ray Train's
-# other INFO lines are left to its own switch, ``LoggingConfig``: see ``pipeline.raytrain``.)
+# other INFO lines are left to its own switch, ``LoggingConfig``: see ``pipeline.runtime.raytrain``.)
 NOISY_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 

@@ -6,9 +6,9 @@ store's server to every interface whatever address it is given (measured: ``*:<p
 ``MASTER_ADDR=127.0.0.1``), so on a shared machine anyone who can reach it could talk to the
 rendezvous of a running training. The one way torch offers to keep the server on loopback is a
 socket bound beforehand and handed over (``TCPStore(master_listen_fd=...)``), and Ray's set-up has
-no way to pass one. On a one-machine cluster (:func:`pipeline.cluster.on_one_machine`) the trainers
+no way to pass one. On a one-machine cluster (:func:`pipeline.runtime.cluster.on_one_machine`) the trainers
 therefore use :class:`LoopbackTorchConfig`, which does Ray's set-up with such a socket; gloo's own
-listeners follow ``GLOO_SOCKET_IFNAME``, which :mod:`pipeline.cluster` points at the loopback
+listeners follow ``GLOO_SOCKET_IFNAME``, which :mod:`pipeline.runtime.cluster` points at the loopback
 interface there. A cluster on the network keeps Ray's set-up unchanged.
 """
 
@@ -19,7 +19,11 @@ from datetime import timedelta
 
 import ray
 import torch.distributed as dist
-from ray.train.torch.config import TorchConfig, _set_torch_distributed_env_vars, _TorchBackend
+from ray.train.torch.config import (
+    TorchConfig,
+    _set_torch_distributed_env_vars,
+    _TorchBackend,
+)
 
 LOOPBACK = "127.0.0.1"
 _server: dist.TCPStore | None = None  # rank 0's store, alive while its process group is

@@ -1,6 +1,6 @@
 """The driver of a pipeline job on a Ray cluster: ``dvc repro`` in a workspace every node sees.
 
-``python -m pipeline.submit`` uploads the project's code, params and DVC files -- never its
+``python -m pipeline.runtime.submit`` uploads the project's code, params and DVC files -- never its
 outputs -- as the job's ``working_dir``; Ray unpacks it on every node, so every worker imports
 the same code. Stage outputs are another matter: a train worker on one node reads the
 ``data/sample`` shards that Ray Data tasks on other nodes wrote, so outputs must live on storage
@@ -12,7 +12,7 @@ The cluster's values reach the stages the same way as on a laptop, through ``par
 override file (``deploy/params.paper.yaml``) is merged into the workspace's copy, and
 ``$SPARSECLIP_STORAGE_PATH`` sets ``ray.storage_path``; DVC then records them in ``dvc.lock``.
 
-    python -m pipeline.job --workspace /mnt/shared/sparseclip [--params-override FILE] [-- ARGS]
+    python -m pipeline.runtime.job --workspace /mnt/shared/sparseclip [--params-override FILE] [-- ARGS]
 
 ``ARGS`` go to ``dvc repro`` (stage names, ``-s``, ``-f``); none reproduces the whole pipeline.
 """
@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.cli import run_stage
 from pipeline.io import flatten
+from pipeline.runtime.cli import run_stage
 
 # Top-level paths that are never code: environments, caches, the DVC cache and every stage's
 # outputs. Not uploaded with a job, and not copied into a workspace (which keeps its own).
@@ -120,11 +120,21 @@ def run_job(workspace: Path, repro_args: list[str], params_override: str | None 
 
 
 def _dvc(workspace: Path, *args: str) -> int:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, check=False).returncode
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, env=workspace_env(workspace),
+                          check=False).returncode
+
+
+def workspace_env(workspace: Path) -> dict[str, str]:
+    """This environment with the workspace first on ``PYTHONPATH``: a stage imports the workspace's
+    code from its folder, and so must the Ray workers it starts, whose folder is not the workspace
+    (with this project installed editable, they would otherwise import the checkout it came from,
+    which may have changed since the workspace was copied)."""
+    paths = [str(workspace), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.job", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.runtime.job", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workspace", required=True, help="shared folder (NFS) where the stages run")
     parser.add_argument("--params-override", help="params file merged into params.yaml (path in the project)")
     parser.add_argument("--dvc-push", action="store_true", help="`dvc push` the outputs after a successful repro")

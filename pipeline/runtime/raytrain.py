@@ -43,8 +43,13 @@ def make_trainer(params: Params, what: str, group: WorkerGroupParams, worker: Ca
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.cluster import connect, on_one_machine, require_resources, worker_resources
-    from pipeline.process_group import torch_config
+    from pipeline.runtime.cluster import (
+        connect,
+        on_one_machine,
+        require_resources,
+        worker_resources,
+    )
+    from pipeline.runtime.process_group import torch_config
 
     connect(params.ray)
     storage = storage_path(params.ray.storage_path)

@@ -1,7 +1,7 @@
 """Submit the pipeline, or some of its stages, to a Ray cluster as a Ray job.
 
 The job uploads this project's code, params and DVC files as its ``working_dir`` (outputs,
-environments and caches are excluded), and runs :mod:`pipeline.job`, which runs ``dvc repro``
+environments and caches are excluded), and runs :mod:`pipeline.runtime.job`, which runs ``dvc repro``
 in a workspace on shared storage. Three things travel with it as environment variables:
 
 - ``SPARSECLIP_STORAGE_PATH``: ``ray.storage_path``, where Ray Train keeps checkpoints (local,
@@ -11,7 +11,7 @@ in a workspace on shared storage. Three things travel with it as environment var
 - ``SPARSECLIP_GIT_COMMIT``: the commit submitted, tagged on every MLflow run (no ``.git``
   travels with the job).
 
-    python -m pipeline.submit --address http://head:8265 --workspace /mnt/shared/sparseclip \\
+    python -m pipeline.runtime.submit --address http://head:8265 --workspace /mnt/shared/sparseclip \\
         --params-override deploy/params.paper.yaml --mlflow-uri http://mlflow:5000 -- train@sparse
 
 With token authentication on (Ray's default), the token is read like ``ray job submit`` reads it:
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import INPUT_ERRORS, fail
 from pipeline.config import DEFAULT_PARAMS, load_params
-from pipeline.job import STORAGE_ENV, ray_excludes, read_override
+from pipeline.runtime.cli import INPUT_ERRORS, fail
+from pipeline.runtime.job import STORAGE_ENV, ray_excludes, read_override
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -66,7 +66,7 @@ def build_job(project: str | Path, repro_args: list[str], *, workspace: str | No
     env = {STORAGE_ENV: storage, "SPARSECLIP_GIT_COMMIT": git_commit or _git_commit(project)}
     if mlflow_uri := mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         env["MLFLOW_TRACKING_URI"] = mlflow_uri
-    command = ["python", "-m", "pipeline.job", "--workspace", workspace]
+    command = ["python", "-m", "pipeline.runtime.job", "--workspace", workspace]
     if override_rel:
         command += ["--params-override", override_rel.as_posix()]
     return JobSpec(
@@ -154,13 +154,15 @@ def _shared_path(project: Path, path: str) -> str:
 
 
 def _git_commit(project: Path) -> str:
-    from pipeline.tracking import git_commit  # imports MLflow: only when a job is built
+    from pipeline.runtime.tracking import (
+        git_commit,  # imports MLflow: only when a job is built
+    )
 
     return git_commit(project)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.submit", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.runtime.submit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS")
                         or (os.environ.get("RAY_ADDRESS", "") if os.environ.get("RAY_ADDRESS", "").startswith("http")
                             else DEFAULT_ADDRESS), help=f"Ray dashboard (Jobs API) URL (default {DEFAULT_ADDRESS})")

@@ -16,7 +16,11 @@ checkout, or when the client's environment differs from the one the imports saw 
 MLflow read settings when imported); the client then runs the stage in its own process, as it
 also does when no server is up (a bare ``dvc repro``, a Ray job). So a stage computes the same
 thing either way; only where its imports come from differs. Nothing here imports more than the
-standard library: the client must start fast.
+standard library: the client must start fast. The stages are the application's: this module
+reads them by the package name it is given (``stages``: its ``STAGES`` and ``LAZY_IMPORTS``) and
+never imports them itself. It forks only while it has a single thread (a fork copies one thread,
+and a lock another thread held would stay locked in the child); the native thread pools of torch
+and OpenMP, idle here, are rebuilt by their libraries' fork handlers.
 
 Protocol (``SOCK_SEQPACKET``, one JSON message each way, file descriptors as ancillary data):
 client -> ``{"stage", "args", "cwd", "env", "package"}`` + fds 0, 1, 2; server -> ``{"pid"}`` or
@@ -36,6 +40,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,50 +49,61 @@ from pathlib import Path
 
 SERVER_ENV = "SPARSECLIP_STAGE_SERVER"  # the socket's path, set for the stages of a run
 TRACE_ENV = "SPARSECLIP_STAGE_SERVER_TRACE"  # set: each warm stage lists what it still had to import
-STAGES = ("check_params", "sample", "tower_cache", "train", "vocab", "reference", "extract", "metrics", "sae", "atlas", "vlm", "steer",
-          "report", "ablation")
-# Imported by the stages inside functions, so not by importing them; measured with TRACE_ENV.
-LAZY_IMPORTS = ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.db.utils", "ray.data", "ray.train.torch",
-                "sentence_transformers", "wordfreq")
 MAX_MESSAGE = 1 << 20
 KILL_GRACE_S = 10.0
 
 
-def stages_package() -> str:
-    """Where this process's ``stages`` package lives (which checkout it would run)."""
-    import stages
+@dataclass(frozen=True)
+class StagePackage:
+    """The application's package of stages, read by name (this library never imports it): its
+    ``STAGES`` (module names, one per stage), the ``LAZY_IMPORTS`` its stages make inside functions
+    (the server imports them up front too), and its folder (which checkout it is)."""
 
-    return str(Path(stages.__file__).resolve().parent)
+    name: str
+    stages: tuple[str, ...]
+    lazy_imports: tuple[str, ...]
+    folder: str
+
+    @classmethod
+    def load(cls, name: str) -> StagePackage:
+        package = importlib.import_module(name)
+        return cls(name, tuple(package.STAGES), tuple(getattr(package, "LAZY_IMPORTS", ())),
+                   str(Path(package.__file__).resolve().parent))
+
+    def modules(self) -> list[str]:
+        return [*(f"{self.name}.{stage}" for stage in self.stages), *self.lazy_imports]
 
 
 # ---------------------------------------------------------------------------------------------
 # Client: what ``python -m stages <stage> [args]`` runs.
 
 
-def run_stage_command(argv: list[str]) -> int:
-    """Run one stage, warm when a server is up, else in this process; return its exit status."""
-    if not argv or argv[0] not in STAGES:
-        print(f"usage: python -m stages {{{','.join(STAGES)}}} [args]", file=sys.stderr)
+def run_stage_command(argv: list[str], package: str) -> int:
+    """Run one stage of ``package``, warm when a server is up, else in this process; return its
+    exit status."""
+    stages = StagePackage.load(package)
+    if not argv or argv[0] not in stages.stages:
+        print(f"usage: python -m {package} {{{','.join(stages.stages)}}} [args]", file=sys.stderr)
         return 2
     stage, args = argv[0], argv[1:]
     if address := os.environ.get(SERVER_ENV):
-        status = _run_warm(address, stage, args)
+        status = _run_warm(address, stages, stage, args)
         if status is not None:
             return status
-    return run_stage_in_process(stage, args)
+    return run_stage_in_process(package, stage, args)
 
 
-def run_stage_in_process(stage: str, args: list[str]) -> int:
-    sys.argv = [f"python -m stages {stage}", *args]
-    importlib.import_module(f"stages.{stage}").main(args)
+def run_stage_in_process(package: str, stage: str, args: list[str]) -> int:
+    sys.argv = [f"python -m {package} {stage}", *args]
+    importlib.import_module(f"{package}.{stage}").main(args)
     return 0
 
 
-def _run_warm(address: str, stage: str, args: list[str]) -> int | None:
+def _run_warm(address: str, stages: StagePackage, stage: str, args: list[str]) -> int | None:
     """The stage's exit status from a server-forked child, or None to run it here instead."""
     with SignalRelay() as relay:  # from before the child exists: an early Ctrl-C must reach it too
         request = {"stage": stage, "args": args, "cwd": os.getcwd(), "env": dict(os.environ),
-                   "package": stages_package(), "ignored_signals": relay.ignored}
+                   "package": stages.folder, "ignored_signals": relay.ignored}
         try:
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             conn.connect(address)
@@ -146,16 +162,18 @@ class SignalRelay:
 
 
 # ---------------------------------------------------------------------------------------------
-# Server: ``python -m pipeline.stage_server SOCKET``.
+# Server: ``python -m pipeline.runtime.stage_server SOCKET``.
 
 
 @contextmanager
-def warm_stage_server(folder: str | Path, env: dict[str, str]) -> Iterator[dict[str, str]]:
-    """Start a server (in the background: stages that come before its imports are done run cold)
-    with ``env``; yield the variables that send a stage command to it; stop it at the end.
-    ``folder`` must be private to this user: whoever can reach the socket can run stages."""
+def warm_stage_server(folder: str | Path, env: dict[str, str], package: str) -> Iterator[dict[str, str]]:
+    """Start a server of ``package``'s stages (in the background: stages that come before its
+    imports are done run cold) with ``env``; yield the variables that send a stage command to it;
+    stop it at the end. ``folder`` must be private to this user: whoever can reach the socket can
+    run stages."""
     address = str(Path(folder) / "stages.sock")
-    server = subprocess.Popen([sys.executable, "-m", "pipeline.stage_server", address], env={**os.environ, **env},
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.runtime.stage_server", address, package],
+                              env={**os.environ, **env},
                               stdin=subprocess.DEVNULL)
     try:
         yield {SERVER_ENV: address}
@@ -170,6 +188,7 @@ def warm_stage_server(folder: str | Path, env: dict[str, str]) -> Iterator[dict[
 
 @dataclass
 class StageRequest:
+    package: str
     stage: str
     args: list[str]
 
@@ -178,9 +197,10 @@ class StageRequest:
 class WarmState:
     """What the server's imports depend on: the files they read, and the environment they saw."""
     modules: dict[str, float]  # source file -> modification time when imported
-    package: str  # the stages package imported
+    package: str  # the folder of the stages package imported
+    stages: tuple[str, ...]  # the stages it can run
     environment: dict[str, str]  # the server's environment before the imports
-    set_by_imports: dict[str, str]  # variables the imports set (e.g. pipeline.cluster's defaults)
+    set_by_imports: dict[str, str]  # variables the imports set (e.g. pipeline.runtime.cluster's defaults)
 
 
 # Variables a shell, DVC or this module sets per command; they differ between the server and its
@@ -189,15 +209,16 @@ class WarmState:
 PER_COMMAND_ENV = ("PWD", "OLDPWD", "SHLVL", "_", "PS1", "PS2", SERVER_ENV, TRACE_ENV)
 
 
-def serve(address: str, modules: list[str]) -> StageRequest:
-    """Import ``modules``, then answer requests until terminated. Returns only in a forked child,
-    with the stage that child is to run (its stdio, folder and environment already the client's)."""
+def serve(address: str, package: str, modules: list[str] | None = None) -> StageRequest:
+    """Import ``modules`` (default: every stage of ``package`` and its lazy imports), then answer
+    requests until terminated. Returns only in a forked child, with the stage that child is to run
+    (its stdio, folder and environment already the client's)."""
     started_with = dict(os.environ)
-    for name in modules:
+    stages = StagePackage.load(package)
+    for name in stages.modules() if modules is None else modules:
         importlib.import_module(name)
-    loaded = _module_stamps()
-    package = stages_package()
-    warm = WarmState(loaded, package, started_with,
+    loaded = _module_stamps(Path(stages.folder).parent)
+    warm = WarmState(loaded, stages.folder, stages.stages, started_with,
                      {k: v for k, v in os.environ.items() if started_with.get(k) != v})
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     staging = f"{address}.{os.getpid()}"
@@ -209,13 +230,27 @@ def serve(address: str, modules: list[str]) -> StageRequest:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     while True:
         conn, _ = listener.accept()
+        if threading.active_count() > 1:  # a fork copies one thread: a lock another held stays locked forever
+            _refuse(conn, f"{threading.active_count()} threads are alive in the server; it forks only when it has one")
+            continue
         if os.fork() == 0:
             listener.close()
-            return _supervise(conn, warm)
+            return _supervise(conn, warm, package)
         conn.close()
 
 
-def _supervise(conn: socket.socket, warm: WarmState) -> StageRequest:
+def _refuse(conn: socket.socket, reason: str) -> None:
+    try:
+        _, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, 3)
+        for fd in fds:
+            os.close(fd)
+        conn.send(json.dumps({"refused": reason}).encode())
+    except OSError:
+        pass
+    conn.close()
+
+
+def _supervise(conn: socket.socket, warm: WarmState, package: str) -> StageRequest:
     """In a forked supervisor: check the request, fork the stage's child, report its exit status.
     Returns only in that child."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -230,7 +265,7 @@ def _supervise(conn: socket.socket, warm: WarmState) -> StageRequest:
     if pid == 0:
         conn.close()
         _become_client_process(request, fds, warm.set_by_imports)
-        return StageRequest(request["stage"], request["args"])
+        return StageRequest(package, request["stage"], request["args"])
     for fd in fds:
         os.close(fd)
     conn.send(json.dumps({"pid": pid}).encode())
@@ -244,7 +279,7 @@ def _supervise(conn: socket.socket, warm: WarmState) -> StageRequest:
 
 def _refusal(request: dict, warm: WarmState) -> str | None:
     """Why a forked child would not run the stage as a fresh process would, if it would not."""
-    if request.get("stage") not in STAGES:
+    if request.get("stage") not in warm.stages:
         return f"unknown stage {request.get('stage')!r}"
     if request.get("package") != warm.package:
         return f"it serves the stages of {warm.package}, not {request.get('package')}"
@@ -333,9 +368,8 @@ def _status(wait_status: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def _module_stamps() -> dict[str, float]:
-    """Modification times of every source file this process imported from the project."""
-    root = Path(stages_package()).parent
+def _module_stamps(root: Path) -> dict[str, float]:
+    """Modification times of every source file this process imported from the project at ``root``."""
     stamps = {}
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
@@ -352,10 +386,10 @@ def _mtime(path: str) -> float:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 1:
-        print("usage: python -m pipeline.stage_server SOCKET", file=sys.stderr)
+    if len(argv) != 2:
+        print("usage: python -m pipeline.runtime.stage_server SOCKET PACKAGE", file=sys.stderr)
         raise SystemExit(2)
-    request = serve(argv[0], [*(f"stages.{name}" for name in STAGES), *LAZY_IMPORTS])
+    request = serve(*argv)
     if os.environ.get(TRACE_ENV):
         _trace_imports(request.stage)
     run_forked_stage(request)
@@ -369,7 +403,7 @@ def run_forked_stage(request: StageRequest) -> None:
     import traceback
 
     try:
-        status = run_stage_in_process(request.stage, request.args)
+        status = run_stage_in_process(request.package, request.stage, request.args)
     except SystemExit as exit_:
         status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else _print_code(exit_.code))
     except KeyboardInterrupt:

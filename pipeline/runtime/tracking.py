@@ -87,7 +87,7 @@ def git_commit(cwd: str | Path | None = None) -> str:
     """The commit the code ran at, with '-dirty' when the work tree differs; 'unknown' outside git.
 
     ``$SPARSECLIP_GIT_COMMIT`` wins: a cluster job runs an uploaded copy of the code without
-    ``.git``, so the submitter (``pipeline.submit``) passes the commit along.
+    ``.git``, so the submitter (``pipeline.runtime.submit``) passes the commit along.
     """
     if commit := os.environ.get("SPARSECLIP_GIT_COMMIT"):
         return commit

@@ -91,3 +91,13 @@ def accuracy_from_scores(scores, labels: Sequence[int], ks: Sequence[int] = (1, 
     ranked = scores.topk(min(max(ks), scores.shape[1]), dim=-1).indices
     hits = ranked == target[:, None]
     return {f"top{k}": hits[:, :k].any(-1).float().mean().item() for k in ks}
+
+
+def task_classifiers(acts) -> dict[str, np.ndarray]:
+    """Zero-shot class embeddings [C, F] of every task of an activation store
+    (:class:`pipeline.activations.store.ActivationSet`), from its extracted prompts."""
+    prompts_meta, prompts = acts.load("prompts")
+    task_of = np.asarray(prompts_meta.column("task").to_pylist())
+    label_of = np.asarray(prompts_meta.column("label").to_pylist())
+    return {task: classifier_from_prompts(prompts[task_of == task], label_of[task_of == task], spec["classes"])
+            for task, spec in acts.zero_shot_tasks.items()}
