@@ -1,5 +1,5 @@
 """Keeping the k strongest entries and zeroing the rest: the one rule behind the TopK head
-(:class:`pipeline.clip.model.TopK`, Gao et al. 2024) and the TopK / BatchTopK SAEs
+(:class:`pipeline.clip.heads.TopK`, Gao et al. 2024) and the TopK / BatchTopK SAEs
 (:mod:`pipeline.sae.model`, Bussmann et al. 2024), on dense tensors.
 
 Its form on stored non-zeros (CSR, for top-k zero-shot over 1.2M x 55k activations) is

@@ -25,6 +25,18 @@ REPO = Path(__file__).resolve().parent.parent
 FLICKR = REPO.parent / "shared" / "data" / "flickr8k"
 
 
+# A test that needs one of these runs real Ray (a local cluster, Ray Data, Ray Train) or a DVC
+# repository, which costs seconds to minutes: it is an `integration` test, whether or not it says so,
+# and `pytest -m "not integration"` leaves it out.
+INTEGRATION_FIXTURES = {"ray_local", "repo_copy", "extracted"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def outputs_may_go_to_temp_folders(tmp_path_factory):
     """Tests write their outputs under pytest's temporary folders, outside the project that the

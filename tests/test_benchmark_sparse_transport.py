@@ -44,7 +44,6 @@ def test_project_thresholds_follow_the_committed_measurement():
     not assumed: no threshold above the highest density at which sparse shifts measured faster
     (none at all when they never did)."""
     measured = json.loads((sparse_transport.RESULTS / "sparse_transport_gloo.json").read_text())
-    assert measured["workers"] == 4 and measured["width"] == 55_296 and len(measured["rows"]) >= 6
     winning = measured["switch_over"]["highest_winning_density"]
     thresholds = sparse_transport.current_thresholds()
     assert set(thresholds) == {"params.yaml", "deploy/params.paper.yaml"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline.config import Params, ParamsError, load_params
+from pipeline.config import ParamsError, load_params
 
 from .conftest import REPO
 
@@ -14,13 +14,6 @@ def write(tmp_path, tree) -> str:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(tree))
     return str(path)
-
-
-def test_repo_params_load_and_match_defaults():
-    params = load_params(REPO / "params.yaml")
-    assert isinstance(params, Params)
-    assert params.sample.source.kind == "generated"
-    assert sum(params.sample.splits.as_dict().values()) == pytest.approx(1.0)
 
 
 def test_unknown_key_is_named_with_the_allowed_keys(tmp_path):

@@ -30,6 +30,8 @@ RESULT_NEUTRAL = {
     "pipeline/runtime/__init__.py": "a docstring",
     "pipeline/runtime/stage_server.py": "where a stage's imports come from: a forked child runs the same code "
                                         "on disk as a fresh process, or the stage runs cold",
+    "pipeline/runtime/stage_client.py": "hands a stage to the warm-stage server, or runs it in this process: "
+                                        "the same stage module either way",
     "pipeline/runtime/shared_cluster.py": "starts the local Ray head the stages join; the stages' resources "
                                           "come from params.yaml",
     "pipeline/runtime/cli.py": "argument parsing and the one-line error message of a failed stage",

@@ -13,7 +13,8 @@ import torch.multiprocessing as mp
 from open_clip.loss import ClipLoss
 
 from pipeline.clip.loss import SparseClipObjective
-from pipeline.clip.model import TopK, build_model, load_model, save_model
+from pipeline.clip.heads import TopK
+from pipeline.clip.model import build_model, load_model, save_model
 from pipeline.config import ModelParams
 
 MICRO = {

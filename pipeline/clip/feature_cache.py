@@ -94,17 +94,24 @@ def _matrix(table: pa.Table) -> np.ndarray:
 
 
 def cached_split(cache_dir: str | Path, data_dir: str | Path, split: str, limit: int | None = None,
-                 part: tuple[int, int] = (0, 1)) -> dict[str, np.ndarray]:
+                 part: tuple[int, int] = (0, 1), one_per_group: bool = False) -> dict[str, np.ndarray]:
     """A split's pairs as cached tower features, in the rows and order that
-    :func:`pipeline.data.loading.load_split_arrays` decodes (``part``: rows rank, rank + world, ...),
-    read from the shard indexes: no image is decoded."""
+    :func:`pipeline.data.loading.load_split_arrays` decodes with the same ``limit``, ``part`` (rows
+    rank, rank + world, ...) and ``one_per_group`` (each photo's first record), read from the shard
+    indexes: no image is decoded."""
     from pipeline.data.shards import index_rows
 
     rank, world = part
-    records = []
+    records, groups = [], set()
     for i, (_, _, row) in enumerate(index_rows(data_dir, [split])):
-        if i % world == rank:
-            records.append(row)
-            if limit is not None and len(records) >= limit:
-                break
+        if i % world != rank:
+            continue
+        if one_per_group:
+            group = str(row["group"] or row["key"])
+            if group in groups:
+                continue
+            groups.add(group)
+        records.append(row)
+        if limit is not None and len(records) >= limit:
+            break
     return FeatureCache(cache_dir).pairs(records)

@@ -140,18 +140,22 @@ def validation_eval(model: SparseCLIP, val: dict[str, Any], device: torch.device
 def load_val(data_dir: str, preprocessor, limit: int | None,
              cache_dir: str | None = None) -> dict[str, Any]:
     """The val split decoded once (or read from the feature cache): images, captions, zero-shot
-    tasks and each image's labels."""
+    tasks and each image's labels. One record per photo: a photo with five captions would stand
+    five times among the candidates, so its twins would tie with it in image retrieval (R@1 = R@5)
+    and its other captions would count as misses in text retrieval."""
     from pipeline.clip.feature_cache import cached_split  # the data layer (pyarrow): not needed by the recipe
     from pipeline.data.evalsets import load_zero_shot_tasks, zero_shot_label
     from pipeline.data.loading import load_split_arrays
 
     tasks = load_zero_shot_tasks(data_dir)
-    arrays, metas = load_split_arrays(data_dir, "val", preprocessor, limit=limit, decode=cache_dir is None)
+    arrays, metas = load_split_arrays(data_dir, "val", preprocessor, limit=limit, decode=cache_dir is None,
+                                      one_per_group=True)
     if cache_dir is not None:
-        arrays = cached_split(cache_dir, data_dir, "val", limit)
+        arrays = cached_split(cache_dir, data_dir, "val", limit, one_per_group=True)
     labels = {task: [zero_shot_label(m, task) for m in metas] for task in tasks}
     return {"tasks": tasks, "images": arrays["image"], "texts": arrays["text"], "labels": labels,
             "preprocessor": preprocessor}
+
 
 class RecipeStep:
     """One optimisation step of the paper's recipe: the scheduled lr (scaled per group), forward
