@@ -162,3 +162,18 @@ def test_refused_when_a_module_changed_another_checkout_asks_or_the_environment_
     assert "(EXTRA)" in _refusal({**request, "env": {**client, "EXTRA": "1"}}, warm)
     os.utime(module, (0, 0))
     assert f"changed since it imported them, e.g. {module}" in _refusal(request, warm)
+
+
+def test_the_server_does_not_fork_while_another_thread_is_alive():
+    """In a fresh interpreter (this one may hold Ray's threads): one thread forks, two do not."""
+    probe = (
+        "import threading\n"
+        "from pipeline.runtime.stage_server import fork_refusal\n"
+        "print(fork_refusal())\n"
+        "release = threading.Event(); worker = threading.Thread(target=release.wait); worker.start()\n"
+        "print(fork_refusal())\n"
+        "release.set(); worker.join()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    alone, with_thread = out.splitlines()
+    assert alone == "None" and "2 threads are alive" in with_thread

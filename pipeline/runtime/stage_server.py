@@ -129,13 +129,20 @@ def serve(address: str, package: str, modules: list[str] | None = None) -> Stage
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     while True:
         conn, _ = listener.accept()
-        if threading.active_count() > 1:  # a fork copies one thread: a lock another held stays locked forever
-            _refuse(conn, f"{threading.active_count()} threads are alive in the server; it forks only when it has one")
+        if reason := fork_refusal():
+            _refuse(conn, reason)
             continue
         if os.fork() == 0:
             listener.close()
             return _supervise(conn, warm, package)
         conn.close()
+
+
+def fork_refusal() -> str | None:
+    """Why this process must not fork now: a fork copies only the calling thread, so a lock that
+    another Python thread held stays locked forever in the child (Python 3.12 warns of it)."""
+    threads = threading.active_count()
+    return f"{threads} threads are alive in the server; it forks only when it has one" if threads > 1 else None
 
 
 def _refuse(conn: socket.socket, reason: str) -> None:
