@@ -25,10 +25,11 @@ REPO = Path(__file__).resolve().parent.parent
 FLICKR = REPO.parent / "shared" / "data" / "flickr8k"
 
 
-# A test that needs one of these runs real Ray (a local cluster, Ray Data, Ray Train) or a DVC
-# repository, which costs seconds to minutes: it is an `integration` test, whether or not it says so,
-# and `pytest -m "not integration"` leaves it out.
-INTEGRATION_FIXTURES = {"ray_local", "repo_copy", "extracted"}
+# A test that needs one of these runs real Ray (a local cluster, Ray Data, Ray Train), a DVC
+# repository, the warm-stage server (test_stage_server's `server`), headless Chromium (test_atlas's
+# `browser`) or the packaged language model (test_vlm's `tokenizer`), which costs seconds to minutes:
+# it is an `integration` test, whether or not it says so, and `pytest -m "not integration"` leaves it out.
+INTEGRATION_FIXTURES = {"ray_local", "repo_copy", "extracted", "dvc_repo", "server", "browser", "tokenizer"}
 
 
 def pytest_collection_modifyitems(config, items):

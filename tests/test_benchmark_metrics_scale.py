@@ -24,6 +24,7 @@ def test_loglog_slope():
     assert metrics_scale.loglog_slope([(1, 3.0)]) is None
 
 
+@pytest.mark.integration
 def test_benchmark_runs_on_a_tiny_size(tmp_path):
     out = tmp_path / "result.json"
     result = metrics_scale.main(["--rows", "300", "--widths", "128,256", "--sweep-rows", "150,300", "--l0", "12",

@@ -23,6 +23,7 @@ def test_fit_table_finds_the_largest_expansion_on_the_line():
     assert fit_table.largest_expansion([(72, 10.0), (128, 10.0)], [], 80) == "> x512 (forecast)"  # flat
     assert fit_table.largest_expansion([(72, 10.1), (128, 10.0)], [256], 80) == "x255"  # falling, then OOM
 
+@pytest.mark.integration
 def test_simulated_global_step_runs_both_losses_on_cpu():
     result = train_step_gpu.main(["--cpu-smoke", "--losses", "clip,tiled", "--expansions", "0,8",
                                   "--batch", "128", "--global-batch", "512"])
@@ -33,6 +34,7 @@ def test_simulated_global_step_runs_both_losses_on_cpu():
     assert rows[(8, "tiled")]["throughput_vs_dense"] > 0
 
 
+@pytest.mark.integration
 def test_loss_benchmark_runs_both_losses_under_bf16_autocast_on_cpu(tmp_path, monkeypatch):
     """`bash benchmarks/gpu.sh loss` (bf16 on CUDA), dry-run on CPU at a small shape: each loss in its
     own child process, both fit, and the tiled value equals open_clip's to bf16 tolerance."""

@@ -287,6 +287,7 @@ def test_submitted_pipeline_trains_on_both_nodes_and_logs_to_mlflow(two_nodes, r
     assert storage.is_dir()  # Ray Train's checkpoints went to the shared storage path
 
 
+@pytest.mark.integration
 def test_shared_cluster_runs_a_command_whose_ray_stages_join_it(tmp_path):
     """`make pipeline` wraps `dvc repro` in one loopback cluster: a child's connect() joins it (no new
     cluster), the child's exit status comes back, and nothing of the cluster is left behind."""
@@ -388,6 +389,7 @@ ray.shutdown()
 """
 
 
+@pytest.mark.integration
 def test_a_stage_that_starts_its_own_cluster_listens_on_loopback_only():
     """A stage run alone (no shared cluster, no RAY_ADDRESS) starts a local Ray; every socket its
     Ray processes listen on (GCS, raylet, driver, workers, agents) is on 127.0.0.1, and so is every

@@ -48,6 +48,7 @@ def expect_exit_2(main, argv: list[str], capsys, prog: str) -> str:
 # --------------------------------------------------------------------------- report
 
 
+@pytest.mark.integration
 def test_report_names_an_unknown_run_id(tmp_path):
     run_id = "0123456789abcdef0123456789abcdef"
     done = run_cli(tmp_path, "stages", "report", "--params", str(REPO / "params.yaml"), "--runs", run_id,

@@ -218,6 +218,7 @@ def test_a_lock_is_held_by_one_process_at_a_time(tmp_path):
         pass
 
 
+@pytest.mark.integration
 def test_a_second_training_of_a_variant_stops_at_once_naming_the_first(workdir):
     """Two ``python -m stages train sparse`` at once shared a Ray run folder and one died in Ray."""
     from pipeline.clip.train import training_lock

@@ -69,11 +69,12 @@ def test_two_workers_train_resume_after_a_failure_and_log_each_step_once(tiny_pa
     from pipeline.clip import train
 
     marker = workdir / "failed-once"
-    plain = train.worker_config
-    monkeypatch.setattr(train, "worker_config", lambda *args: {
-        **plain(*args), "fault": {"step": 5, "rank": 1, "marker": str(marker)}})
-    with stage_run(tiny_params, "train", variant="sparse") as run:
-        outcome = run_training(tiny_params, "sparse", run_id=run.run_id, tracking_uri=tracking_uri())
+    loop_config = train.worker_config
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "worker_config", lambda *args: {
+            **loop_config(*args), "fault": {"step": 5, "rank": 1, "marker": str(marker)}})
+        with stage_run(tiny_params, "train", variant="sparse") as run:
+            outcome = run_training(tiny_params, "sparse", run_id=run.run_id, tracking_uri=tracking_uri())
     assert marker.exists(), "the injected failure did not happen"
     losses = history(run.run_id, "train/loss")
     steps = [s for s, _ in losses]
