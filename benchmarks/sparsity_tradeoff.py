@@ -16,7 +16,7 @@ that fire on no test image / caption), colour zero-shot top-1 and val retrieval 
         --set sample.source.kind=csv --set sample.source.path=../shared/data/flickr8k/captions.csv \
         --set sample.source.image_root=../shared/data/flickr8k/images --set sample.out_dir=data/flickr8k
 
-    # the dead-feature account (README): the same 41 concepts, one object per image
+    # the dead-feature account (docs/findings.md): the same 41 concepts, one object per image
     python -m benchmarks.sparsity_tradeoff --tag one_object --only "cap 8 (default" \
         --only "-0.5, head x10, cap 15" --set sample.source.generator.max_objects=1 \
         --set sample.out_dir=data/gen_one_object

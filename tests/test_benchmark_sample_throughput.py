@@ -1,5 +1,5 @@
 """The sampling benchmark's measurement code on a tiny source: every path runs, writes the same
-shards, and the JSON carries the fields the README quotes."""
+shards, and the JSON carries the fields docs/benchmarks.md shows."""
 
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ def test_paper_params_are_valid_at_the_papers_scale():
     merged = load_params(REPO / "params.yaml", read_override(PAPER))
     assert merged.train.resources_per_worker == {"CPU": 8, "GPU": 1}
     assert set(merged.train.variants) >= set(load_params(REPO / "params.yaml").train.variants)
-    # the paper's recipe exactly: none of the embedded default's knobs (README "Sparsity")
+    # the paper's recipe exactly: none of the embedded default's knobs (docs/findings.md, "Sparsity in the embedded run")
     assert merged.train.optim.neutral_heads
     caps = {name: merged.train.model_for(name).logit_scale_cap for name in merged.train.variants}
     assert caps == {"dense": 100, "sparse": 50, "sparse_plus": 40, "sparse_avg": 50}

@@ -4,7 +4,7 @@ process group on NCCL. One GPU holds one NCCL rank, so no collective runs here: 
 gathers across workers are proven on gloo (tests/test_tiled_loss.py, tests/test_train.py).
 
 Run there with ``python -m pytest -m gpu``; ``benchmarks/results/gpu_tests*.xml`` hold the
-reports of the runs on a lent H200 (see README, "GPU")."""
+reports of the runs on a lent H200 (see docs/benchmarks.md, "A full training step on a GPU")."""
 
 from __future__ import annotations
 

@@ -336,7 +336,7 @@ def test_on_embedded_data_the_vlm_answers_above_chance_and_named_boosts_beat_ran
         "train.num_workers": 1,  # one worker reads every row: the run is the same on every machine
         "train.model.head_bias_init": None, "train.optim.head_lr_multiplier": 1.0,
         "vlm.lm_layers": 4,  # stage 2 on the LM's top 4 blocks: at this scale it answers better than the
-    })                       # whole LM (README, benchmarks/vlm_stage2.py)
+    })                       # whole LM (docs/findings.md, benchmarks/vlm_stage2.py)
     run_sample(params.sample, RayParams(num_cpus=2))
     encoder_dir = run_training(params, "sparse").model_dir
     torch.manual_seed(0)

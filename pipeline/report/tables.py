@@ -223,7 +223,7 @@ def steering(models: list[Model]) -> Table:
                  ["model", "question", "K", "SS", *(h for h, _, _ in STEER_COLUMNS)], rows)
 
 
-# The paper's recipe for the knobs this project adds (README "Sparsity"): a knob that differs is
+# The paper's recipe for the knobs this project adds (docs/findings.md, "Sparsity in the embedded run"): a knob that differs is
 # shown in the models table, so no reader takes an embedded run for the paper's.
 PAPER_KNOBS = {"model.head_bias_init": "None", "optim.head_lr_multiplier": "1.0", "model.logit_scale_mode": "learnable",
                "model.init_logit_scale": "2.6592"}
