@@ -11,17 +11,16 @@ renders. What each benchmark measures, and what its numbers say, is prose kept b
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
 from benchmarks import fit_table
+from pipeline import generated_page
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -593,18 +592,7 @@ def render(results: Path = RESULTS) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.tables", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if docs/benchmarks.md is not current")
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        if not DOC.is_file() or DOC.read_text() != text:
-            print("docs/benchmarks.md is stale: run python -m benchmarks.tables", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(text)
-    print("wrote docs/benchmarks.md")
-    return 0
+    return generated_page.main("python -m benchmarks.tables", __doc__.splitlines()[0], DOC, render, argv)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,9 @@ renders them as one table per section, so the reference cannot drift from the co
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import re
-import sys
 import types
 import typing
 from pathlib import Path
@@ -25,6 +23,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from pipeline import generated_page
 from pipeline.config import Params, Section
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "parameters.md"
@@ -208,18 +207,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.params_doc", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if docs/parameters.md is not current")
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        if not DOC.is_file() or DOC.read_text() != text:
-            print(f"{DOC.relative_to(DOC.parent.parent)} is stale: run python -m pipeline.params_doc", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(text)
-    print(f"wrote {DOC.relative_to(DOC.parent.parent)}")
-    return 0
+    return generated_page.main("python -m pipeline.params_doc", __doc__.splitlines()[0], DOC, render, argv)
 
 
 if __name__ == "__main__":

@@ -99,19 +99,8 @@ def cached_split(cache_dir: str | Path, data_dir: str | Path, split: str, limit:
     :func:`pipeline.data.loading.load_split_arrays` decodes with the same ``limit``, ``part`` (rows
     rank, rank + world, ...) and ``one_per_group`` (each photo's first record), read from the shard
     indexes: no image is decoded."""
-    from pipeline.data.shards import index_rows
+    from pipeline.data.shards import index_rows, select_rows
 
-    rank, world = part
-    records, groups = [], set()
-    for i, (_, _, row) in enumerate(index_rows(data_dir, [split])):
-        if i % world != rank:
-            continue
-        if one_per_group:
-            group = str(row["group"] or row["key"])
-            if group in groups:
-                continue
-            groups.add(group)
-        records.append(row)
-        if limit is not None and len(records) >= limit:
-            break
-    return FeatureCache(cache_dir).pairs(records)
+    rows = (row for _, _, row in index_rows(data_dir, [split]))
+    return FeatureCache(cache_dir).pairs(select_rows(rows, lambda r: str(r["group"] or r["key"]), part, limit,
+                                                     one_per_group))

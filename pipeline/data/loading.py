@@ -18,7 +18,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 
-from pipeline.data.shards import read_split, split_paths
+from pipeline.data.shards import read_split, select_rows, split_paths
 
 
 class ClipBatchPreprocessor:
@@ -88,21 +88,8 @@ def load_split_arrays(data_dir: str | Path, split: str, preprocessor: ClipBatchP
     slices that do not depend on any scheduling. ``decode`` False returns no arrays (the metas
     alone, for inputs read from elsewhere); ``one_per_group`` keeps each photo's first record
     only (a photo with five captions is decoded once, and ``limit`` counts photos)."""
-    rank, world = part
-    if not 0 <= rank < world:
-        raise ValueError(f"part {part}: rank must be in [0, world)")
-    records, groups = [], set()
-    for i, record in enumerate(read_split(data_dir, split)):
-        if i % world != rank:
-            continue
-        if one_per_group:
-            group = str(record.meta.get("group", record.key))
-            if group in groups:
-                continue
-            groups.add(group)
-        records.append(record)
-        if limit is not None and len(records) >= limit:
-            break
+    records = select_rows(read_split(data_dir, split), lambda r: str(r.meta.get("group", r.key)), part, limit,
+                          one_per_group)
     if not decode:
         return {}, [r.meta for r in records]
     arrays = preprocessor({"jpg": [r.jpeg for r in records], "txt": [r.caption for r in records]})

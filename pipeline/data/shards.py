@@ -193,6 +193,29 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
+def select_rows(rows: Iterable[Any], group_of, part: tuple[int, int] = (0, 1), limit: int | None = None,
+                one_per_group: bool = False) -> list[Any]:
+    """Rows rank, rank + world, ... of ``rows`` (``part = (rank, world)``), each group's first only
+    with ``one_per_group`` (``group_of(row)``), at most ``limit``: the one selection that decoding a
+    split and reading its cached tower features both make, so they pick the same rows."""
+    rank, world = part
+    if not 0 <= rank < world:
+        raise ValueError(f"part {part}: rank must be in [0, world)")
+    selected, groups = [], set()
+    for i, row in enumerate(rows):
+        if i % world != rank:
+            continue
+        if one_per_group:
+            group = group_of(row)
+            if group in groups:
+                continue
+            groups.add(group)
+        selected.append(row)
+        if limit is not None and len(selected) >= limit:
+            break
+    return selected
+
+
 def index_rows(data_dir: str | Path, splits: Iterable[str]) -> Iterator[tuple[str, Path, dict[str, Any]]]:
     """(split, shard, row: key, group, caption) of every record of the splits the sample has,
     from the shard indexes (no image is read) of the verified shards of :func:`split_shards`."""
