@@ -2,7 +2,7 @@
 
 A server here preloads one light stage module (report) and, for the tests' sake, runs a probe
 instead of the stage when the arguments ask for one (`--probe-*`): printing what the child sees,
-or sleeping so that a test can kill its client.
+or sleeping so that a test can interrupt or kill its client.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ if request.args[:1] == ["--probe-signals"]:
     raise SystemExit(0)
 if request.args[:1] == ["--probe-sleep"]:
     print(os.getpid(), flush=True)
-    time.sleep(600)
+    while True:  # short sleeps: a signal that lands between the print and a long sleep's syscall would
+        time.sleep(0.05)  # wait out that sleep; the loop's next turn raises it
 run_forked_stage(request)
 """
 
