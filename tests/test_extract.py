@@ -279,3 +279,20 @@ def test_topk_cuts_of_labels_and_of_images_against_brute_force():
                                    unit(cut(images, k)) @ classifier.T, rtol=1e-10)
     assert not np.allclose(topk_cut_scores("labels_topk", images, classifier, 1),
                            topk_cut_scores("images_topk", images, classifier, 1))  # two different cuts
+
+
+def test_preset_collector_compares_each_model_with_dense_on_the_same_queries(extracted):
+    from benchmarks.flickr8k_preset import retrieval_against_dense
+    from pipeline.activations.store import ActivationSet
+    from pipeline.metrics.evaluate import retrieval_metrics
+
+    root, _, _ = extracted
+    got = retrieval_against_dense(root / "acts", ["dense", "sparse"], ks=(1, 5))
+    recall = {name: retrieval_metrics(*ActivationSet(root / "acts" / name).load("images"),
+                                      *ActivationSet(root / "acts" / name).load("texts"))
+              for name in ("dense", "sparse")}
+    assert set(got) == {"sparse"}
+    for key, row in got["sparse"].items():
+        assert row["difference"] == pytest.approx(recall["sparse"][key] - recall["dense"][key])
+        assert row["ci95_low"] <= row["ci95_high"]
+    assert got["sparse"]["text_retrieval_r5"]["queries"] == got["sparse"]["text_retrieval_r5"]["photos"]

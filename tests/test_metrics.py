@@ -265,6 +265,42 @@ def test_an_all_zero_code_finds_nothing_and_is_found_last():
         assert got["text_retrieval_r1"] == pytest.approx(2 / 3) and got["text_retrieval_r3"] == pytest.approx(2 / 3)
 
 
+def test_recall_difference_is_a_paired_bootstrap_over_photos():
+    rng = np.random.default_rng(3)
+    photos = np.repeat(np.arange(40), 5)  # five captions per photo
+    baseline = rng.random(200) < 0.4
+    better = baseline | (rng.random(200) < 0.2)  # the same queries, some more hits
+    got = metrics.recall_difference(better, baseline, photos, resamples=500, seed=9)
+    assert got["difference"] == pytest.approx(better.mean() - baseline.mean())
+    assert got["queries"] == 200 and got["photos"] == 40
+    # independent reference: draw photos with replacement, take all their queries, both models
+    draws = np.random.default_rng(9).multinomial(40, np.full(40, 1 / 40), size=500)
+    boot = [np.mean(np.concatenate([np.repeat(better[photos == p].astype(float) - baseline[photos == p], c)
+                                    for p, c in enumerate(row) if c]))
+            for row in draws]
+    assert [got["ci95_low"], got["ci95_high"]] == pytest.approx(np.quantile(boot, [0.025, 0.975]))
+    assert 0 < got["ci95_low"] < got["difference"] < got["ci95_high"]  # every change is a gain: above 0
+
+
+def test_recall_difference_of_a_model_with_itself_is_zero_and_sizes_must_match():
+    hits = np.array([True, False, True, True])
+    assert metrics.recall_difference(hits, hits, np.array([0, 0, 1, 2]), resamples=50) == {
+        "difference": 0.0, "ci95_low": 0.0, "ci95_high": 0.0, "queries": 4, "photos": 3}
+    with pytest.raises(ValueError, match="one entry per query"):
+        metrics.recall_difference(hits, hits[:3], np.array([0, 0, 1, 2]))
+
+
+def test_retrieval_ranks_are_what_recall_counts():
+    rng = np.random.default_rng(4)
+    owner = np.array([0, 0, 1, 2, 2, 2])
+    images, texts = rng.normal(size=(4, 6)), rng.normal(size=(6, 6))  # image 3 has no caption
+    caption_ranks, image_ranks = metrics.retrieval_ranks(images, texts, owner)
+    assert caption_ranks.shape == (6,) and image_ranks.shape == (3,)
+    recall = metrics.retrieval_recall(images, texts, owner, ks=(1, 2))
+    assert recall["image_retrieval_r2"] == np.mean(caption_ranks < 2)
+    assert recall["text_retrieval_r1"] == np.mean(image_ranks < 1)
+
+
 # ---- top-k --------------------------------------------------------------------------------
 
 

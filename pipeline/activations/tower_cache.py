@@ -47,6 +47,8 @@ class TowerEncoder:
         if kind == "text":
             tokens = torch.as_tensor(self.preprocess.tokens([str(t) for t in batch["text"]]))
             features = self.model.tower_features(texts=tokens)["text"]
+            if features.ndim == 3:  # a layer's input per token: keep the caption's own tokens (mask 1), flat
+                features = [row[row[:, -1] > 0].flatten() for row in features]
         elif kind == "image":
             images = torch.as_tensor(np.stack([self.preprocess.image(b) for b in batch["jpg"]]))
             features = self.model.tower_features(images=images)["image"]
@@ -55,17 +57,21 @@ class TowerEncoder:
         return pa.table({"key": [str(k) for k in batch["key"]], "group": [str(g) for g in batch["group"]],
                          "split": [str(s) for s in batch["split"]], "set": [str(s) for s in batch["set"]],
                          "text": [str(t) for t in batch["text"]],
-                         "feature": pa.array(list(features.float().numpy()), type=pa.list_(pa.float32()))})
+                         "feature": pa.array([row.float().numpy() for row in features], type=pa.list_(pa.float32()))})
 
 
-def cache_plan(model_params: ModelParams) -> tuple[bool, str]:
-    """(whether the towers can be cached, why not when they cannot)."""
-    cacheable = build_model(model_params).cacheable_towers()
+def cache_plan(model_params: ModelParams) -> tuple[bool, str, int | None]:
+    """(whether the towers can be cached, why not when they cannot, the channels of a text row
+    when it is a layer's input per token: the hidden width plus the mask; None for pooled rows)."""
+    model = build_model(model_params)
+    cacheable = model.cacheable_towers()
     if set(cacheable) == {"image", "text"}:
-        return True, ""
-    return False, ("the cache needs both towers fully locked (train.model.lock.image / .text with no unlocked "
-                   "layers), a timm image tower and an HF text tower (train.model.towers); cacheable here: "
-                   f"{', '.join(cacheable) or 'none'}")
+        layered = model.text_cache_layer is not None
+        return True, "", model.clip.text.config.hidden_size + 1 if layered else None
+    return False, ("the cache needs a fully locked timm image tower (train.model.lock.image, no unlocked groups: "
+                   "a trainable group would read a feature map, which is not cached) and a locked HF text tower "
+                   "(train.model.lock.text, its layer norms frozen; unlocked layers are fine) "
+                   f"(train.model.towers); cacheable here: {', '.join(cacheable) or 'none'}"), None
 
 
 # What the towers' outputs depend on: not the heads, the caps or the optimiser.
@@ -81,7 +87,7 @@ def run_feature_cache(model_params: ModelParams, data_dir: str | Path, out_dir: 
 
     out_dir, data_dir = Path(out_dir), Path(data_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    cacheable, why = cache_plan(model_params) if enabled else (False, "train.feature_cache is off")
+    cacheable, why, text_channels = cache_plan(model_params) if enabled else (False, "train.feature_cache is off", None)
     if not cacheable:
         for name in SETS:
             remove_output_dir(out_dir / name)
@@ -96,7 +102,7 @@ def run_feature_cache(model_params: ModelParams, data_dir: str | Path, out_dir: 
             "texts": text_set(caption_rows(data_dir, splits))}
     rows = write_sets("tower_cache", sets, out_dir, fingerprint, {"model": model}, batch, task_cpus,
                       actor=TowerEncoder)
-    manifest = {"cached": True, "fingerprint": fingerprint, "rows": rows,
+    manifest = {"cached": True, "fingerprint": fingerprint, "rows": rows, "text_channels": text_channels,
                 "towers": model_params.towers.model_dump(mode="json"), "lock": model_params.lock.model_dump(mode="json")}
     write_json(out_dir / MANIFEST, manifest)
     return manifest

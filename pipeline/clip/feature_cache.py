@@ -5,7 +5,10 @@ step's cost (EfficientNet-lite0 at 224 px, MiniLM on a caption) while the part t
 projections and the sparse heads, costs next to nothing. The ``tower_cache`` stage runs the
 towers over every image and caption of the sample once (Ray Data, one actor pool) and stores
 :meth:`~pipeline.clip.model.SparseCLIP.tower_features`: the image trunk's pooled last feature map
-and the text model's pooled output. Training then steps on the cached rows
+and the text model's pooled output, or, for a text tower locked but for its last layers, the
+input of its first trainable layer (each caption's tokens x hidden width, plus the attention mask
+as one more channel; stored flat, the manifest's ``text_channels`` gives the row shape, and read
+back padded to the longest caption with mask 0). Training then steps on the cached rows
 (:meth:`~pipeline.clip.model.SparseCLIP.read_cached_inputs`), and extraction looks an input up
 before it runs a tower: an image by its key, a text by its content (a caption, or a vocabulary
 word that happens to be one).
@@ -40,11 +43,13 @@ class FeatureCache:
     def __init__(self, out_dir: str | Path):
         out_dir = Path(out_dir)
         images, texts = _read(out_dir / "images"), _read(out_dir / "texts")
+        manifest = json.loads((out_dir / MANIFEST).read_text()) if (out_dir / MANIFEST).is_file() else {}
         self.image_index = {k: i for i, k in enumerate(images.column("key").to_pylist())}
         self.image_by_group = {g: i for i, g in enumerate(images.column("group").to_pylist())}
         self.images = _matrix(images)
         self.text_index = {t: i for i, t in enumerate(texts.column("text").to_pylist())}
-        self.texts = _matrix(texts)
+        channels = manifest.get("text_channels")
+        self.texts = _padded_sequences(texts, channels) if channels else _matrix(texts)
 
     @staticmethod
     def available(out_dir: str | Path | None, model_params: ModelParams | None = None) -> bool:
@@ -91,6 +96,17 @@ def _matrix(table: pa.Table) -> np.ndarray:
     if not len(column):
         return np.zeros((0, 0), np.float32)
     return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.float32)
+
+
+def _padded_sequences(table: pa.Table, channels: int) -> np.ndarray:
+    """[N, T, channels] from rows stored flat (each a caption's tokens x channels), zero-padded to
+    the longest: a padded position's mask channel is 0, so the layers and the pool ignore it."""
+    rows = [np.asarray(row, dtype=np.float32).reshape(-1, channels)
+            for row in table.column("feature").to_numpy(zero_copy_only=False)]
+    out = np.zeros((len(rows), max((len(r) for r in rows), default=0), channels), np.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
 
 
 def cached_split(cache_dir: str | Path, data_dir: str | Path, split: str, limit: int | None = None,

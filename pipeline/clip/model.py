@@ -179,7 +179,7 @@ class SparseCLIP(nn.Module):
         so the output is the same (to rounding) at the cost of the longest caption, not of
         ``context_length`` (captions of ~16 tokens padded to 32 cost half). open_clip's own text
         transformer pools at the EOT token of a causal stack and is left as it is."""
-        if "hf_model_name" not in self.clip_cfg["text_cfg"] or texts.ndim != 2:
+        if not self.hf_text_tower or texts.ndim != 2:
             return texts
         used = (texts != self.clip.text.config.pad_token_id).any(dim=0).nonzero()
         return texts[:, : int(used.max()) + 1] if used.numel() else texts
@@ -188,28 +188,49 @@ class SparseCLIP(nn.Module):
 
     def tower_features(self, images: torch.Tensor | None = None, texts: torch.Tensor | None = None,
                        ) -> dict[str, torch.Tensor]:
-        """What a fully locked tower computes before its trainable projection, per input: the
-        timm trunk's pooled last feature map [B, C], the HF text model's pooled output [B, W].
-        The feature cache stores these once; :meth:`read_cached_inputs` trains from them."""
+        """What the locked part of a tower computes, per input: the timm trunk's pooled last
+        feature map [B, C]; the HF text model's pooled output [B, W] when it is fully locked, or
+        the input of its first trainable layer with the attention mask [B, T, W + 1]
+        (:attr:`text_cache_layer`). The feature cache stores these once;
+        :meth:`read_cached_inputs` trains from them."""
         out = {}
         if images is not None:
             feature_map = self.clip.visual.trunk.forward_features(images)
             out["image"] = feature_map.mean(dim=(2, 3))
         if texts is not None:
             text, texts = self.clip.text, self._trimmed(texts)
-            mask = (texts != text.config.pad_token_id).long()
-            out["text"] = text.pooler(text.transformer(input_ids=texts, attention_mask=mask), mask)
+            if self.text_cache_layer is not None:
+                out["text"] = towers.text_layer_inputs(text, texts, self.text_cache_layer)
+            else:
+                mask = (texts != text.config.pad_token_id).long()
+                out["text"] = text.pooler(text.transformer(input_ids=texts, attention_mask=mask), mask)
         return out
 
+    @property
+    def hf_text_tower(self) -> bool:
+        return "hf_model_name" in self.clip_cfg["text_cfg"]
+
+    @property
+    def text_cache_layer(self) -> int | None:
+        """Where the cached text rows enter an HF text tower locked but for its last layers: the
+        index of its first trainable layer; None when the rows are the pooled output (fully
+        locked) or there is nothing to cache."""
+        if not self.hf_text_tower or self.params.lock.text_fully:
+            return None
+        first = towers.first_trainable_text_layer(self.clip.text, self.params.lock)
+        return first if first is not None and first < len(self.clip.text.transformer.encoder.layer) else None
+
     def cacheable_towers(self) -> list[str]:
-        """The towers whose :meth:`tower_features` can stand in for their input: fully locked
-        (frozen batch-norm statistics included), a timm image tower with an average pool, an HF
-        text tower."""
+        """The towers whose :meth:`tower_features` can stand in for their input: a timm image tower
+        with an average pool, fully locked (frozen batch-norm statistics included); an HF text
+        tower whose locked layers are a fixed function (their layer norms frozen too), fully
+        locked or but for its last layers."""
         lock, out = self.params.lock, []
         if (lock.image_fully and lock.image_freeze_bn_stats and self.timm_tower
                 and self.clip_cfg["vision_cfg"].get("timm_pool") == "avg" and self.params.pooling == "cls"):
             out.append("image")
-        if lock.text_fully and "hf_model_name" in self.clip_cfg["text_cfg"]:
+        if (self.hf_text_tower and lock.text_freeze_layer_norm
+                and towers.first_trainable_text_layer(self.clip.text, lock) is not None):
             out.append("text")
         return out
 
@@ -217,19 +238,20 @@ class SparseCLIP(nn.Module):
         """From now on :meth:`forward` takes :meth:`tower_features` instead of images and tokens
         for the cacheable towers: a training step then runs the projections and heads only."""
         if enable and set(self.cacheable_towers()) != {"image", "text"}:
-            raise ValueError("cached tower inputs need both towers fully locked (train.model.lock), a timm image "
-                             "tower with cls pooling and an HF text tower; cacheable here: "
+            raise ValueError("cached tower inputs need a fully locked timm image tower with cls pooling and a "
+                             "locked HF text tower (train.model.lock, its layer norms frozen); cacheable here: "
                              f"{', '.join(self.cacheable_towers()) or 'none'}")
         self.cached_inputs = enable
 
     def train(self, mode: bool = True) -> SparseCLIP:
-        """A fully locked tower is a fixed function: it stays in eval mode (no dropout) while the
-        rest trains, so what the feature cache stored is what the tower computes in training."""
+        """Locked layers are a fixed function: they stay in eval mode (no dropout) while the rest
+        trains, so what the feature cache stored is what they compute in training."""
         super().train(mode)
         if self.params.lock.image_fully and self.timm_tower:
             self.clip.visual.trunk.eval()
-        if self.params.lock.text_fully and "hf_model_name" in self.clip_cfg["text_cfg"]:
-            self.clip.text.transformer.eval()
+        if self.hf_text_tower:
+            for module in towers.locked_text_modules(self.clip.text, self.params.lock):
+                module.eval()
         return self
 
     def encode_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
@@ -239,7 +261,10 @@ class SparseCLIP(nn.Module):
         return self.image_head(visual.head(visual.trunk.forward_head(image_features[:, :, None, None])))
 
     def encode_text_features(self, text_features: torch.Tensor) -> torch.Tensor:
-        """The sparse text embedding from :meth:`tower_features`' text rows (the projection, the head)."""
+        """The sparse text embedding from :meth:`tower_features`' text rows: the trainable layers
+        (when the rows are a layer's input), the projection, the head."""
+        if self.text_cache_layer is not None:
+            text_features = towers.text_from_layer(self.clip.text, text_features, self.text_cache_layer)
         return self.text_head(self.clip.text.proj(text_features))
 
     def forward(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -11,7 +11,9 @@ a saved model's config never holds a site-packages path from the machine that tr
 
 Locking (:func:`lock_towers`) follows open_clip's ``--lock-image`` / ``--lock-text`` flags,
 including frozen batch-norm statistics, with the fix for open_clip's BERT entry that lacks the
-names ``lock(unlocked_layers > 0)`` needs.
+names ``lock(unlocked_layers > 0)`` needs. A text tower locked but for its last layers can start
+from the input of its first trainable layer (:func:`text_layer_inputs`, :func:`text_from_layer`),
+which the feature cache stores once.
 """
 
 from __future__ import annotations
@@ -116,6 +118,51 @@ def lock_towers(clip: nn.Module, lock) -> None:
     if lock.text:
         _patch_bert_names()
         clip.lock_text_tower(unlocked_layers=lock.text_unlocked_layers, freeze_layer_norm=lock.text_freeze_layer_norm)
+
+
+def first_trainable_text_layer(text: nn.Module, lock) -> int | None:
+    """The index of the first layer of a locked HF text tower that trains, as open_clip's
+    ``lock(unlocked_layers=N)`` leaves it (it counts the embeddings as one more layer, so N
+    unlocked are the last N of [embeddings, layer 0, ...]): the layer count when fully locked,
+    None when nothing is locked (N beyond the layers, or the text tower unlocked)."""
+    if not lock.text:
+        return None
+    layers = len(text.transformer.encoder.layer)
+    first = layers - lock.text_unlocked_layers
+    return first if first >= 0 else None
+
+
+def text_layer_inputs(text: nn.Module, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+    """[B, T, W + 1]: what text layer ``layer`` of an HF tower reads (the hidden states after the
+    layers before it; the embeddings' output for layer 0), with the attention mask as the last
+    channel, so that one array carries both through the feature cache, batching and shuffling."""
+    mask = (tokens != text.config.pad_token_id).long()
+    hidden = text.transformer(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
+    return torch.cat([hidden, mask[..., None].to(hidden.dtype)], dim=-1)
+
+
+def text_from_layer(text: nn.Module, inputs: torch.Tensor, layer: int) -> torch.Tensor:
+    """The tower's pooled output [B, W] from :func:`text_layer_inputs`: layers ``layer``.. run on
+    them under their attention mask, then the tower's pooler (a masked mean). Positions beyond a
+    caption's length (mask 0) are hidden from every other position and from the pool, so padding
+    a batch to its longest caption changes nothing."""
+    from transformers.masking_utils import create_bidirectional_mask
+    from transformers.modeling_outputs import BaseModelOutput
+
+    hidden, mask = inputs[..., :-1], inputs[..., -1].long()
+    attention = create_bidirectional_mask(config=text.transformer.config, inputs_embeds=hidden, attention_mask=mask)
+    for block in text.transformer.encoder.layer[layer:]:
+        hidden = block(hidden, attention)
+    return text.pooler(BaseModelOutput(last_hidden_state=hidden), mask)
+
+
+def locked_text_modules(text: nn.Module, lock) -> list[nn.Module]:
+    """The modules of an HF text tower that ``lock`` freezes: its embeddings and the layers before
+    :func:`first_trainable_text_layer` (every one when fully locked)."""
+    first = first_trainable_text_layer(text, lock)
+    if first is None:
+        return []
+    return [text.transformer.embeddings, *text.transformer.encoder.layer[:first]]
 
 
 def freeze_locked_batch_norms(tower: nn.Module) -> None:

@@ -49,7 +49,9 @@ class LockParams(Section):
     image_unlocked_groups: int = Field(0, ge=0, description="last layer groups of the image tower left trainable")
     image_freeze_bn_stats: bool = Field(True, description="locked batch-norm layers keep their running statistics")
     text: bool = Field(False, description="freeze the text tower (its projection stays trainable)")
-    text_unlocked_layers: int = Field(0, ge=0, description="last layers of the text tower left trainable")
+    text_unlocked_layers: int = Field(0, ge=0, description="last layers of the text tower left trainable, "
+                                      "counted as open_clip counts them (the embeddings are one more layer); the "
+                                      "feature cache then holds the input of the first trainable layer")
     text_freeze_layer_norm: bool = Field(True, description="locked layer norms stay frozen too")
 
     @property
@@ -199,7 +201,8 @@ class TrainParams(WorkerGroupParams):
         "benchmarks/sparse_transport.py run on the transport in use")
     cache_data: bool = Field(True, description="each worker decodes its slice of the train split once, in its "
                              "own process, and keeps it in memory (false: Ray Data streams every epoch)")
-    feature_cache: bool = Field(True, description="when both towers are fully locked, train from their outputs, "
+    feature_cache: bool = Field(True, description="when the image tower is fully locked and the text tower locked "
+                                "(all of it, or all but its last layers), train from their locked layers' outputs, "
                                 "encoded once by the tower_cache stage (pipeline/clip/feature_cache.py)")
     feature_cache_dir: OutputDir = Field("data/tower_features", description="where the tower_cache stage writes")
     log_every: int = Field(10, ge=1, description="steps between training metrics")

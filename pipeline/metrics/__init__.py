@@ -14,7 +14,9 @@ module                 functions                                   reproduces
                                                                    (text C-score vs threshold)
 :mod:`.modality`       modality_scores, modality_summary,          Fig 3b (and Fig 6): image-only /
                        plot_modality_density                       text-only / multimodal features
-:mod:`.retrieval`      retrieval_recall                            Table 2 retrieval: IR@1/5, TR@1/5
+:mod:`.retrieval`      retrieval_recall, retrieval_ranks,          Table 2 retrieval: IR@1/5, TR@1/5;
+                       recall_difference                           a model against a baseline, with
+                                                                   a paired bootstrap interval
 :mod:`.topk`           keep_topk                                  supp. Fig 2: zero-shot with only
                                                                    the top-k features per input
 :mod:`.recovery`       auroc_matrix, best_f1, concept_recovery,    beyond the paper: recovery of
@@ -29,7 +31,7 @@ mass over unit-L2 rows (1 image-only, 0 text-only).
 from .clarity import c_score, clarity, dataset_baseline
 from .modality import modality_scores, modality_summary, plot_modality_density
 from .recovery import RecoveryReport, auroc_matrix, best_f1, concept_recovery
-from .retrieval import retrieval_recall
+from .retrieval import recall_difference, retrieval_ranks, retrieval_recall
 from .sparsity import (
     active_features,
     active_fraction,
@@ -61,6 +63,8 @@ __all__ = [
     "modality_scores",
     "modality_summary",
     "plot_modality_density",
+    "recall_difference",
+    "retrieval_ranks",
     "retrieval_recall",
     "sparsity_summary",
 ]

@@ -173,6 +173,14 @@ def plot_topk_zeroshot(curves: dict[str, dict[str, dict[int, float]]], all_featu
 def retrieval_metrics(images_meta: pa.Table, images: sp.csr_matrix, texts_meta: pa.Table,
                       texts: sp.csr_matrix) -> dict[str, float]:
     """IR@k / TR@k on the test split: every caption against every test image."""
+    split = test_retrieval_split(images_meta, images, texts_meta, texts)
+    return M.retrieval_recall(*split, ks=(1, 5, 10)) if split else {}
+
+
+def test_retrieval_split(images_meta: pa.Table, images: sp.csr_matrix, texts_meta: pa.Table, texts: sp.csr_matrix,
+                         ) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray] | None:
+    """The test split's (images, captions, each caption's image row) that retrieval scores: the
+    captions whose photo is among the test images; None when there is none."""
     image_split = np.asarray(images_meta.column("split").to_pylist()) == "test"
     text_split = np.asarray(texts_meta.column("split").to_pylist()) == "test"
     groups = np.asarray(images_meta.column("group").to_pylist())[image_split]
@@ -180,9 +188,9 @@ def retrieval_metrics(images_meta: pa.Table, images: sp.csr_matrix, texts_meta: 
     text_groups = np.asarray(texts_meta.column("group").to_pylist())[text_split]
     keep = np.asarray([g in owner for g in text_groups])
     if not image_split.any() or not keep.any():
-        return {}
-    return M.retrieval_recall(images[np.flatnonzero(image_split)], texts[np.flatnonzero(text_split)[keep]],
-                              np.asarray([owner[g] for g in text_groups[keep]]), ks=(1, 5, 10))
+        return None
+    return (images[np.flatnonzero(image_split)], texts[np.flatnonzero(text_split)[keep]],
+            np.asarray([owner[g] for g in text_groups[keep]]))
 
 
 def tagging_metrics(acts: ActivationSet, images_meta: pa.Table, images: sp.csr_matrix, vocab_dir: str | Path,

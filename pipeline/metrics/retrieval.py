@@ -78,6 +78,18 @@ def retrieval_recall(image_embeddings, text_embeddings, text_to_image, ks: Seque
     Returns ``image_retrieval_r{k}`` (text -> image, IR@k, averaged over captions) and
     ``text_retrieval_r{k}`` (image -> text, TR@k, averaged over images that have a caption).
     """
+    caption_ranks, image_ranks = retrieval_ranks(image_embeddings, text_embeddings, text_to_image)
+    recall = {}
+    for k in ks:
+        recall[f"image_retrieval_r{k}"] = float((caption_ranks < k).mean())
+        recall[f"text_retrieval_r{k}"] = float((image_ranks < k).mean())
+    return recall
+
+
+def retrieval_ranks(image_embeddings, text_embeddings, text_to_image) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's rank of its target, as :func:`retrieval_recall` counts them: per caption [T],
+    how many images score above its own; per image that has a caption, how many captions score
+    above its best own caption (in image order). A query is a hit at k when its rank is below k."""
     (images, dead_images), (texts, dead_texts) = _unit(image_embeddings), _unit(text_embeddings)
     owner = np.asarray(text_to_image, dtype=np.int64)
     if owner.shape != (texts.shape[0],):
@@ -85,11 +97,31 @@ def retrieval_recall(image_embeddings, text_embeddings, text_to_image, ks: Seque
     if owner.size and (owner.min() < 0 or owner.max() >= images.shape[0]):
         raise ValueError("text_to_image refers to image rows that do not exist")
     dead = (dead_images, dead_texts)
-    caption_ranks = _caption_ranks(images, texts, owner, dead)
     has_caption = np.bincount(owner, minlength=images.shape[0]) > 0
-    image_ranks = _image_ranks(images, texts, owner, dead)[has_caption]
-    recall = {}
-    for k in ks:
-        recall[f"image_retrieval_r{k}"] = float((caption_ranks < k).mean())
-        recall[f"text_retrieval_r{k}"] = float((image_ranks < k).mean())
-    return recall
+    return _caption_ranks(images, texts, owner, dead), _image_ranks(images, texts, owner, dead)[has_caption]
+
+
+def recall_difference(hits: np.ndarray, baseline_hits: np.ndarray, groups: np.ndarray, resamples: int = 2000,
+                      seed: int = 0) -> dict[str, float]:
+    """How much a model's recall exceeds a baseline's on the same queries, with a 95% interval.
+
+    ``hits`` and ``baseline_hits`` are [Q] booleans for the same queries, ``groups`` [Q] the test
+    photo each query belongs to. The interval comes from a paired bootstrap over photos: a
+    resample draws photos with replacement and keeps all of their queries for both models, so it
+    says how much the difference depends on which photos the test split drew (two models' hits on
+    one photo are correlated, and so are a photo's five captions), not on the queries' number."""
+    hits, baseline_hits = np.asarray(hits, dtype=np.float64), np.asarray(baseline_hits, dtype=np.float64)
+    if hits.shape != baseline_hits.shape or hits.shape != np.shape(groups):
+        raise ValueError(f"hits {hits.shape}, baseline {baseline_hits.shape} and groups {np.shape(groups)} "
+                         "must have one entry per query")
+    _, group = np.unique(groups, return_inverse=True)
+    n_groups = int(group.max()) + 1 if group.size else 0
+    if n_groups == 0:
+        raise ValueError("recall_difference needs at least one query")
+    per_group_difference = np.bincount(group, weights=hits - baseline_hits, minlength=n_groups)
+    per_group_queries = np.bincount(group, minlength=n_groups).astype(np.float64)
+    draws = np.random.default_rng(seed).multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=resamples)
+    boot = (draws @ per_group_difference) / (draws @ per_group_queries)
+    low, high = np.quantile(boot, [0.025, 0.975])
+    return {"difference": float((hits - baseline_hits).mean()), "ci95_low": float(low), "ci95_high": float(high),
+            "queries": int(hits.size), "photos": n_groups}
