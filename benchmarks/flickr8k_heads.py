@@ -9,9 +9,11 @@ caption against every test photo), L0 and dead features per tower. The preset
 (``deploy/params.flickr8k.yaml``) takes its caps and steps from this table.
 
     python -m benchmarks.flickr8k_heads --workspace ../main-flickr8k
-    python -m benchmarks.flickr8k_heads --workspace ../main-flickr8k --only dense sparse_cap50
+    python -m benchmarks.flickr8k_heads --workspace ../main-flickr8k --only dense sparse_cap50 --seeds 0 1 2
 
-Prints one row per setting and writes ``benchmarks/results/flickr8k_heads.json``.
+Prints one row per setting and seed (and, with several seeds, each setting's mean and spread: a
+gap between two settings means little unless it exceeds how far one setting moves between
+seeds) and writes ``benchmarks/results/flickr8k_heads.json``.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def measure(name: str, params, test: dict[str, np.ndarray], owner: np.ndarray, t
     with torch.no_grad():
         images = model.encode_image_features(torch.as_tensor(test["image"])).numpy()
         texts = model.encode_text_features(torch.as_tensor(test["text"])).numpy()
-    row: dict[str, Any] = {"setting": name, "steps": steps, "seconds": round(seconds, 1), "width": model.width,
+    row: dict[str, Any] = {"setting": name, "seed": seed, "steps": steps, "seconds": round(seconds, 1),
+                           "width": model.width,
                            **{k: v for k, v in model_overrides.items() if k != "activation"}}
     row.update(retrieval_recall(images, texts, owner, ks=(1, 5, 10)))
     for tower, x in (("image", images), ("text", texts)):
@@ -88,11 +91,26 @@ def measure(name: str, params, test: dict[str, np.ndarray], owner: np.ndarray, t
     return row
 
 
+RETRIEVAL = ("image_retrieval_r5", "text_retrieval_r5", "text_retrieval_r1")
+
+
+def seed_spread(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per setting run with several seeds: the mean and sample standard deviation of its retrieval."""
+    out = {}
+    for name in dict.fromkeys(r["setting"] for r in rows):
+        runs = [r for r in rows if r["setting"] == name]
+        if len(runs) > 1:
+            out[name] = {"seeds": len(runs), **{key: {"mean": float(np.mean([r[key] for r in runs])),
+                                                      "sd": float(np.std([r[key] for r in runs], ddof=1))}
+                                                for key in RETRIEVAL}}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.flickr8k_heads", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workspace", required=True, help="the Flickr8k workspace (after its tower_cache stage)")
     parser.add_argument("--only", nargs="*", choices=list(SETTINGS), help="settings to run (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed and setting")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -104,20 +122,27 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(train['text'])} training pairs; test: {len(test['image'])} photos, {len(owner)} captions")
     rows = []
     for name in args.only or SETTINGS:
-        row = measure(name, params, test, owner, train, args.seed)
-        rows.append(row)
-        print(f"{name:20s} {row['steps']:5d} steps {row['seconds']:6.0f}s  IR@1/5/10 "
-              f"{100 * row['image_retrieval_r1']:.1f}/{100 * row['image_retrieval_r5']:.1f}/"
-              f"{100 * row['image_retrieval_r10']:.1f}  TR@1/5/10 {100 * row['text_retrieval_r1']:.1f}/"
-              f"{100 * row['text_retrieval_r5']:.1f}/{100 * row['text_retrieval_r10']:.1f}  L0 "
-              f"{row['l0_image_pct']:.1f}%/{row['l0_text_pct']:.1f}%  dead {row['dead_pct']:.0f}%  "
-              f"scale {row['logit_scale']:.1f}", flush=True)
+        for seed in args.seeds:
+            row = measure(name, params, test, owner, train, seed)
+            rows.append(row)
+            print(f"{name:20s} seed {seed} {row['steps']:5d} steps {row['seconds']:6.0f}s  IR@1/5/10 "
+                  f"{100 * row['image_retrieval_r1']:.1f}/{100 * row['image_retrieval_r5']:.1f}/"
+                  f"{100 * row['image_retrieval_r10']:.1f}  TR@1/5/10 {100 * row['text_retrieval_r1']:.1f}/"
+                  f"{100 * row['text_retrieval_r5']:.1f}/{100 * row['text_retrieval_r10']:.1f}  L0 "
+                  f"{row['l0_image_pct']:.1f}%/{row['l0_text_pct']:.1f}%  dead {row['dead_pct']:.0f}%  "
+                  f"scale {row['logit_scale']:.1f}", flush=True)
+    spread = seed_spread(rows)
+    for name, stats in spread.items():
+        print(f"{name:20s} over {stats['seeds']} seeds: " + "  ".join(
+            f"{key} {100 * stats[key]['mean']:.1f} ± {100 * stats[key]['sd']:.1f}" for key in RETRIEVAL))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "flickr8k_heads.json"
-    previous = json.loads(out.read_text())["rows"] if out.is_file() else []
-    kept = [r for r in previous if r["setting"] not in {r["setting"] for r in rows}]
+    record = json.loads(out.read_text()) if out.is_file() else {}
+    ran = {(r["setting"], r["seed"]) for r in rows}
+    kept = [r for r in record.get("rows", []) if (r["setting"], r.get("seed", 0)) not in ran]
     out.write_text(json.dumps({"command": "python -m benchmarks.flickr8k_heads --workspace ../main-flickr8k",
-                               "machine": "2 CPU cores", "rows": kept + rows}, indent=2) + "\n")
+                               "machine": "2 CPU cores", "rows": kept + rows,
+                               "seed_spread": {**record.get("seed_spread", {}), **spread}}, indent=2) + "\n")
     print(f"-> {out}")
 
 
