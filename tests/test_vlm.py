@@ -120,11 +120,13 @@ def test_steering_reports_corruption_when_edits_make_answers_long(monkeypatch, t
 
     from pipeline.vlm import steering
 
-    def answer_all(vlm, images, rows, batch_size, max_new_tokens, edits=None, desc=""):
+    def answer_all(vlm, images, rows, batch_size, max_new_tokens, edits=None, desc="", features=None):
+        assert features == "encoded once"
         long = edits is not None and "random" not in desc and edits[0].strength > 2
         return [("red " * max_new_tokens).strip() if long and i % 2 else "red" for i in range(len(rows))]
 
     monkeypatch.setattr(steering, "answer_all", answer_all)
+    monkeypatch.setattr(steering, "encode_images", lambda vlm, images, batch_size: "encoded once")
     monkeypatch.setattr(steering, "concept_features", lambda vlm, word, k: torch.arange(k))
     monkeypatch.setattr(steering, "sbert_similarity", lambda a, b: torch.ones(len(a)).numpy())
     labels = ["red", "blue", "green", "red"]
@@ -269,7 +271,7 @@ def test_ray_train_vlm_on_two_workers_and_steering_api(extracted, ray_local, wor
     """The real path: SmolLM2 on a trained-model folder, 2 Ray Train workers (gradients
     all-reduced), weights exported, reloaded, answering, and the steering API on one image."""
     from pipeline.data.shards import read_split
-    from pipeline.vlm.evaluate import answer_all, qa_metrics
+    from pipeline.vlm.evaluate import answer_all, encode_images, qa_metrics
     from pipeline.vlm.steering import Steerer
     from pipeline.vlm.train import load_vlm, qa_examples, run_vlm_training
 
@@ -297,6 +299,9 @@ def test_ray_train_vlm_on_two_workers_and_steering_api(extracted, ray_local, wor
     images, examples, _ = qa_examples(params.sample.out_dir, "test", params.vlm, ClipBatchPreprocessor(
         vlm.encoder.image_size, vlm.encoder.context_length), limit=4)
     answers = answer_all(vlm, images, examples[:8], batch_size=8, max_new_tokens=3)
+    encoded = encode_images(vlm, images, batch_size=3)  # once, as steering does: the same answers
+    assert encoded.shape == (len(images), 1, vlm.encoder.width)
+    assert answer_all(vlm, images, examples[:8], batch_size=8, max_new_tokens=3, features=encoded) == answers
     scores = qa_metrics(answers, examples[:8])
     assert all(0 <= v <= 1 for k, v in scores.items() if k.endswith((".exact", "_named")))
     jpeg = next(read_split(params.sample.out_dir, "test")).jpeg

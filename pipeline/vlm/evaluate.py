@@ -32,15 +32,23 @@ def sbert_similarity(answers: Sequence[str], references: Sequence[str]) -> np.nd
 
 
 def answer_all(vlm: VisionLanguageModel, images: torch.Tensor, rows: Sequence[dict[str, Any]], batch_size: int,
-               max_new_tokens: int, edits: Sequence[FeatureEdit | None] | None = None, desc: str = "answering") -> list[str]:
-    """Answers for rows of {image, question}, batched; ``edits`` gives one edit per batch."""
+               max_new_tokens: int, edits: Sequence[FeatureEdit | None] | None = None, desc: str = "answering",
+               features: torch.Tensor | None = None) -> list[str]:
+    """Answers for rows of {image, question}, batched; ``edits`` gives one edit per batch.
+    ``features``: the images' sparse features (:func:`encode_images`), so the encoder is not run."""
     out = []
     starts = range(0, len(rows), batch_size)
     for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", mininterval=5)):
         chunk = rows[start : start + batch_size]
-        out += vlm.answer(images[[r["image"] for r in chunk]], [r["question"] for r in chunk],
-                          edits[b] if edits else None, max_new_tokens)
+        picked = [r["image"] for r in chunk]
+        visual = features[picked] if features is not None else vlm.sparse_features(images[picked])
+        out += vlm.answer_features(visual, [r["question"] for r in chunk], edits[b] if edits else None, max_new_tokens)
     return out
+
+
+def encode_images(vlm: VisionLanguageModel, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """[N, V, F]: every image's sparse features, a batch at a time, for :func:`answer_all`."""
+    return torch.cat([vlm.sparse_features(images[s : s + batch_size]) for s in range(0, len(images), batch_size)])
 
 
 def chance_exact(answers: Sequence[str], references: Sequence[str]) -> float:

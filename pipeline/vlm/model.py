@@ -112,7 +112,15 @@ class VisionLanguageModel(nn.Module):
     def answer(self, images: torch.Tensor, questions: Sequence[str], edit: FeatureEdit | None = None,
                max_new_tokens: int = 8) -> list[str]:
         """Greedy answers, batched with left padding and a KV cache."""
-        rows = self.sequences(self.visual_tokens(images, edit), questions)
+        return self.answer_features(self.sparse_features(images), questions, edit, max_new_tokens)
+
+    @torch.no_grad()
+    def answer_features(self, features: torch.Tensor, questions: Sequence[str], edit: FeatureEdit | None = None,
+                        max_new_tokens: int = 8) -> list[str]:
+        """:meth:`answer` from the images' :meth:`sparse_features` [B, V, F]: the encoder is frozen,
+        so a caller that asks about the same images many times (steering's grid of edits) encodes
+        them once."""
+        rows = self.sequences(self.adapter(edit_features(features, edit)), questions)
         length = max(len(e) for e, _ in rows)
         embeds = torch.stack([F.pad(e, (0, 0, length - len(e), 0)) for e, _ in rows])
         mask = torch.stack([F.pad(torch.ones(len(e), device=e.device, dtype=torch.long), (length - len(e), 0))

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.config import Params
 from pipeline.data.loading import ClipBatchPreprocessor
 from pipeline.runtime.cli import run_stage
-from pipeline.vlm.evaluate import answer_all, p_above, sbert_similarity
+from pipeline.vlm.evaluate import answer_all, encode_images, p_above, sbert_similarity
 from pipeline.vlm.model import FeatureEdit, VisionLanguageModel
 from pipeline.vlm.questions import QUESTIONS, normalise
 
@@ -89,7 +89,8 @@ def steering_evaluation(vlm: VisionLanguageModel, images: torch.Tensor, labels: 
     rng = random.Random(seed)
     boosted = [rng.choice([c for c in classes if c != label]) for label in labels]
     rows = [{"image": i, "question": question} for i in range(len(labels))]
-    baseline = answer_all(vlm, images, rows, batch_size, max_new_tokens, desc="steering: unedited")
+    features = encode_images(vlm, images, batch_size)  # once: every cell of the grid edits the same features
+    baseline = answer_all(vlm, images, rows, batch_size, max_new_tokens, desc="steering: unedited", features=features)
     max_words = corruption_threshold(baseline, quantile) if max_words is None else max_words
     results: dict[str, Any] = {"corruption_words": max_words, "baseline": _scores(baseline, labels, boosted, max_words),
                                "grid": {}}
@@ -102,8 +103,10 @@ def steering_evaluation(vlm: VisionLanguageModel, images: torch.Tensor, labels: 
             random_edits = _edits(rows, batch_size, [torch.as_tensor(generator.choice(width, k, replace=False))
                                                      for _ in labels],
                                   [torch.as_tensor(generator.choice(width, k, replace=False)) for _ in labels], strength)
-            steered = answer_all(vlm, images, rows, batch_size, max_new_tokens, named, desc=f"steering K={k} SS={strength}")
-            control = answer_all(vlm, images, rows, batch_size, max_new_tokens, random_edits, desc="random edits")
+            steered = answer_all(vlm, images, rows, batch_size, max_new_tokens, named, desc=f"steering K={k} SS={strength}",
+                                 features=features)
+            control = answer_all(vlm, images, rows, batch_size, max_new_tokens, random_edits, desc="random edits",
+                                 features=features)
             results["grid"][f"k{k}_ss{strength:g}"] = {
                 "k": k, "strength": strength, **_scores(steered, labels, boosted, max_words),
                 **{f"random.{m}": v for m, v in _scores(control, labels, boosted, max_words).items()},
