@@ -21,7 +21,7 @@ def extract(args) -> None:
         connect(params.ray)
         manifest = run_extraction(model_dir, params.sample.out_dir, params.vocab.out_dir, out_dir, params.extract,
                                   params.ray.task_cpus, params.section_hash("extract"),
-                                  feature_cache=params.train.feature_cache_dir if params.train.feature_cache else None)
+                                  feature_cache=params.train.feature_cache_in_use)
         run.publish({"rows": manifest["rows"], "width": manifest["width"], "vocabulary": manifest["vocabulary"]})
         run.log_outputs([out_dir / "manifest.json"])
     print(f"extract[{args.variant}]: {manifest['rows']} -> {out_dir}")

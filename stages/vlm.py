@@ -6,12 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.data.loading import ClipBatchPreprocessor
 from pipeline.io import write_json
 from pipeline.runtime.cli import run_stage, stage_parser
 from pipeline.runtime.tracking import stage_run, tracking_uri
 from pipeline.vlm.evaluate import answer_all, qa_metrics
-from pipeline.vlm.train import load_vlm, qa_examples, run_vlm_training
+from pipeline.vlm.train import held_out_examples, load_vlm, run_vlm_training
 
 
 def vlm(args) -> None:
@@ -23,7 +22,7 @@ def vlm(args) -> None:
                        upstream=[Path(params.train.out_dir) / variant], lineage_dir=out_dir.parent) as run:
             run_vlm_training(params, variant, run_id=run.run_id, tracking_uri=tracking_uri())
             model = load_vlm(out_dir)
-            images, examples, _ = qa_examples(params.sample.out_dir, "test", cfg, ClipBatchPreprocessor.for_model(model.encoder), limit=cfg.eval_images)
+            images, examples, _ = held_out_examples(params, model, limit=cfg.eval_images)
             answers = answer_all(model, images, examples, cfg.eval_batch_size, cfg.max_new_tokens,
                                  desc=f"QA {variant}")
             results[variant] = qa_metrics(answers, examples)

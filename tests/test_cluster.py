@@ -306,6 +306,29 @@ def test_shared_cluster_runs_a_command_whose_ray_stages_join_it(tmp_path):
     assert not Path(seen["tmp"]).exists()
 
 
+@pytest.mark.integration
+def test_a_local_job_runs_its_stages_in_one_shared_cluster(tmp_path, monkeypatch):
+    """`make pipeline-flickr8k` is a job in a workspace: its `dvc repro` is wrapped as `make pipeline`'s
+    is, so every stage sees the one loopback head (and the warm stage server) instead of starting
+    its own Ray; nothing of the cluster is left once the job ends."""
+    from pipeline.runtime.job import run_job
+
+    source, workspace = tmp_path / "src", tmp_path / "ws"
+    source.mkdir()
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=source, check=True)
+    (source / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    stage = "import json, os; json.dump({k: os.environ.get(k) for k in ('RAY_ADDRESS', 'RAY_TMPDIR')}, open('seen.json', 'w'))"
+    (source / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"probe": {"cmd": f'{sys.executable} -c "{stage}"',
+                                                                           "outs": ["seen.json"]}}}))
+    for name in ("RAY_ADDRESS", "RAY_TMPDIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(source)
+    assert run_job(workspace, [], params_override=None) == 0
+    seen = json.loads((workspace / "seen.json").read_text())
+    assert seen["RAY_ADDRESS"].startswith("127.0.0.1:")
+    assert not Path(seen["RAY_TMPDIR"]).exists()
+
+
 def test_a_data_pool_that_leaves_no_cpu_for_its_feeders_fails_at_once(ray_local, monkeypatch):
     """ray.num_cpus: 1 with two 0.5-CPU actors read 0 rows for minutes: now one message naming
     the params and the cluster's CPUs, before Ray Data starts."""

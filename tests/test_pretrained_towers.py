@@ -177,6 +177,42 @@ def test_conv_tower_positions_average_to_the_pooled_embedding(locked):
     assert locked.residual_tokens(images, -2).shape[-1] == locked.residual_width(-2) == 112
 
 
+def test_the_vlm_reads_a_locked_towers_cached_rows_as_it_reads_pixels(tmp_path, locked):
+    """The VLM's encoder gives the same sparse features from the tower cache's rows as from the
+    photos; it reads the cache only where the cache holds its towers and the VLM wants pooled
+    features."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.clip.feature_cache import MANIFEST
+    from pipeline.config import VLMParams
+    from pipeline.vlm.model import VisionLanguageModel
+    from pipeline.vlm.train import readable_tower_cache
+
+    from .test_model_loss import micro
+
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2))
+    tokenizer = type("Tokenizer", (), {"convert_tokens_to_ids": staticmethod(lambda token: 0)})()
+    vlm = VisionLanguageModel(locked.eval(), lm, tokenizer, hidden=8)
+    images, _ = inputs(locked)
+    with torch.no_grad():
+        rows = locked.tower_features(images=images)["image"]
+    assert torch.allclose(vlm.sparse_features(rows), vlm.sparse_features(images), atol=1e-5)
+    vlm.features = "tokens"
+    with pytest.raises(ValueError, match="feature map"):
+        vlm.sparse_features(rows)
+
+    (tmp_path / MANIFEST).write_text(json.dumps({"cached": True, "towers": locked.params.towers.model_dump(mode="json"),
+                                                 "lock": locked.params.lock.model_dump(mode="json")}))
+    assert readable_tower_cache(tmp_path, locked, VLMParams()) == tmp_path
+    assert readable_tower_cache(tmp_path, locked, VLMParams(features="tokens")) is None
+    assert readable_tower_cache(None, locked, VLMParams()) is None
+    assert readable_tower_cache(tmp_path, build_model(micro()), VLMParams()) is None  # an inline tower trains
+    other = build_model(pretrained(towers={"image": "efficientnet-lite1", "text": "all-minilm-l6-v2",
+                                           "image_size": IMAGE, "context_length": 12}))
+    assert readable_tower_cache(tmp_path, other, VLMParams()) is None  # the cache holds another tower's rows
+
+
 def test_a_saved_pretrained_model_reloads_without_the_machines_paths(tmp_path, locked):
     save_model(locked, tmp_path)
     config = (tmp_path / "config.json").read_text()
@@ -269,6 +305,19 @@ def test_preset_slice_caches_trains_and_extracts_from_cached_features(tmp_path, 
 
     outcome = run_training(params, "sparse")
     assert json.loads((outcome.model_dir / "config.json").read_text())["model"]["lock"]["image"]
+
+    # the VLM's photos from the cache: the same examples, and the rows the tower gives their pixels
+    from pipeline.vlm.train import qa_examples
+
+    vlm_params = params.vlm.model_copy(update={"question_types": ["subject"]})
+    pixels, examples, metas = qa_examples(params.sample.out_dir, "val", vlm_params,
+                                          ClipBatchPreprocessor.for_model(model), limit=6)
+    rows, cached_examples, cached_metas = qa_examples(params.sample.out_dir, "val", vlm_params,
+                                                      ClipBatchPreprocessor.for_model(model), limit=6,
+                                                      tower_cache=params.train.feature_cache_dir)
+    assert cached_examples == examples and cached_metas == metas and rows.shape[0] == pixels.shape[0] == 6
+    with torch.no_grad():
+        assert torch.allclose(rows, model.tower_features(images=pixels)["image"], atol=1e-4)
 
     batch = {"key": [], "jpg": [], "text": [], "group": [], "split": [], "meta": [], "task": [], "label": [],
              "set": [], "kind": [], "checkpoint": []}

@@ -215,6 +215,12 @@ class TrainParams(WorkerGroupParams):
     keep_ray_checkpoints: bool = Field(False, description="keep Ray's checkpoint folder after export")
     out_dir: OutputDir = "models"
 
+    @property
+    def feature_cache_in_use(self) -> str | None:
+        """The tower cache's folder for the stages that read it (extraction, the VLM), None when
+        ``feature_cache`` is off; each reader still checks that the cache holds its model's towers."""
+        return self.feature_cache_dir if self.feature_cache else None
+
     @field_validator("variants", mode="before")
     @classmethod
     def _drop_null_variants(cls, variants: Any) -> Any:

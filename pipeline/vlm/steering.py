@@ -189,12 +189,11 @@ def run_steering(params: Params, vlm_dir: Path, plot_dir: Path) -> tuple[dict[st
     ``plot_dir``. Returns the results (numbers under ``<question>.baseline.*`` and
     ``<question>.grid.k<K>_ss<SS>.*``, beside each cell's examples) and a one-line summary."""
     from pipeline.io import write_json
-    from pipeline.vlm.train import load_vlm, qa_examples
+    from pipeline.vlm.train import held_out_examples, load_vlm
 
     cfg = params.steer
     model = load_vlm(vlm_dir)
-    images, examples, _ = qa_examples(params.sample.out_dir, "test", params.vlm,
-                                      ClipBatchPreprocessor.for_model(model.encoder), limit=cfg.images)
+    images, examples, _ = held_out_examples(params, model, limit=cfg.images)
     results = {}
     for question_type in cfg.question_types:
         answer_of = {e["image"]: e["answer"] for e in examples if e["type"] == question_type}
