@@ -55,6 +55,17 @@ BENCHMARKS: list[dict[str, str]] = [
                  "embedded run, each stage counted as often as `dvc.yaml` runs it.",
     },
     {
+        "module": "conv_layout",
+        "title": "Convolution layout: the pretrained image encoders in NCHW against channels-last",
+        "command": "python -m benchmarks.conv_layout",
+        "about": "The tower cache runs EfficientNet-lite0 over every photo of the Flickr8k preset and the "
+                 "reference stage runs lite2 over its test photos, the preset's two largest encoding costs on "
+                 "2 cores. Each encoder (the packaged ImageNet weights on timm's model) encodes the same random "
+                 "batch in torch's default layout and with its weights channels-last (`pipeline.clip.towers."
+                 "channels_last`, which both stages' actors now use), alternating, on one thread as each actor "
+                 "runs. oneDNN's convolutions run channels-last natively; the outputs differ by float rounding.",
+    },
+    {
         "module": "extract_throughput",
         "title": "Extraction: Ray Data against a plain loop",
         "command": "python -m benchmarks.extract_throughput",
@@ -269,6 +280,8 @@ FILES: dict[str, dict[str, Any]] = {
                                            "at 224 px, so the preset moved to 224 px."},
     "train_throughput_cpu_tiny.json": {"note": "The embedded tiny model on 2 CPU cores."},
     "stage_startup_cpu.json": {"note": "Every stage, 3 repeats, on 2 CPU cores.", "names": {"stages": "stage"}},
+    "conv_layout_cpu.json": {"note": "Batch 32, 3 repeats, one thread, 2026-12-07.",
+                             "names": {"encoders": "encoder"}},
     "extract_throughput_cpu.json": {"note": "24,894 rows of `models/sparse`, 2 cores, 2026-12-01."},
     "sample_throughput_cpu.json": {
         "note": "50,000 records in five tars, 2026-12-01, on 2 cores shared with another test suite (load "

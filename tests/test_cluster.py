@@ -120,7 +120,8 @@ def test_deploy_manifests_agree_with_the_paper_params():
 
 def test_workspace_keeps_outputs_and_gets_params(tmp_path):
     source, workspace = tmp_path / "src", tmp_path / "ws"
-    for name in ("pipeline/data/x.py", "params.yaml", "dvc.lock", "data/big.tar", ".venv/bin/python"):
+    for name in ("pipeline/data/x.py", "params.yaml", "dvc.lock", "data/big.tar", ".venv/bin/python",
+                 ".cache/lm/smollm2/config.json", ".cache/other/x"):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         (source / name).write_text(name)
     (source / "params.yaml").write_text((REPO / "params.yaml").read_text())
@@ -131,6 +132,11 @@ def test_workspace_keeps_outputs_and_gets_params(tmp_path):
     assert (workspace / "pipeline/data/x.py").is_file() and not (workspace / "data").exists()
     assert not (workspace / ".venv").exists() and (workspace / "models" / "m.pt").is_file()
     assert (workspace / "dvc.lock").read_text() == "the workspace's own lock"
+    # the language model the checkout's setup converted is linked, not converted again; other caches stay out
+    assert (workspace / ".cache/lm").resolve() == (source / ".cache/lm").resolve()
+    assert (workspace / ".cache/lm/smollm2/config.json").is_file() and not (workspace / ".cache/other").exists()
+    materialise(source, workspace)  # a second job into the same workspace keeps the link
+    assert (workspace / ".cache/lm").is_symlink()
     apply_overrides(workspace / "params.yaml", {**read_override(PAPER), "ray.storage_path": "/nfs/ray"})
     params = load_params(workspace / "params.yaml")
     assert params.train.num_workers == 256 and params.ray.storage_path == "/nfs/ray"

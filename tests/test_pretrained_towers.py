@@ -213,6 +213,27 @@ def test_the_vlm_reads_a_locked_towers_cached_rows_as_it_reads_pixels(tmp_path, 
     assert readable_tower_cache(tmp_path, other, VLMParams()) is None  # the cache holds another tower's rows
 
 
+def test_the_encoding_actors_run_channels_last_and_give_the_default_layouts_outputs():
+    """The tower cache's and the reference's encoders keep their convolution weights channels-last
+    (benchmarks/conv_layout.py: 1.6-1.8x faster on a CPU core); what they encode is unchanged."""
+    import copy
+
+    from pipeline.activations.reference import build_reference
+    from pipeline.activations.tower_cache import TowerEncoder
+    from pipeline.config import ReferenceParams
+
+    reference, _ = build_reference(ReferenceParams(encoder="efficientnet-lite2", image_size=IMAGE))
+    tower = TowerEncoder(pretrained().model_dump(mode="json")).model
+    images, _ = inputs(tower)
+    for encoder, encode in ((reference, lambda m: m(images)),
+                            (tower, lambda m: m.tower_features(images=images)["image"])):
+        stem = next(p for p in encoder.parameters() if p.ndim == 4)  # a 3x3 convolution: the layouts differ
+        assert stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
+        default = copy.deepcopy(encoder).to(memory_format=torch.contiguous_format)
+        with torch.no_grad():
+            assert torch.allclose(encode(encoder), encode(default), atol=1e-4)
+
+
 def test_a_saved_pretrained_model_reloads_without_the_machines_paths(tmp_path, locked):
     save_model(locked, tmp_path)
     config = (tmp_path / "config.json").read_text()

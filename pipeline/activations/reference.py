@@ -37,6 +37,8 @@ def build_reference(params: ReferenceParams) -> tuple[torch.nn.Module, Any]:
     # imported here, not at the top: the metrics stages read the reference and need no torchvision
     from torchvision import transforms
 
+    from pipeline.clip.towers import channels_last
+
     if params.encoder in EFFICIENTNETS:
         import timm
 
@@ -63,7 +65,7 @@ def build_reference(params: ReferenceParams) -> tuple[torch.nn.Module, Any]:
         transforms.ToTensor(),
         transforms.Normalize(mean, std),
     ])
-    return encoder.eval(), transform
+    return channels_last(encoder.eval()), transform
 
 
 class _ClipImage(torch.nn.Module):

@@ -19,7 +19,7 @@ from pipeline.activations.inputs import image_rows, image_set, text_set
 from pipeline.activations.pool import write_sets
 from pipeline.clip.feature_cache import MANIFEST, SETS
 from pipeline.clip.model import build_model
-from pipeline.clip.towers import cached_weight_files
+from pipeline.clip.towers import cached_weight_files, channels_last
 from pipeline.config import ExtractParams, ModelParams
 from pipeline.data.loading import ClipBatchPreprocessor
 from pipeline.data.shards import SPLITS, caption_rows
@@ -32,7 +32,7 @@ class TowerEncoder:
 
     def __init__(self, model: dict[str, Any], threads: int = 1):
         torch.set_num_threads(threads)
-        self.model = build_model(ModelParams.model_validate(model)).eval()
+        self.model = channels_last(build_model(ModelParams.model_validate(model)).eval())
         self.preprocess = ClipBatchPreprocessor.for_model(self.model)
 
     @torch.no_grad()

@@ -40,6 +40,9 @@ NOT_CODE = (
     "data", "models", "activations", "metrics", "plots", "reports", "vlm",
     "ray_results", "mlruns", "mlartifacts", "mlflow.db", "dvc_plots",
 )
+# Caches the checkout's own setup builds, that a workspace on the same machine links instead of
+# building again: the packaged language model, converted from GGUF once by scripts/setup.sh (~30 s).
+SHARED_CACHES = (".cache/lm",)
 STORAGE_ENV = "SPARSECLIP_STORAGE_PATH"
 # Mappings whose entries an override file removes with ``name: null`` (every other null is a value).
 DROPPABLE = ("train.variants",)
@@ -88,7 +91,8 @@ def apply_overrides(params_file: Path, overrides: Mapping[str, Any]) -> None:
 
 
 def materialise(source: Path, workspace: Path) -> None:
-    """Copy the job's code into the workspace; outputs (and dvc.lock) already there stay."""
+    """Copy the job's code into the workspace; outputs (and dvc.lock) already there stay; the
+    source's :data:`SHARED_CACHES` are linked where the workspace has none of its own."""
     workspace.mkdir(parents=True, exist_ok=True)
     keep_lock = (workspace / "dvc.lock").is_file()
 
@@ -98,6 +102,11 @@ def materialise(source: Path, workspace: Path) -> None:
                 or (keep_lock and rel == Path(".") and n == "dvc.lock")}
 
     shutil.copytree(source, workspace, ignore=ignore, dirs_exist_ok=True)
+    for name in SHARED_CACHES:  # an uploaded job's code has none: its workspace builds its own
+        built, link = source / name, workspace / name
+        if built.is_dir() and not (link.exists() or link.is_symlink()):
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(built.resolve(), target_is_directory=True)
 
 
 def run_job(workspace: Path, repro_args: list[str], params_override: str | None = None,
