@@ -62,8 +62,8 @@ def qa_examples(data_dir: str, split: str, cfg: VLMParams, preprocessor: ClipBat
     """(images, examples, metas) of one split's photos (each once, however many captions it has;
     ``limit`` counts photos): pairs from ground truth, the captions or ``vlm.qa_path``. The images
     are pixels [N, 3, H, W], or with ``tower_cache`` (:func:`readable_tower_cache`) the cache's
-    rows [N, C], which :meth:`VisionLanguageModel.sparse_features` reads as it reads pixels: on 2
-    cores, decoding 2,000 photos and running the locked tower on every batch was half the VLM's time."""
+    rows [N, C], which :meth:`VisionLanguageModel.sparse_features` reads as it reads pixels (on the
+    Flickr8k preset, decoding 2,000 photos and running lite0 on every batch was a fifth of the stage)."""
     decode = tower_cache is None
     arrays, metas = load_split_arrays(data_dir, split, preprocessor, limit=limit, one_per_group=True, decode=decode)
     if cfg.qa_path:
