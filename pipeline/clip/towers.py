@@ -107,6 +107,17 @@ def load_image_weights(trunk: nn.Module, name: str) -> None:
         raise ValueError(f"{name}: weights left unloaded: missing {missing}, unexpected {unexpected}")
 
 
+def packaged_efficientnet(name: str) -> nn.Module:
+    """The packaged ImageNet weights of ``name`` (efficientnet-lite0/1/2) on timm's model,
+    average-pooled, without the classifier: the reference encoder Clarity is judged by."""
+    import timm
+
+    encoder = timm.create_model(f"tf_{name.replace('-', '_')}", pretrained=False)
+    encoder.reset_classifier(0, global_pool="avg")
+    load_image_weights(encoder, name)
+    return encoder.eval()
+
+
 def channels_last(module: nn.Module) -> nn.Module:
     """``module`` with its convolution weights in the channels-last (NHWC) layout, for encoding.
 
