@@ -118,12 +118,35 @@ def test_the_text_tower_resumes_from_a_layers_input_padded_or_not(locked, layer)
         assert torch.allclose(text_from_layer(text, padded, layer), expected, atol=1e-5)
 
 
+def test_image_units_are_the_trunks_forward_features_split_where_the_lock_splits_it(locked):
+    """The flat units run as timm's forward_features does; a tower locked but for its last N groups
+    first trains at unit -2 - N (timm's groups: the stem, then each block, the last block with the
+    head convolution and its norm)."""
+    from pipeline.clip.towers import image_units, run_image_units
+
+    trunk = locked.eval().clip.visual.trunk
+    images, _ = inputs(locked)
+    with torch.no_grad():
+        assert torch.equal(run_image_units(trunk, images, 0), trunk.forward_features(images))
+    units = len(image_units(trunk))
+    assert locked.image_cache_unit is None  # fully locked: the pooled map is cached
+    assert build_model(pretrained(lock={})).image_cache_unit is None  # nothing locked: nothing cached
+    for groups in (1, 2, 3):
+        model = build_model(pretrained(lock={"image": True, "image_unlocked_groups": groups, "text": True}))
+        assert model.image_cache_unit == units - 2 - groups
+        assert model.cacheable_towers() == ["image", "text"]
+        trainable = [i for i, unit in enumerate(image_units(model.clip.visual.trunk))
+                     if any(p.requires_grad for p in unit.parameters())]
+        assert trainable == list(range(units - 2 - groups, units))
+
+
 @pytest.mark.parametrize("lock", [{"image": True, "text": True},
-                                  {"image": True, "text": True, "text_unlocked_layers": 2}],
-                         ids=["locked", "last-two-text-layers-train"])
+                                  {"image": True, "text": True, "text_unlocked_layers": 2},
+                                  {"image": True, "image_unlocked_groups": 2, "text": True}],
+                         ids=["locked", "last-two-text-layers-train", "last-two-image-groups-train"])
 def test_a_step_on_cached_features_equals_the_step_on_images_and_captions(lock):
     """The feature cache changes where the locked layers' outputs come from, not the training:
-    with the text tower's last layers training, they start from the cached input of the first."""
+    with a tower's last layers (or groups) training, they start from the cached input of the first."""
     models = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -144,7 +167,7 @@ def test_a_step_on_cached_features_equals_the_step_on_images_and_captions(lock):
     assert raw.final_loss == pytest.approx(cached.final_loss, rel=1e-5)
     # Adam moves each weight ~lr a step whatever its gradient's size, so rounding differences of
     # ~1e-7 in the trainable text layers' tiny gradients show as ~1e-4: a step is 1e-2
-    atol = 1e-6 if lock.get("text_unlocked_layers", 0) == 0 else 1e-3
+    atol = 1e-6 if not (lock.get("text_unlocked_layers") or lock.get("image_unlocked_groups")) else 1e-3
     for (name, a), b in zip(raw.state_dict().items(), cached.state_dict().values()):
         assert torch.allclose(a, b, atol=atol), name
 
@@ -283,10 +306,11 @@ def preset_params(tmp_path, **overrides):
 
 @pytest.mark.integration
 @pytest.mark.flickr
-def test_preset_slice_caches_trains_and_extracts_from_cached_features(tmp_path, ray_local, flickr_dir):
+@pytest.mark.parametrize("unlocked_groups", [0, 1], ids=["locked", "last-image-group-trains"])
+def test_preset_slice_caches_trains_and_extracts_from_cached_features(tmp_path, ray_local, flickr_dir, unlocked_groups):
     """The Flickr8k preset on a 300-pair slice: the tower_cache stage's rows are what the towers
-    compute; training from them runs in Ray Train; extraction's activations with the cache equal
-    those without."""
+    compute (pooled, or a feature map with the image tower's last group training); training from
+    them runs in Ray Train; extraction's activations with the cache equal those without."""
     from pipeline.activations.extract import SparseEncoder
     from pipeline.activations.tower_cache import run_feature_cache
     from pipeline.clip.feature_cache import FeatureCache, cached_split
@@ -301,6 +325,7 @@ def test_preset_slice_caches_trains_and_extracts_from_cached_features(tmp_path, 
         "train.global_batch_size": 32, "train.epochs": 1, "train.eval_every": 4, "train.log_every": 1,
         "train.val_images": 32, "train.feature_cache_dir": str(tmp_path / "cache"),
         "train.out_dir": str(tmp_path / "models"), "ray.storage_path": str(tmp_path / "ray_results"),
+        "train.model.lock.image_unlocked_groups": unlocked_groups,
     })
     run_sample(params.sample, RayParams(num_cpus=2))
     manifest = run_feature_cache(params.train.model, params.sample.out_dir, params.train.feature_cache_dir,
@@ -382,8 +407,9 @@ def test_cached_layer_inputs_are_written_flat_and_read_back_padded(tmp_path):
     from pipeline.clip.feature_cache import MANIFEST, FeatureCache
 
     params = pretrained(lock={"image": True, "text": True, "text_unlocked_layers": 2})
-    cacheable, _, channels = cache_plan(params)
-    assert cacheable and channels == 384 + 1  # MiniLM's width plus the mask
+    plan = cache_plan(params)
+    channels = plan.text_channels
+    assert plan.cacheable and channels == 384 + 1 and plan.image_shape is None  # MiniLM's width plus the mask
     torch.manual_seed(0)
     encoder = TowerEncoder(params.model_dump(mode="json"))
     captions = ["a dog", "two men sit on a long wooden bench in a park", "a red car"]
@@ -414,3 +440,44 @@ def pa_equal(table, kind: str):
     import pyarrow.compute as pc
 
     return pc.equal(table.column("set"), "images" if kind == "image" else "texts")
+
+
+def test_a_trainable_units_input_is_cached_flat_and_read_back_as_its_feature_map(tmp_path):
+    """An image tower unlocked for its last two groups: the cache stores the input of the first
+    trainable unit flat, the manifest its [C, H, W]; the rows read back are feature maps, and the
+    model's image embedding from them (and the VLM's, which tells them from pixels) is its
+    embedding from the pixels."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipeline.activations.tower_cache import TowerEncoder, cache_plan
+    from pipeline.clip.feature_cache import MANIFEST, FeatureCache
+
+    params = pretrained(lock={"image": True, "image_unlocked_groups": 2, "text": True})
+    plan = cache_plan(params)
+    assert plan.cacheable and plan.image_shape == [192, IMAGE // 32, IMAGE // 32]  # the input of lite0's block 5.3
+    torch.manual_seed(0)
+    encoder = TowerEncoder(params.model_dump(mode="json"))
+    jpegs = []
+    for colour in ((200, 30, 30), (30, 30, 200)):
+        jpeg = io.BytesIO()
+        Image.new("RGB", (IMAGE, IMAGE), colour).save(jpeg, "JPEG")
+        jpegs.append(jpeg.getvalue())
+    batch = {"kind": ["image"] * 2, "key": ["i0", "i1"], "group": ["g0", "g1"], "split": ["val"] * 2,
+             "set": ["images"] * 2, "text": ["", ""], "jpg": jpegs}
+    table = encoder(batch)
+    assert [len(row) for row in table.column("feature").to_pylist()] == [int(np.prod(plan.image_shape))] * 2
+    for name in ("images", "texts"):
+        (tmp_path / name).mkdir()
+        pq.write_table(table, tmp_path / name / "part-0.parquet")
+    (tmp_path / MANIFEST).write_text(json.dumps({"cached": True, "image_shape": plan.image_shape}))
+
+    rows = torch.as_tensor(FeatureCache(tmp_path).lookup_images(["i0", "i1"]))
+    assert rows.shape == (2, *plan.image_shape)
+    model = encoder.model.eval()
+    pixels = torch.as_tensor(np.stack([encoder.preprocess.image(j) for j in jpegs]))
+    assert model.holds_pixels(pixels) and not model.holds_pixels(rows)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image_features(rows), model.encode_image(pixels), atol=1e-5)

@@ -9,7 +9,7 @@ weights, the params and its inputs, so a rerun with nothing changed encodes noth
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -49,9 +49,9 @@ class TowerEncoder:
             features = self.model.tower_features(texts=tokens)["text"]
             if features.ndim == 3:  # a layer's input per token: keep the caption's own tokens (mask 1), flat
                 features = [row[row[:, -1] > 0].flatten() for row in features]
-        elif kind == "image":
+        elif kind == "image":  # a feature map (a trainable unit's input) is stored flat
             images = torch.as_tensor(np.stack([self.preprocess.image(b) for b in batch["jpg"]]))
-            features = self.model.tower_features(images=images)["image"]
+            features = self.model.tower_features(images=images)["image"].flatten(1)
         else:
             raise ValueError(f"tower cache: rows of kind {kind!r}; only image and text rows are cached")
         return pa.table({"key": [str(k) for k in batch["key"]], "group": [str(g) for g in batch["group"]],
@@ -60,18 +60,33 @@ class TowerEncoder:
                          "feature": pa.array([row.float().numpy() for row in features], type=pa.list_(pa.float32()))})
 
 
-def cache_plan(model_params: ModelParams) -> tuple[bool, str, int | None]:
-    """(whether the towers can be cached, why not when they cannot, the channels of a text row
-    when it is a layer's input per token: the hidden width plus the mask; None for pooled rows)."""
+class CachePlan(NamedTuple):
+    """What the tower cache can hold for a model: whether both towers can be cached, why not when
+    they cannot, and the shape of a row where it is more than a pooled vector: the channels of a
+    text row that is a layer's input per token (hidden width plus the mask), and the [C, H, W] of
+    an image row that is a trainable unit's input (None: pooled rows)."""
+
+    cacheable: bool
+    why: str = ""
+    text_channels: int | None = None
+    image_shape: list[int] | None = None
+
+
+def cache_plan(model_params: ModelParams) -> CachePlan:
     model = build_model(model_params)
     cacheable = model.cacheable_towers()
-    if set(cacheable) == {"image", "text"}:
-        layered = model.text_cache_layer is not None
-        return True, "", model.clip.text.config.hidden_size + 1 if layered else None
-    return False, ("the cache needs a fully locked timm image tower (train.model.lock.image, no unlocked groups: "
-                   "a trainable group would read a feature map, which is not cached) and a locked HF text tower "
-                   "(train.model.lock.text, its layer norms frozen; unlocked layers are fine) "
-                   f"(train.model.towers); cacheable here: {', '.join(cacheable) or 'none'}"), None
+    if set(cacheable) != {"image", "text"}:
+        return CachePlan(False, "the cache needs a locked timm image tower (train.model.lock.image, its batch-norm "
+                         "statistics frozen; unlocked groups are fine) and a locked HF text tower "
+                         "(train.model.lock.text, its layer norms frozen; unlocked layers are fine) "
+                         f"(train.model.towers); cacheable here: {', '.join(cacheable) or 'none'}")
+    text_channels = model.clip.text.config.hidden_size + 1 if model.text_cache_layer is not None else None
+    image_shape = None
+    if model.image_cache_unit is not None:
+        with torch.no_grad():
+            pixels = torch.zeros(1, 3, model.image_size, model.image_size)
+            image_shape = list(model.eval().tower_features(images=pixels)["image"].shape[1:])
+    return CachePlan(True, "", text_channels, image_shape)
 
 
 # What the towers' outputs depend on: not the heads, the caps or the optimiser.
@@ -87,11 +102,11 @@ def run_feature_cache(model_params: ModelParams, data_dir: str | Path, out_dir: 
 
     out_dir, data_dir = Path(out_dir), Path(data_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    cacheable, why, text_channels = cache_plan(model_params) if enabled else (False, "train.feature_cache is off", None)
-    if not cacheable:
+    plan = cache_plan(model_params) if enabled else CachePlan(False, "train.feature_cache is off")
+    if not plan.cacheable:
         for name in SETS:
             remove_output_dir(out_dir / name)
-        manifest = {"cached": False, "why": why}
+        manifest = {"cached": False, "why": plan.why}
         write_json(out_dir / MANIFEST, manifest)
         return manifest
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -102,7 +117,8 @@ def run_feature_cache(model_params: ModelParams, data_dir: str | Path, out_dir: 
             "texts": text_set(caption_rows(data_dir, splits))}
     rows = write_sets("tower_cache", sets, out_dir, fingerprint, {"model": model}, batch, task_cpus,
                       actor=TowerEncoder)
-    manifest = {"cached": True, "fingerprint": fingerprint, "rows": rows, "text_channels": text_channels,
+    manifest = {"cached": True, "fingerprint": fingerprint, "rows": rows, "text_channels": plan.text_channels,
+                "image_shape": plan.image_shape,
                 "towers": model_params.towers.model_dump(mode="json"), "lock": model_params.lock.model_dump(mode="json")}
     write_json(out_dir / MANIFEST, manifest)
     return manifest

@@ -1,14 +1,16 @@
-"""The feature cache: what fully locked towers compute, encoded once for every stage after them.
+"""The feature cache: what locked towers compute, encoded once for every stage after them.
 
 A locked pretrained tower is a fixed function, and on 2 cores it is nearly all of a training
 step's cost (EfficientNet-lite0 at 224 px, MiniLM on a caption) while the part that trains, the
 projections and the sparse heads, costs next to nothing. The ``tower_cache`` stage runs the
 towers over every image and caption of the sample once (Ray Data, one actor pool) and stores
-:meth:`~pipeline.clip.model.SparseCLIP.tower_features`: the image trunk's pooled last feature map
-and the text model's pooled output, or, for a text tower locked but for its last layers, the
-input of its first trainable layer (each caption's tokens x hidden width, plus the attention mask
-as one more channel; stored flat, the manifest's ``text_channels`` gives the row shape, and read
-back padded to the longest caption with mask 0). Training then steps on the cached rows
+:meth:`~pipeline.clip.model.SparseCLIP.tower_features`: the image trunk's pooled last feature map,
+or, for an image tower locked but for its last groups, the input of its first trainable unit (a
+feature map, stored flat; the manifest's ``image_shape`` gives its [C, H, W]); the text model's
+pooled output, or, for a text tower locked but for its last layers, the input of its first
+trainable layer (each caption's tokens x hidden width, plus the attention mask as one more
+channel; stored flat, the manifest's ``text_channels`` gives the row shape, and read back padded
+to the longest caption with mask 0). Training then steps on the cached rows
 (:meth:`~pipeline.clip.model.SparseCLIP.read_cached_inputs`), and extraction looks an input up
 before it runs a tower: an image by its key, a text by its content (a caption, or a vocabulary
 word that happens to be one).
@@ -43,18 +45,21 @@ class FeatureCache:
 
     def __init__(self, out_dir: str | Path):
         self.out_dir = Path(out_dir)
+        manifest = self.out_dir / MANIFEST
+        self.manifest = json.loads(manifest.read_text()) if manifest.is_file() else {}
         images = _read(self.out_dir / "images")
         self.image_index = {k: i for i, k in enumerate(images.column("key").to_pylist())}
         self.image_by_group = {g: i for i, g in enumerate(images.column("group").to_pylist())}
         self.images = _matrix(images)
+        if shape := self.manifest.get("image_shape"):  # a trainable unit's input, stored flat
+            self.images = self.images.reshape(len(self.images), *shape)
 
     @cached_property
     def _text_table(self) -> tuple[dict[str, int], np.ndarray]:
         """(row of each caption, the rows), read on first use: a reader of images alone (the VLM)
         does not load every caption's features."""
         texts = _read(self.out_dir / "texts")
-        manifest = self.out_dir / MANIFEST
-        channels = json.loads(manifest.read_text()).get("text_channels") if manifest.is_file() else None
+        channels = self.manifest.get("text_channels")
         index = {t: i for i, t in enumerate(texts.column("text").to_pylist())}
         return index, _padded_sequences(texts, channels) if channels else _matrix(texts)
 

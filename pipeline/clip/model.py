@@ -189,14 +189,18 @@ class SparseCLIP(nn.Module):
     def tower_features(self, images: torch.Tensor | None = None, texts: torch.Tensor | None = None,
                        ) -> dict[str, torch.Tensor]:
         """What the locked part of a tower computes, per input: the timm trunk's pooled last
-        feature map [B, C]; the HF text model's pooled output [B, W] when it is fully locked, or
-        the input of its first trainable layer with the attention mask [B, T, W + 1]
-        (:attr:`text_cache_layer`). The feature cache stores these once;
+        feature map [B, C] when it is fully locked, or the input of its first trainable unit
+        [B, C, H, W] (:attr:`image_cache_unit`); the HF text model's pooled output [B, W] when it
+        is fully locked, or the input of its first trainable layer with the attention mask
+        [B, T, W + 1] (:attr:`text_cache_layer`). The feature cache stores these once;
         :meth:`read_cached_inputs` trains from them."""
         out = {}
         if images is not None:
-            feature_map = self.clip.visual.trunk.forward_features(images)
-            out["image"] = feature_map.mean(dim=(2, 3))
+            trunk = self.clip.visual.trunk
+            if self.image_cache_unit is not None:
+                out["image"] = towers.run_image_units(trunk, images, 0, self.image_cache_unit)
+            else:
+                out["image"] = trunk.forward_features(images).mean(dim=(2, 3))
         if texts is not None:
             text, texts = self.clip.text, self._trimmed(texts)
             if self.text_cache_layer is not None:
@@ -205,6 +209,20 @@ class SparseCLIP(nn.Module):
                 mask = (texts != text.config.pad_token_id).long()
                 out["text"] = text.pooler(text.transformer(input_ids=texts, attention_mask=mask), mask)
         return out
+
+    @property
+    def image_cache_unit(self) -> int | None:
+        """Where the cached image rows enter a timm image tower locked but for its last groups:
+        the index of its first trainable unit (:func:`~pipeline.clip.towers.image_units`); None
+        when the rows are the pooled last feature map (fully locked) or nothing is locked."""
+        if not self.timm_tower or not self.params.lock.image or self.params.lock.image_fully:
+            return None
+        first = towers.first_trainable_image_unit(self.clip.visual.trunk)
+        return first if 0 < first < len(towers.image_units(self.clip.visual.trunk)) else None
+
+    def holds_pixels(self, images: torch.Tensor) -> bool:
+        """Whether ``images`` are pixels at this tower's input size, not the feature cache's rows."""
+        return images.ndim == 4 and tuple(images.shape[1:]) == (3, self.image_size, self.image_size)
 
     @property
     def hf_text_tower(self) -> bool:
@@ -222,11 +240,12 @@ class SparseCLIP(nn.Module):
 
     def cacheable_towers(self) -> list[str]:
         """The towers whose :meth:`tower_features` can stand in for their input: a timm image tower
-        with an average pool, fully locked (frozen batch-norm statistics included); an HF text
-        tower whose locked layers are a fixed function (their layer norms frozen too), fully
-        locked or but for its last layers."""
+        with an average pool whose locked units are a fixed function (frozen batch-norm statistics
+        included), fully locked or but for its last groups; an HF text tower whose locked layers
+        are a fixed function (their layer norms frozen too), fully locked or but for its last layers."""
         lock, out = self.params.lock, []
-        if (lock.image_fully and lock.image_freeze_bn_stats and self.timm_tower
+        if (lock.image and lock.image_freeze_bn_stats and self.timm_tower
+                and (lock.image_fully or self.image_cache_unit is not None)
                 and self.clip_cfg["vision_cfg"].get("timm_pool") == "avg" and self.params.pooling == "cls"):
             out.append("image")
         if (self.hf_text_tower and lock.text_freeze_layer_norm
@@ -238,8 +257,9 @@ class SparseCLIP(nn.Module):
         """From now on :meth:`forward` takes :meth:`tower_features` instead of images and tokens
         for the cacheable towers: a training step then runs the projections and heads only."""
         if enable and set(self.cacheable_towers()) != {"image", "text"}:
-            raise ValueError("cached tower inputs need a fully locked timm image tower with cls pooling and a "
-                             "locked HF text tower (train.model.lock, its layer norms frozen); cacheable here: "
+            raise ValueError("cached tower inputs need a locked timm image tower with cls pooling (its batch-norm "
+                             "statistics frozen) and a locked HF text tower (train.model.lock, its layer norms "
+                             "frozen); cacheable here: "
                              f"{', '.join(self.cacheable_towers()) or 'none'}")
         self.cached_inputs = enable
 
@@ -247,8 +267,10 @@ class SparseCLIP(nn.Module):
         """Locked layers are a fixed function: they stay in eval mode (no dropout) while the rest
         trains, so what the feature cache stored is what they compute in training."""
         super().train(mode)
-        if self.params.lock.image_fully and self.timm_tower:
-            self.clip.visual.trunk.eval()
+        if self.params.lock.image and self.timm_tower:
+            trunk = self.clip.visual.trunk
+            for unit in towers.image_units(trunk)[: towers.first_trainable_image_unit(trunk)]:
+                unit.eval()
         if self.hf_text_tower:
             for module in towers.locked_text_modules(self.clip.text, self.params.lock):
                 module.eval()
@@ -256,9 +278,14 @@ class SparseCLIP(nn.Module):
 
     def encode_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """The sparse image embedding from :meth:`tower_features`' image rows: the layers that follow
-        them in :meth:`encode_image` (an average pool of a 1x1 map is the map)."""
+        them in :meth:`encode_image` (the trainable units on a unit's input; an average pool of a
+        1x1 map is the map)."""
         visual = self.clip.visual
-        return self.image_head(visual.head(visual.trunk.forward_head(image_features[:, :, None, None])))
+        if self.image_cache_unit is not None:
+            feature_map = towers.run_image_units(visual.trunk, image_features, self.image_cache_unit)
+        else:
+            feature_map = image_features[:, :, None, None]
+        return self.image_head(visual.head(visual.trunk.forward_head(feature_map)))
 
     def encode_text_features(self, text_features: torch.Tensor) -> torch.Tensor:
         """The sparse text embedding from :meth:`tower_features`' text rows: the trainable layers

@@ -188,6 +188,30 @@ def locked_text_modules(text: nn.Module, lock) -> list[nn.Module]:
     return [text.transformer.embeddings, *text.transformer.encoder.layer[:first]]
 
 
+def image_units(trunk: nn.Module) -> list[nn.Module]:
+    """A timm EfficientNet trunk's ``forward_features`` as one flat sequence: the stem convolution
+    and its norm, every block of every stage, the head convolution and its norm. timm groups the
+    same pieces for locking (the stem one group, each block one, the head one), so an image tower
+    locked but for its last groups splits between two of these units."""
+    return [trunk.conv_stem, trunk.bn1, *(block for stage in trunk.blocks for block in stage),
+            trunk.conv_head, trunk.bn2]
+
+
+def first_trainable_image_unit(trunk: nn.Module) -> int:
+    """The index in :func:`image_units` of the first unit with a trainable parameter (as the
+    lock left it): the unit count when the trunk is fully locked, 0 when nothing is."""
+    units = image_units(trunk)
+    return next((i for i, unit in enumerate(units) if any(p.requires_grad for p in unit.parameters())), len(units))
+
+
+def run_image_units(trunk: nn.Module, x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+    """Units ``start`` to ``stop`` of :func:`image_units` on ``x``: pixels to a unit's input
+    (start 0), or a unit's input on to the last feature map (stop None)."""
+    for unit in image_units(trunk)[start:stop]:
+        x = unit(x)
+    return x
+
+
 def freeze_locked_batch_norms(tower: nn.Module) -> None:
     """Batch-norm layers whose affine parameters are locked keep their running statistics too.
 

@@ -201,9 +201,10 @@ class TrainParams(WorkerGroupParams):
         "benchmarks/sparse_transport.py run on the transport in use")
     cache_data: bool = Field(True, description="each worker decodes its slice of the train split once, in its "
                              "own process, and keeps it in memory (false: Ray Data streams every epoch)")
-    feature_cache: bool = Field(True, description="when the image tower is fully locked and the text tower locked "
-                                "(all of it, or all but its last layers), train from their locked layers' outputs, "
-                                "encoded once by the tower_cache stage (pipeline/clip/feature_cache.py)")
+    feature_cache: bool = Field(True, description="when the image tower is locked (all of it, or all but its last "
+                                "groups) and the text tower locked (all of it, or all but its last layers), train "
+                                "from their locked layers' outputs, encoded once by the tower_cache stage "
+                                "(pipeline/clip/feature_cache.py)")
     feature_cache_dir: OutputDir = Field("data/tower_features", description="where the tower_cache stage writes")
     log_every: int = Field(10, ge=1, description="steps between training metrics")
     eval_every: int = Field(100, ge=1, description="steps between zero-shot evaluations on val")

@@ -58,12 +58,12 @@ class VisionLanguageModel(nn.Module):
     @torch.no_grad()
     def sparse_features(self, images: torch.Tensor) -> torch.Tensor:
         """[B, V, F]: the pooled sparse embedding (V = 1) or every spatial token's. ``images``: pixels
-        [B, 3, H, W], or a locked image tower's cached outputs [B, C] (the feature cache's rows:
-        the encoder's trainable part runs on them, as in training)."""
-        if images.ndim == 2:
+        [B, 3, H, W], or a locked image tower's cached outputs (the feature cache's rows: [B, C], or
+        a trainable unit's input [B, C, h, w]; the encoder's trainable part runs on them, as in training)."""
+        if not self.encoder.holds_pixels(images):
             if self.features == "tokens":
-                raise ValueError("vlm.features tokens reads the image tower's feature map; the feature cache's "
-                                 "rows are pooled: give pixels")
+                raise ValueError("vlm.features tokens reads the image tower's last feature map; the feature "
+                                 "cache's rows stop before it: give pixels")
             return self.encoder.encode_image_features(images)[:, None, :]
         if self.features == "tokens":
             return self.encoder.encode_image_tokens(images)[1]

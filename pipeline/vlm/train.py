@@ -51,7 +51,7 @@ def trained_lm_state(vlm: VisionLanguageModel, layers: int | None) -> dict[str, 
 def readable_tower_cache(feature_cache: str | Path | None, encoder: SparseCLIP, cfg: VLMParams) -> str | Path | None:
     """``feature_cache`` when the VLM can read its photos from it instead of decoding them: the
     cache holds this encoder's towers, its image tower is the locked, cached one, and the VLM reads
-    the pooled embedding (``tokens`` needs the feature map, which the cache averaged away)."""
+    the pooled embedding (``tokens`` needs the last feature map, which the cache stops before)."""
     usable = (cfg.features == "pooled" and "image" in encoder.cacheable_towers()
               and FeatureCache.available(feature_cache, encoder.params))
     return feature_cache if usable else None
@@ -62,7 +62,7 @@ def qa_examples(data_dir: str, split: str, cfg: VLMParams, preprocessor: ClipBat
     """(images, examples, metas) of one split's photos (each once, however many captions it has;
     ``limit`` counts photos): pairs from ground truth, the captions or ``vlm.qa_path``. The images
     are pixels [N, 3, H, W], or with ``tower_cache`` (:func:`readable_tower_cache`) the cache's
-    rows [N, C], which :meth:`VisionLanguageModel.sparse_features` reads as it reads pixels (on the
+    rows, which :meth:`VisionLanguageModel.sparse_features` reads as it reads pixels (on the
     Flickr8k preset, decoding 2,000 photos and running lite0 on every batch was a fifth of the stage)."""
     decode = tower_cache is None
     arrays, metas = load_split_arrays(data_dir, split, preprocessor, limit=limit, one_per_group=True, decode=decode)
