@@ -11,6 +11,10 @@ caption against every test photo), L0 and dead features per tower. The preset
     python -m benchmarks.flickr8k_heads --workspace ../main-flickr8k
     python -m benchmarks.flickr8k_heads --workspace ../main-flickr8k --only dense sparse_cap50 --seeds 0 1 2
 
+The ``*_block6`` settings also train lite0's last block and head (``lock.image_unlocked_groups: 1``);
+they read a cache of that lock (the input of block 6.0 per photo), written by the tower_cache stage
+with that override and ``train.feature_cache_dir`` pointing elsewhere, given as ``--cache``.
+
 Prints one row per setting and seed (and, with several seeds, each setting's mean and spread: a
 gap between two settings means little unless it exceeds how far one setting moves between
 seeds) and writes ``benchmarks/results/flickr8k_heads.json``.
@@ -27,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.clip.feature_cache import cached_split
+from pipeline.clip.feature_cache import FeatureCache, cached_split
 from pipeline.clip.recipe import train_in_process
-from pipeline.config import load_params
+from pipeline.config import LockParams, ModelParams, load_params
 from pipeline.data.shards import index_rows
 from pipeline.runtime.job import read_override
 from pipeline.metrics import sparsity
@@ -37,6 +41,8 @@ from pipeline.metrics.retrieval import retrieval_recall
 
 RESULTS = Path(__file__).parent / "results"
 PRESET = Path(__file__).parents[1] / "deploy" / "params.flickr8k.yaml"
+
+BLOCK6 = {"image": True, "image_unlocked_groups": 1, "text": True}  # lite0's block 6.0 and head train
 
 # name -> (model overrides, optim overrides, steps)
 SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {
@@ -49,6 +55,8 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {
     "sparse_cap50_x32": ({"logit_scale_cap": 50, "expansion": 32}, {}, 700),
     "sparse_cap50_1400": ({"logit_scale_cap": 50}, {}, 1400),
     "dense_1400": ({"expansion": 0, "activation": "none", "logit_scale_cap": 100}, {}, 1400),
+    "dense_block6": ({"expansion": 0, "activation": "none", "logit_scale_cap": 100, "lock": BLOCK6}, {}, 700),
+    "sparse_cap50_block6": ({"logit_scale_cap": 50, "lock": BLOCK6}, {}, 700),
 }
 
 
@@ -69,7 +77,7 @@ def test_pairs(cache: Path, data_dir: Path) -> tuple[dict[str, np.ndarray], np.n
 def measure(name: str, params, test: dict[str, np.ndarray], owner: np.ndarray, train: dict[str, np.ndarray],
             seed: int) -> dict[str, Any]:
     model_overrides, optim_overrides, steps = SETTINGS[name]
-    model_params = params.train.model.model_copy(update=model_overrides)
+    model_params = ModelParams.model_validate({**params.train.model.model_dump(), **model_overrides})
     train_params = params.train.model_copy(update={"optim": params.train.optim.model_copy(update=optim_overrides),
                                                   "log_every": steps})
     started = time.perf_counter()
@@ -112,16 +120,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", choices=list(SETTINGS), help="settings to run (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed and setting")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", help="the feature cache to read (default: the workspace's); every setting run "
+                        "must match its towers and lock")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     workspace = Path(args.workspace).resolve()
     params = load_params(workspace / "params.yaml", read_override(PRESET))
-    cache, data_dir = workspace / params.train.feature_cache_dir, workspace / params.sample.out_dir
+    cache = Path(args.cache).resolve() if args.cache else workspace / params.train.feature_cache_dir
+    data_dir = workspace / params.sample.out_dir
+    names = args.only or list(SETTINGS)
+    for name in names:
+        lock = {**params.train.model.lock.model_dump(), **SETTINGS[name][0].get("lock", {})}
+        if not FeatureCache.available(cache, params.train.model.model_copy(update={"lock": LockParams(**lock)})):
+            raise SystemExit(f"{name}: {cache} does not hold this setting's towers and lock ({lock}); give --cache")
     train = cached_split(cache, data_dir, "train")
     test, owner = test_pairs(cache, data_dir)
     print(f"{len(train['text'])} training pairs; test: {len(test['image'])} photos, {len(owner)} captions")
     rows = []
-    for name in args.only or SETTINGS:
+    for name in names:
         for seed in args.seeds:
             row = measure(name, params, test, owner, train, seed)
             rows.append(row)

@@ -368,3 +368,27 @@ def test_on_embedded_data_the_vlm_answers_above_chance_and_named_boosts_beat_ran
     assert grid["boosted_rate"] > grid["random.boosted_rate"], grid
     assert grid["sim_boosted"] > grid["random.sim_boosted"], grid
     assert grid["p_named_beats_random"] < 1e-3, grid
+
+
+def test_answer_balance_evens_out_each_question_types_answers_and_keeps_the_types_shares():
+    """0 keeps the uniform draw; 1 draws every answer of a type equally often; the question types
+    keep their shares of the draws either way (brute force over 60,000 draws)."""
+    from collections import Counter
+
+    from pipeline.vlm.train import answer_weights, draw
+
+    examples = ([{"type": "subject", "answer": "dog"}] * 80 + [{"type": "subject", "answer": "man"}] * 15
+                + [{"type": "subject", "answer": "bird"}] * 5 + [{"type": "colour", "answer": "red"}] * 50
+                + [{"type": "colour", "answer": "blue"}] * 50)
+    assert answer_weights(examples, 0.0) is None
+    generator = torch.Generator().manual_seed(0)
+    uniform = Counter(examples[i]["answer"] for i in draw(len(examples), None, 60_000, generator))
+    assert uniform["dog"] / 60_000 == pytest.approx(80 / 200, abs=0.01)
+    for balance, dog_share in ((1.0, 1 / 3), (0.5, 80 ** 0.5 / (80 ** 0.5 + 15 ** 0.5 + 5 ** 0.5))):
+        picks = [examples[i] for i in draw(len(examples), answer_weights(examples, balance), 60_000, generator)]
+        types = Counter(e["type"] for e in picks)
+        assert types["subject"] / 60_000 == pytest.approx(0.5, abs=0.01)  # the types' shares as drawn uniformly
+        subjects = Counter(e["answer"] for e in picks if e["type"] == "subject")
+        assert subjects["dog"] / types["subject"] == pytest.approx(dog_share, abs=0.01)
+        assert subjects["bird"] / types["subject"] == pytest.approx(
+            1 / 3 if balance == 1 else 5 ** 0.5 / (80 ** 0.5 + 15 ** 0.5 + 5 ** 0.5), abs=0.01)

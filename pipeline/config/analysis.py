@@ -156,6 +156,10 @@ class VLMParams(WorkerGroupParams):
     lm_layers: int | None = Field(None, ge=0, description="LM blocks trained in stage 2, from the top (None: the "
                                   "whole LM, the paper's 'adapter and LLM together'; a number saves memory and time)")
     batch_size: int = Field(16, ge=1)
+    answer_balance: float = Field(0.0, ge=0.0, le=1.0, description="draw each training example with weight (its "
+                                  "answer's count within its question type) ^ -answer_balance: 0 uniform, 1 every "
+                                  "answer of a type equally often (the question types keep their shares); for answers "
+                                  "as skewed as Flickr8k's subjects, where the VLM can settle on the commonest")
     log_every: int = Field(5, ge=1)
     train_images: int | None = Field(None, ge=1, description="training photos decoded for the VLM (None: the "
                                      "whole train split; each is held in memory at the encoder's input size)")
