@@ -66,6 +66,17 @@ BENCHMARKS: list[dict[str, str]] = [
                  "runs. oneDNN's convolutions run channels-last natively; the outputs differ by float rounding.",
     },
     {
+        "module": "feature_cache_step",
+        "title": "The feature cache: a training step from the cache against one from pixels and tokens",
+        "command": "python -m benchmarks.feature_cache_step [--batch N]",
+        "about": "The Flickr8k preset's towers (EfficientNet-lite0 at 224 px, MiniLM), one optimiser step of the "
+                 "pipeline's recipe on the same synthetic batch: with both towers fully locked, from the inputs "
+                 "and from the cache's pooled rows; with lite0's last group (block 6.0 and the head) training, "
+                 "from the inputs and from the cache's feature maps (the input of block 6.0). A locked tower's "
+                 "forward pass is nearly all of a step's cost; a trainable last block at 7 x 7 is most of what "
+                 "is left once the cache holds the rest.",
+    },
+    {
         "module": "extract_throughput",
         "title": "Extraction: Ray Data against a plain loop",
         "command": "python -m benchmarks.extract_throughput",
@@ -333,6 +344,12 @@ FILES: dict[str, dict[str, Any]] = {
                 "account in [findings.md](findings.md).",
     },
     "tower_levers.json": {"note": "336 steps of 64 per setting, val split, 2 threads."},
+    "tower_levers_pretrained.json": {
+        "note": "The packaged ImageNet EfficientNet-lite0 at the data's 64 px, fine-tuned whole or with all but its "
+                "last 3 groups locked, beside the default tower in the same run (`--only \"dense (default)\" --only "
+                "EfficientNet --eval-every 56 --tag pretrained`). Not a from-scratch tower: a reference for what "
+                "pretraining buys in the same steps (shape and retrieval) and costs (colour, size).",
+    },
     "learning_levers.json": {"note": "336 steps of 64, dense, one change per setting, val split, 1 thread."},
     "learning_levers_long.json": {"note": "Dense, 3,024 steps (`--only baseline --steps 3024 --eval-every 504 "
                                           "--tag long`); the curve is in the plot."},

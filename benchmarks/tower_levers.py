@@ -7,7 +7,9 @@ the Ray Train step, in one process) on the sampled embedded data, the batch of `
 the val split, every ``--eval-every`` steps, zero-shot top-1 of each concept family the generator
 draws (shape, colour, size, position, background, count, rendered word) and image->text R@1, each
 curve against the seconds trained. The towers are open_clip's own: the inline ViT and the
-ModifiedResNet (a convolutional tower with an attention pool, ``vision_cfg.layers`` a list).
+ModifiedResNet (a convolutional tower with an attention pool, ``vision_cfg.layers`` a list), and,
+as a reference that is not trained from scratch, the packaged ImageNet EfficientNet-lite0 at 64 px
+(its own pixel normalisation: such a setting reads its images decoded for it).
 
     python -m benchmarks.tower_levers                          # after the sample stage (data/sample)
     python -m benchmarks.tower_levers --only ViT --steps 1000  # a longer curve for some settings
@@ -28,6 +30,8 @@ FAMILIES = ("shape", "colour", "size", "position", "background", "count", "word"
 VIT = {"image_size": 64, "patch_size": 8, "width": 64, "layers": 3, "head_width": 32, "mlp_ratio": 4.0}
 RESNET = {"image_size": 64, "layers": [1, 1, 1, 1], "head_width": 16}
 TOWER = "train.model.inline.vision_cfg"
+# the packaged ImageNet tower (pipeline.clip.towers) at the data's own size, fine-tuned: not from scratch
+LITE0 = {"train.model.towers.image": "efficientnet-lite0", "train.model.towers.image_size": 64}
 
 # name -> params overrides; "variant" picks the train.variants entry (dense: the baseline)
 SETTINGS: dict[str, dict] = {
@@ -39,6 +43,9 @@ SETTINGS: dict[str, dict] = {
                                                 "train.optim.lr": 2e-3},
     "ViT 8-px patches, sparse": {"variant": "sparse", TOWER: VIT},
     "ModifiedResNet width 16, sparse (default)": {"variant": "sparse", TOWER: {**RESNET, "width": 16}},
+    "EfficientNet-lite0 at 64 px, ImageNet weights, dense": {"variant": "dense", **LITE0},
+    "EfficientNet-lite0 at 64 px, ImageNet weights, its last 3 groups train, dense": {
+        "variant": "dense", **LITE0, "train.model.lock.image": True, "train.model.lock.image_unlocked_groups": 3},
 }
 
 
@@ -123,14 +130,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     overrides = parse_overrides(args.set)
-    base = load_params(args.params, overrides=overrides)
-    probe = build_model(base.train.model)
-    preprocessor = ClipBatchPreprocessor.for_model(probe)
-    arrays, _ = load_split_arrays(base.sample.out_dir, "train", preprocessor)
-    val = load_val(base.sample.out_dir, preprocessor, limit=1000)
-    chance = chance_levels(val)
-    rows = []
+    decoded: dict[tuple, tuple[dict, dict]] = {}
+
+    def inputs(setting: dict) -> tuple[dict, dict]:
+        """The train arrays and val set as this setting's model reads them, decoded once per input format."""
+        params = load_params(args.params, overrides={**overrides, **{k: v for k, v in setting.items() if k != "variant"}})
+        preprocessor = ClipBatchPreprocessor.for_model(build_model(params.train.model))
+        key = (preprocessor.size, tuple(preprocessor.mean), tuple(preprocessor.std))
+        if key not in decoded:
+            arrays, _ = load_split_arrays(params.sample.out_dir, "train", preprocessor)
+            decoded[key] = arrays, load_val(params.sample.out_dir, preprocessor, limit=1000)
+        return decoded[key]
+
+    rows, chance = [], None
     for name, setting in selected(SETTINGS, args.only).items():
+        arrays, val = inputs(setting)
+        chance = chance or chance_levels(val)
         row = measure(name, setting, args.params, arrays, val, args.steps, args.eval_every, overrides)
         rows.append(row)
         print_row(row, width=46)

@@ -140,17 +140,20 @@ def test_image_units_are_the_trunks_forward_features_split_where_the_lock_splits
         assert trainable == list(range(units - 2 - groups, units))
 
 
-@pytest.mark.parametrize("lock", [{"image": True, "text": True},
-                                  {"image": True, "text": True, "text_unlocked_layers": 2},
-                                  {"image": True, "image_unlocked_groups": 2, "text": True}],
-                         ids=["locked", "last-two-text-layers-train", "last-two-image-groups-train"])
-def test_a_step_on_cached_features_equals_the_step_on_images_and_captions(lock):
+@pytest.mark.parametrize("lock, pooling", [({"image": True, "text": True}, "cls"),
+                                           ({"image": True, "text": True, "text_unlocked_layers": 2}, "cls"),
+                                           ({"image": True, "image_unlocked_groups": 2, "text": True}, "cls"),
+                                           ({"image": True, "image_unlocked_groups": 1, "text": True}, "avg")],
+                         ids=["locked", "last-two-text-layers-train", "last-two-image-groups-train",
+                              "sparse-avg-last-image-group-trains"])
+def test_a_step_on_cached_features_equals_the_step_on_images_and_captions(lock, pooling):
     """The feature cache changes where the locked layers' outputs come from, not the training:
-    with a tower's last layers (or groups) training, they start from the cached input of the first."""
+    with a tower's last layers (or groups) training, they start from the cached input of the first;
+    Sparse-Avg's positions follow from a cached feature map as from the pixels."""
     models = []
     for _ in range(2):
         torch.manual_seed(0)
-        models.append(build_model(pretrained(lock=lock)).train())
+        models.append(build_model(pretrained(lock=lock, pooling=pooling)).train())
     raw, cached = models
     images, texts = inputs(raw, n=6)
     with torch.no_grad():
@@ -177,6 +180,11 @@ def test_cached_inputs_need_both_towers_locked():
     assert model.cacheable_towers() == ["image"]
     with pytest.raises(ValueError, match="cacheable here: image"):
         model.read_cached_inputs(True)
+    # Sparse-Avg reads every position of the last feature map: the pooled rows of a fully locked
+    # tower cannot give them, the input of a trainable last group can
+    assert build_model(pretrained(pooling="avg")).cacheable_towers() == ["text"]
+    assert build_model(pretrained(lock={"image": True, "image_unlocked_groups": 1, "text": True},
+                                  pooling="avg")).cacheable_towers() == ["image", "text"]
 
 
 def test_inputs_follow_the_towers(locked):

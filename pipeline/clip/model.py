@@ -133,7 +133,12 @@ class SparseCLIP(nn.Module):
             pooled, tokens = self._conv_tower(images, want_tokens)
         else:
             pooled, tokens = self._vit_tower(images)
-        token_features = self.image_head(tokens) if want_tokens else None
+        return self._pooled_heads(pooled, tokens)
+
+    def _pooled_heads(self, pooled: torch.Tensor, tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(sparse embedding, per-token activations or None): the head on the pooled embedding, or
+        with ``avg`` pooling (Sparse-Avg) the mean of the head applied at every token."""
+        token_features = self.image_head(tokens) if tokens is not None else None
         if self.params.pooling == "avg":
             return token_features.mean(dim=1), token_features
         return self.image_head(pooled), token_features
@@ -241,12 +246,14 @@ class SparseCLIP(nn.Module):
     def cacheable_towers(self) -> list[str]:
         """The towers whose :meth:`tower_features` can stand in for their input: a timm image tower
         with an average pool whose locked units are a fixed function (frozen batch-norm statistics
-        included), fully locked or but for its last groups; an HF text tower whose locked layers
-        are a fixed function (their layer norms frozen too), fully locked or but for its last layers."""
+        included), fully locked (the pooled map: cls pooling only) or but for its last groups (a
+        feature map, from which Sparse-Avg's positions follow too); an HF text tower whose locked
+        layers are a fixed function (their layer norms frozen too), fully locked or but for its last
+        layers."""
         lock, out = self.params.lock, []
-        if (lock.image and lock.image_freeze_bn_stats and self.timm_tower
-                and (lock.image_fully or self.image_cache_unit is not None)
-                and self.clip_cfg["vision_cfg"].get("timm_pool") == "avg" and self.params.pooling == "cls"):
+        image_rows = ((lock.image_fully and self.params.pooling == "cls") or self.image_cache_unit is not None)
+        if (lock.image and lock.image_freeze_bn_stats and self.timm_tower and image_rows
+                and self.clip_cfg["vision_cfg"].get("timm_pool") == "avg"):
             out.append("image")
         if (self.hf_text_tower and lock.text_freeze_layer_norm
                 and towers.first_trainable_text_layer(self.clip.text, lock) is not None):
@@ -257,9 +264,9 @@ class SparseCLIP(nn.Module):
         """From now on :meth:`forward` takes :meth:`tower_features` instead of images and tokens
         for the cacheable towers: a training step then runs the projections and heads only."""
         if enable and set(self.cacheable_towers()) != {"image", "text"}:
-            raise ValueError("cached tower inputs need a locked timm image tower with cls pooling (its batch-norm "
-                             "statistics frozen) and a locked HF text tower (train.model.lock, its layer norms "
-                             "frozen); cacheable here: "
+            raise ValueError("cached tower inputs need a locked timm image tower (its batch-norm statistics frozen; "
+                             "fully locked, cls pooling only) and a locked HF text tower (train.model.lock, its "
+                             "layer norms frozen); cacheable here: "
                              f"{', '.join(self.cacheable_towers()) or 'none'}")
         self.cached_inputs = enable
 
@@ -278,14 +285,14 @@ class SparseCLIP(nn.Module):
 
     def encode_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """The sparse image embedding from :meth:`tower_features`' image rows: the layers that follow
-        them in :meth:`encode_image` (the trainable units on a unit's input; an average pool of a
-        1x1 map is the map)."""
+        them in :meth:`encode_image` (the trainable units on a unit's input, then the pool or, for
+        Sparse-Avg, the head at every position of the last feature map; an average pool of a 1x1 map
+        is the map)."""
         visual = self.clip.visual
-        if self.image_cache_unit is not None:
-            feature_map = towers.run_image_units(visual.trunk, image_features, self.image_cache_unit)
-        else:
-            feature_map = image_features[:, :, None, None]
-        return self.image_head(visual.head(visual.trunk.forward_head(feature_map)))
+        if self.image_cache_unit is None:
+            return self.image_head(visual.head(visual.trunk.forward_head(image_features[:, :, None, None])))
+        feature_map = towers.run_image_units(visual.trunk, image_features, self.image_cache_unit)
+        return self._pooled_heads(*self._timm_head(feature_map, want_tokens=self.params.pooling == "avg"))[0]
 
     def encode_text_features(self, text_features: torch.Tensor) -> torch.Tensor:
         """The sparse text embedding from :meth:`tower_features`' text rows: the trainable layers
