@@ -133,7 +133,7 @@ class SparseCLIP(nn.Module):
             pooled, tokens = self._conv_tower(images, want_tokens)
         else:
             pooled, tokens = self._vit_tower(images)
-        return self._pooled_heads(pooled, tokens)
+        return self._pooled_heads(pooled, tokens if want_tokens else None)
 
     def _pooled_heads(self, pooled: torch.Tensor, tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(sparse embedding, per-token activations or None): the head on the pooled embedding, or
