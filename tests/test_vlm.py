@@ -392,3 +392,27 @@ def test_answer_balance_evens_out_each_question_types_answers_and_keeps_the_type
         assert subjects["dog"] / types["subject"] == pytest.approx(dog_share, abs=0.01)
         assert subjects["bird"] / types["subject"] == pytest.approx(
             1 / 3 if balance == 1 else 5 ** 0.5 / (80 ** 0.5 + 15 ** 0.5 + 5 ** 0.5), abs=0.01)
+
+
+def test_stage_zero_aligns_the_adapter_with_the_answers_word_embeddings_and_leaves_the_lm(tokenizer):
+    """Stage 0 moves the adapter only, toward each image's target: the mean input embedding of
+    its answers' tokens (computed here independently of the code under test)."""
+    from pipeline.vlm.train import align_adapter, answer_embeddings
+
+    vlm = tiny_vlm(tokenizer)
+    images, examples = _data()
+    lm_before = {k: v.clone() for k, v in vlm.lm.state_dict().items()}
+    features, targets = answer_embeddings(vlm, images, examples)
+    embed = vlm.lm.get_input_embeddings().weight
+    first = [e["answer"] for e in examples if e["image"] == 0]
+    expected = torch.stack([embed[tokenizer(a, add_special_tokens=False)["input_ids"]].mean(0) for a in first]).mean(0)
+    assert torch.allclose(targets[0], expected.detach(), atol=1e-6) and features.shape[:2] == (len(targets), 1)
+
+    def error() -> float:
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(vlm.adapter(features), targets[:, None, :]).item()
+
+    before = error()
+    align_adapter(vlm, images, examples, VLMParams(stage0_steps=60, stage0_lr=1e-2), torch.Generator().manual_seed(0))
+    assert error() < 0.5 * before
+    assert all(torch.equal(v, lm_before[k]) for k, v in vlm.lm.state_dict().items())

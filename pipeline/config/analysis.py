@@ -149,6 +149,10 @@ class VLMParams(WorkerGroupParams):
     adapter_hidden: int = Field(1024, ge=1)
     question_types: list[str] = Field(["subject", "colour", "count", "text"], min_length=1)
     qa_path: str | None = Field(None, description="JSONL {key, type, question, answer} instead of ground truth")
+    stage0_steps: int = Field(0, ge=0, description="before the two stages, the adapter alone learns to put each "
+                              "image's visual token where the LM embeds its answers' words (mean squared error, "
+                              "no LM pass: seconds); 0: off, the paper's two stages only")
+    stage0_lr: float = Field(1e-3, gt=0)
     stage1_steps: int = Field(40, ge=0, description="adapter only")
     stage2_steps: int = Field(40, ge=0, description="adapter + LM top lm_layers blocks")
     stage1_lr: float = Field(1e-3, gt=0)
