@@ -487,5 +487,7 @@ def test_a_trainable_units_input_is_cached_flat_and_read_back_as_its_feature_map
     model = encoder.model.eval()
     pixels = torch.as_tensor(np.stack([encoder.preprocess.image(j) for j in jpegs]))
     assert model.holds_pixels(pixels) and not model.holds_pixels(rows)
+    model.requires_grad_(False)  # as the VLM freezes its encoder: the rows still enter where the lock split
+    assert model.image_cache_unit == 16 and model.cacheable_towers() == ["image", "text"]
     with torch.no_grad():
         assert torch.allclose(model.encode_image_features(rows), model.encode_image(pixels), atol=1e-5)

@@ -54,6 +54,10 @@ class SparseCLIP(nn.Module):
         if pretrained:
             self._load_tower_weights()
         towers.lock_towers(self.clip, params.lock)
+        # the leading units of a timm image tower that the lock froze, read once: a caller that later
+        # freezes the whole model (the VLM its encoder) must not move where cached rows enter
+        self.locked_image_units = (towers.first_trainable_image_unit(self.clip.visual.trunk)
+                                   if self.timm_tower and params.lock.image else 0)
         self.cached_inputs = False  # forward() reads raw images and tokens; see read_cached_inputs
         embed_dim = clip_cfg["embed_dim"]
         self.image_head = SparseHead(embed_dim, params)
@@ -220,9 +224,9 @@ class SparseCLIP(nn.Module):
         """Where the cached image rows enter a timm image tower locked but for its last groups:
         the index of its first trainable unit (:func:`~pipeline.clip.towers.image_units`); None
         when the rows are the pooled last feature map (fully locked) or nothing is locked."""
-        if not self.timm_tower or not self.params.lock.image or self.params.lock.image_fully:
+        if not self.timm_tower or self.params.lock.image_fully:
             return None
-        first = towers.first_trainable_image_unit(self.clip.visual.trunk)
+        first = self.locked_image_units
         return first if 0 < first < len(towers.image_units(self.clip.visual.trunk)) else None
 
     def holds_pixels(self, images: torch.Tensor) -> bool:
@@ -274,9 +278,8 @@ class SparseCLIP(nn.Module):
         """Locked layers are a fixed function: they stay in eval mode (no dropout) while the rest
         trains, so what the feature cache stored is what they compute in training."""
         super().train(mode)
-        if self.params.lock.image and self.timm_tower:
-            trunk = self.clip.visual.trunk
-            for unit in towers.image_units(trunk)[: towers.first_trainable_image_unit(trunk)]:
+        if self.locked_image_units:
+            for unit in towers.image_units(self.clip.visual.trunk)[: self.locked_image_units]:
                 unit.eval()
         if self.hf_text_tower:
             for module in towers.locked_text_modules(self.clip.text, self.params.lock):

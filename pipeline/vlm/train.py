@@ -161,13 +161,11 @@ def answer_embeddings(vlm: VisionLanguageModel, images: torch.Tensor, examples: 
     """(the sparse features [N, V, F] of the images that have examples, the target of each: the mean
     of the LM's input embeddings of their answers' tokens, over all of an image's answers)."""
     rows = sorted({e["image"] for e in examples})
-    embed = vlm.lm.get_input_embeddings()
-    sums: dict[int, list[torch.Tensor]] = {}
+    answers: dict[int, list[torch.Tensor]] = {}
     with torch.no_grad():
-        for e in examples:
-            ids = torch.as_tensor(vlm.tokenizer(e["answer"], add_special_tokens=False)["input_ids"], device=device)
-            sums.setdefault(e["image"], []).append(embed(ids).float().mean(0))
-        targets = torch.stack([torch.stack(sums[r]).mean(0) for r in rows])
+        for e in examples:  # the answer's tokens as the training sequences hold them
+            answers.setdefault(e["image"], []).append(vlm._embed_ids(vlm._ids(e["answer"])).float().mean(0))
+        targets = torch.stack([torch.stack(answers[r]).mean(0) for r in rows])
         features = torch.cat([vlm.sparse_features(images[rows[s:s + 256]].to(device)) for s in range(0, len(rows), 256)])
     return features, targets
 
@@ -206,11 +204,11 @@ def answer_weights(examples: list[dict[str, Any]], balance: float) -> torch.Tens
         return None
     types = Counter(e["type"] for e in examples)
     answers = Counter((e["type"], e["answer"]) for e in examples)
-    raw = torch.tensor([answers[e["type"], e["answer"]] ** -balance for e in examples], dtype=torch.float64)
-    per_type: dict[str, float] = {}
-    for e, w in zip(examples, raw.tolist()):
-        per_type[e["type"]] = per_type.get(e["type"], 0.0) + w
-    return raw * torch.tensor([types[e["type"]] / per_type[e["type"]] for e in examples], dtype=torch.float64)
+    mass: Counter[str] = Counter()  # a type's total raw weight: each answer's count x count^-balance
+    for (kind, _), count in answers.items():
+        mass[kind] += count ** (1 - balance)
+    return torch.tensor([answers[e["type"], e["answer"]] ** -balance * types[e["type"]] / mass[e["type"]]
+                         for e in examples], dtype=torch.float64)
 
 
 def draw(examples: int, weights: torch.Tensor | None, n: int, generator: torch.Generator) -> list[int]:
