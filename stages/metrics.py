@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.io import write_json
-from pipeline.metrics.evaluate import evaluate
+from pipeline.metrics.evaluate import evaluate, pop_concept_tables
 from pipeline.runtime.cli import run_stage, stage_parser
 from pipeline.runtime.tracking import stage_run
 
@@ -22,12 +22,11 @@ def metrics(args) -> None:
                    upstream=[act_dir, params.reference.out_dir], lineage_dir=plot_dir) as run:
         result = evaluate(act_dir, params.reference.out_dir, params.vocab.out_dir, params.metrics, plot_dir,
                           title=args.variant)
-        concepts = result.get("recovery", {}).pop("concepts", None)
+        concept_tables = pop_concept_tables(result)
         metrics_path = Path(params.metrics.out_dir) / f"{args.variant}.json"
         flat = run.publish(result, metrics_path)
         outputs = [metrics_path, plot_dir]
-        if concepts:
-            outputs.append(write_json(plot_dir / "concept_recovery.json", concepts))
+        outputs += [write_json(plot_dir / f"{name}.json", table) for name, table in concept_tables.items()]
         run.log_outputs(outputs)
     print(f"metrics[{args.variant}]: L0 image {flat['image.l0']:.1f} of {flat['width']}, "
           f"clarity {flat['clarity']:.3f} (baseline {flat['clarity_baseline']:.3f}), "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.io import write_json
+from pipeline.metrics.evaluate import pop_concept_tables
 from pipeline.runtime.cli import run_stage, stage_parser
 from pipeline.runtime.tracking import stage_run
 from pipeline.sae.baseline import plot_training, run_sae_baseline, training_curves
@@ -23,11 +24,11 @@ def sae(args) -> None:
         for step, values in training_curves(histories).items():
             run.log_metrics({f"train/{k}": v for k, v in values.items()}, step=step)
         plot_training(histories, PLOTS / "training.png")
-        concepts = result.get("recovery", {}).pop("concepts", None)
+        concept_tables = pop_concept_tables(result)
         metrics_path = Path(params.metrics.out_dir) / "sae.json"
         flat = run.publish(result, metrics_path)
-        if concepts:
-            write_json(PLOTS / "concept_recovery.json", concepts)
+        for name, table in concept_tables.items():
+            write_json(PLOTS / f"{name}.json", table)
         run.log_outputs([metrics_path, PLOTS, *Path(cfg.out_dir).glob("*.pt"), Path(cfg.out_dir) / "sae_config.json"])
     print(f"sae: FVU {flat.get('reconstruction.all.fvu', float('nan')):.3f}, L0 {flat['image.l0']:.1f} of "
           f"{flat['width']}, clarity {flat['clarity']:.3f} -> {metrics_path}")

@@ -401,7 +401,7 @@ def test_concept_recovery_on_planted_features(layout):
 
     table = report.to_dict()
     assert table["concepts"][1] == {"concept": "b", "best_feature": 3, "auroc": 1.0, "covered": True, "f1": 1.0,
-                                    "threshold": 1.5}
+                                    "threshold": 1.5, "precise_features": 1, "split_recall": 1.0}
     assert table["mean_best_auroc"] == pytest.approx(report.best_auroc.mean())
     assert table["mean_best_f1"] == pytest.approx(report.best_f1.mean())
 
@@ -596,3 +596,45 @@ def test_metrics_give_the_same_bits_on_several_threads(monkeypatch):
         four = everything()
     for x, y in zip(one, four):
         assert np.array_equal(x, y, equal_nan=True)
+
+
+def test_precise_features_against_brute_force(layout):
+    """A concept split over features that each fire on part of its images and nothing else: each
+    is precise, none reaches the AUROC bar alone, and together they cover the concept; a feature
+    firing on too few images is not judged; the numbers equal a loop over features and images."""
+    rng = np.random.default_rng(11)
+    n = 400
+    labels = np.zeros((n, 3), dtype=int)
+    labels[:, 0] = rng.random(n) < 0.4
+    labels[:, 1] = rng.random(n) < 0.5
+    labels[:, 2] = rng.random(n) < 0.2
+    a = np.zeros((n, 6))
+    positives = np.flatnonzero(labels[:, 0])
+    halves = np.array_split(rng.permutation(positives), 2)
+    a[halves[0], 0] = 1.0 + rng.random(len(halves[0]))  # half of concept 0's images
+    a[halves[1], 1] = 1.0  # the other half
+    a[:, 2] = rng.random(n) * (rng.random(n) < 0.6)  # noise
+    a[:5, 3] = 1.0  # fires on 5 images: below min_images
+    a[:, 4] = labels[:, 1] * (rng.random(n) < 0.95) + labels[:, 2] * (rng.random(n) < 0.1)  # concept 1, a little 2
+
+    got = metrics.precise_features(layout(a), labels, precision=0.9, min_images=10)
+    fires = a > 0
+    for f in range(a.shape[1]):
+        for c in range(3):
+            expected = labels[fires[:, f], c].mean() if fires[:, f].any() else 0.0
+            assert got.precision[f, c] == pytest.approx(expected)
+    assert list(got.eligible) == [fires[:, f].sum() >= 10 for f in range(6)]
+    for c in range(3):
+        members = got.precise[:, c]
+        reached = fires[:, members].any(axis=1)
+        assert got.split_recall[c] == pytest.approx(reached[labels[:, c] == 1].mean())
+    assert got.precise[0, 0] and got.precise[1, 0] and not got.precise[3].any()
+    assert got.split_recall[0] == 1.0
+
+    report = metrics.concept_recovery(layout(a), labels, ["shape:a", "shape:b", "colour:c"])
+    assert report.best_auroc[0] < 0.9 and not report.covered[0]  # split: no single feature suffices
+    eligible = got.eligible
+    assert report.precise_fraction == pytest.approx(got.precise[eligible].any(axis=1).mean())
+    table = report.to_dict()
+    assert table["split_coverage"] == pytest.approx(np.mean(got.split_recall >= 0.9))
+    assert table["concepts"][0]["precise_features"] == 2 and table["concepts"][0]["split_recall"] == 1.0

@@ -39,7 +39,10 @@ METRICS = {  # what the metrics stage logs, per variant (keys of metrics/<varian
                "zeroshot.shape.top1": 0.1257, "zeroshot.shape.top5": 0.628, "zeroshot.shape.chance": 0.136,
                "zeroshot.colour.top1": 0.801, "zeroshot.colour.chance": 0.132,
                "zeroshot.colour.top5": 0.992, "zeroshot.box_classification.top1": 0.118,
-               "retrieval.image_retrieval_r1": 0.071, "retrieval.text_retrieval_r5": 0.251},
+               "retrieval.image_retrieval_r1": 0.071, "retrieval.text_retrieval_r5": 0.251,
+               "recovery.monosemantic_fraction": 0.014, "recovery.coverage": 0.182, "recovery.precise_fraction": 0.2,
+               "recovery.split_coverage": 0.05, "recovery_main.monosemantic_fraction": 0.078,
+               "recovery_main.coverage": 0.205, "recovery_main.precise_fraction": 0.25, "recovery_main.split_coverage": 0.1},
 }
 
 
@@ -113,6 +116,10 @@ def test_tables_from_the_latest_finished_run_of_each_stage(pipeline_runs):
     assert set(sparsity) == {"dense", "sae", "sae_multimodal", "sparse"}  # the SAEs sit beside the variants
     assert sparsity["sparse"][1:4] == ["2048", "921.4", "45.0"] and sparsity["sae"][7] == "0.525"
     assert sparsity["sae"][9] == "–" and sparsity["sae_multimodal"][9] == "40.0"  # image SAE: no modality score
+    assert table(tables, "recovery").header[1:] == [f"{scope} · {what}" for scope in ("all objects", "main object")
+                                                    for what in ("monosemantic %", "covered %", "precise %",
+                                                                 "covered by precise %")]
+    assert table(tables, "recovery").rows == [["sparse", "1.4", "18.2", "20.0", "5.0", "7.8", "20.5", "25.0", "10.0"]]
     assert [row[:2] for row in table(tables, "sae").rows] == [["sae", "0.117"], ["sae_multimodal", "0.200"],
                                                              ["sae_residual", "0.310"]]
     assert table(tables, "sae").rows[2][5] == "78000"

@@ -71,3 +71,36 @@ def test_chance_is_the_most_common_class_share():
     assert constant_accuracy([0, 0, 1, 2]) == 0.5
     assert constant_accuracy([1, 1, 1]) == 1.0
     assert constant_accuracy([0, 1, 2, 3]) == 0.25
+
+
+def test_concept_recovery_scores_the_main_object_and_every_object_apart():
+    """Coverage per scope (issue 28): a feature that fires on exactly the images whose *main*
+    object is red detects "colour:red" perfectly among main objects and imperfectly among all
+    objects (a red object beside another main one is a positive it misses); count is a concept."""
+    import json
+
+    import pyarrow as pa
+    import scipy.sparse as sp
+
+    from pipeline.config import MetricsParams
+    from pipeline.metrics.evaluate import concept_recovery_metrics, pop_concept_tables
+
+    recs = records(300)
+    truths = [r.meta["truth"] for r in recs]
+    main_red = np.array([t["objects"][t["main"]]["colour"] == "red" for t in truths])
+    any_red = np.array([any(o["colour"] == "red" for o in t["objects"]) for t in truths])
+    three = np.array([len(t["objects"]) == 3 for t in truths])
+    assert (any_red & ~main_red).any() and main_red.any() and three.any()
+    images = sp.csr_matrix(np.stack([main_red, three], axis=1).astype(np.float32))
+    meta = pa.table({"meta": [json.dumps(r.meta) for r in recs]})
+    result = concept_recovery_metrics(meta, images, MetricsParams())
+    tables = {name: {row["concept"]: row for row in rows} for name, rows in pop_concept_tables(result).items()}
+    main, every = tables["concept_recovery_main"], tables["concept_recovery"]
+    assert main["colour:red"]["auroc"] == 1.0 and main["colour:red"]["covered"]
+    negatives = len(recs) - any_red.sum()
+    expected = (main_red.sum() * negatives + 0.5 * (any_red & ~main_red).sum() * negatives) / (any_red.sum() * negatives)
+    assert every["colour:red"]["auroc"] == pytest.approx(expected) and expected < 1.0
+    assert main["count:three"]["auroc"] == every["count:three"]["auroc"] == 1.0
+    assert "concepts" not in result["recovery"] and result["recovery_main"]["coverage_colour"] > 0
+    no_truth = pa.table({"meta": [json.dumps({"caption": "a photo"})] * 3})
+    assert concept_recovery_metrics(no_truth, sp.csr_matrix((3, 2)), MetricsParams()) == {}

@@ -69,13 +69,18 @@ class ExtractParams(Section):
 class MetricsParams(Section):
     """The metrics stage: Clarity's tau and n_min (the paper's Eq. 2), the text C-score's activation
     thresholds, the top-k cuts of zero-shot, the AUROC at which one feature counts as a concept's
-    detector (``mono_auroc``), open-vocabulary tagging and threads."""
+    detector (``mono_auroc``), the precision at which the images a feature fires on count as one
+    concept's (``mono_precision``), open-vocabulary tagging and threads."""
 
     clarity_tau: float = Field(0.001, ge=0)
     n_min: int = Field(2, ge=2)
     cscore_thresholds: list[float] = Field([0.0, 0.5, 1.0, 1.5], min_length=1)
     topk: list[int] = Field([1, 2, 4, 8, 16, 32], description="zero-shot with each image's top-k features")
     mono_auroc: float = Field(0.9, gt=0.5, le=1.0)
+    mono_precision: float = Field(0.9, gt=0.5, le=1.0, description="concept recovery: a feature is precise when "
+                                  "this share of the images it fires on hold one concept")
+    precise_min_images: int = Field(10, ge=1, description="concept recovery: a feature is judged on its precision "
+                                    "when it fires on at least this many images")
     tag_words: int = Field(50, ge=0, description="open-vocabulary tagging: the most frequent caption nouns scored on "
                            "the test images (0: off)")
     tag_min_images: int = Field(10, ge=1, description="tagging: a noun tags at least this many test images")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
+from typing import Literal
 
 RGB = tuple[int, int, int]
 
@@ -101,10 +102,13 @@ def concept_words() -> list[str]:
     return list(dict.fromkeys(word.lower() for word in words))
 
 
-def concept_ids(truth: Mapping) -> list[str]:
-    """The concepts present in a record's ``truth`` as sorted "family:value" ids."""
+def concept_ids(truth: Mapping, objects: Literal["all", "main"] = "all") -> list[str]:
+    """The concepts present in a record's ``truth`` as sorted "family:value" ids: those of every
+    object, or (``objects="main"``) of the main object only, the one every caption names; the
+    background and the rendered word belong to the whole image either way."""
     ids = {f"background:{truth['background']}"}
-    for obj in truth["objects"]:
+    scope = truth["objects"] if objects == "all" else [truth["objects"][truth["main"]]]
+    for obj in scope:
         ids.update((
             f"shape:{obj['shape']}",
             f"colour:{obj['colour']}",

@@ -20,7 +20,7 @@ module                 functions                                   reproduces
 :mod:`.topk`           keep_topk                                  supp. Fig 2: zero-shot with only
                                                                    the top-k features per input
 :mod:`.recovery`       auroc_matrix, best_f1, concept_recovery,    beyond the paper: recovery of
-                       RecoveryReport                              the synthetic data's concepts
+                       precise_features, RecoveryReport            the synthetic data's concepts
 =====================  ==========================================  ===============================
 
 Paper conventions: Clarity uses tau = 0.001, n_min = 2 and OpenAI CLIP image embeddings;
@@ -30,7 +30,7 @@ mass over unit-L2 rows (1 image-only, 0 text-only).
 
 from .clarity import c_score, clarity, dataset_baseline
 from .modality import modality_scores, modality_summary, plot_modality_density
-from .recovery import RecoveryReport, auroc_matrix, best_f1, concept_recovery
+from .recovery import RecoveryReport, auroc_matrix, best_f1, concept_recovery, precise_features
 from .retrieval import recall_difference, retrieval_ranks, retrieval_recall
 from .sparsity import (
     active_features,
@@ -53,6 +53,7 @@ __all__ = [
     "c_score",
     "clarity",
     "concept_recovery",
+    "precise_features",
     "dataset_baseline",
     "dead_fraction",
     "density",

@@ -33,7 +33,7 @@ from pipeline.activations.tokens import token_grids
 from pipeline.config import MetricsParams
 from pipeline.data.captions import words_by_group
 from pipeline.data.concepts import concept_ids
-from pipeline.data.evalsets import zero_shot_label
+from pipeline.data.evalsets import LABELS, zero_shot_label
 from pipeline.metrics._arrays import block_threads
 from pipeline.metrics.probes import concept_probes, segmentation_probe
 from pipeline.metrics.registry import Activations, compute
@@ -74,9 +74,7 @@ def _evaluate(acts: ActivationSet, reference_dir, vocab_dir, params: MetricsPara
         if acts.has("texts") and params.tag_words and (tagging := tagging_metrics(acts, images_meta, images,
                                                                                 vocab_dir, params)):
             result["tagging"] = tagging
-    recovery = concept_recovery_metrics(images_meta, images, params)
-    if recovery:
-        result["recovery"] = recovery
+    result.update(concept_recovery_metrics(images_meta, images, params))
     result.update(probe_metrics(acts, images_meta, images))
     return result
 
@@ -240,14 +238,34 @@ def cscore_metrics(acts: ActivationSet, vocab_dir: str | Path, params: MetricsPa
     return out
 
 
-def concept_recovery_metrics(meta: pa.Table, images: sp.csr_matrix, params: MetricsParams) -> dict[str, Any] | None:
-    """For every ground-truth concept, the best single feature's AUROC/F1 at detecting it."""
+# Which objects' concepts count as present in an image, per result key: every object's (the
+# generator's own notion), or the main object's only, which every caption names and the zero-shot
+# tasks score (the other objects are named in some captions only, so a feature that learned from the
+# captions fires on few of their images). Background, word and count belong to the whole image.
+RECOVERY_SCOPES: dict[str, str] = {"recovery": "all", "recovery_main": "main"}
+
+
+def concept_recovery_metrics(meta: pa.Table, images: sp.csr_matrix, params: MetricsParams) -> dict[str, Any]:
+    """For every ground-truth concept, the best single feature's AUROC/F1 at detecting it, per
+    scope of :data:`RECOVERY_SCOPES`; empty for sources without ground truth."""
     truths = [json.loads(m).get("truth") for m in meta.column("meta").to_pylist()]
     rows = [i for i, t in enumerate(truths) if t]
     if not rows:
-        return None
-    concept_sets = [set(concept_ids(truths[i])) for i in rows]
-    names = sorted(set().union(*concept_sets))
-    labels = np.array([[name in s for name in names] for s in concept_sets], dtype=np.int8)
-    report = M.concept_recovery(images[rows], labels, names, mono_auroc=params.mono_auroc)
-    return report.to_dict()
+        return {}
+    out = {}
+    for key, scope in RECOVERY_SCOPES.items():
+        concept_sets = [{*concept_ids(truths[i], objects=scope), f"count:{LABELS['count'](truths[i])}"}
+                        for i in rows]
+        names = sorted(set().union(*concept_sets))
+        labels = np.array([[name in s for name in names] for s in concept_sets], dtype=np.int8)
+        out[key] = M.concept_recovery(images[rows], labels, names, mono_auroc=params.mono_auroc,
+                                      mono_precision=params.mono_precision,
+                                      min_images=params.precise_min_images).to_dict()
+    return out
+
+
+def pop_concept_tables(result: dict[str, Any]) -> dict[str, list[dict]]:
+    """Take the per-concept tables out of a result's recovery sections (they are files, not
+    metrics): ``{"concept_recovery": [...], "concept_recovery_main": [...]}`` for those present."""
+    return {f"concept_{key}": result[key].pop("concepts") for key in RECOVERY_SCOPES
+            if "concepts" in result.get(key, {})}
