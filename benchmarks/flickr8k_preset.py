@@ -2,7 +2,8 @@
 
 ``make pipeline-flickr8k`` runs ``deploy/params.flickr8k.yaml`` in its own workspace; this reads
 that workspace's metrics files (per model: retrieval R@1/5/10 both ways, tagging AUROC, L0 and dead
-per tower, Clarity and its reference; naming agreement from the atlas), its MLflow runs (how long
+per tower, Clarity and its reference; naming agreement from the atlas; the VLM's answers on the
+sparse encoder against chance, and the settings of its stages), its MLflow runs (how long
 each stage took, so the time can be read where it goes) and its extracted activations (each sparse
 model's test R@k minus dense's on the same queries, with a paired bootstrap interval over the test
 photos: is a gap of a few points the model or the photos the split drew?), and writes
@@ -46,6 +47,23 @@ def model_rows(workspace: Path, variants: list[str]) -> dict[str, dict[str, Any]
         row["naming_chance"] = atlas.get(f"{variant}.caption_naming.chance")
         rows[variant] = row
     return rows
+
+
+def vlm_answers(workspace: Path, vlm_params: dict[str, Any]) -> dict[str, Any]:
+    """The VLM stage's scores per encoder and question type (exact match, its chance, the p-value
+    of beating chance, SBERT similarity, questions), with the settings of its training stages."""
+    stages = {key: vlm_params.get(key) for key in ("stage0_steps", "stage1_steps", "stage2_steps", "batch_size")}
+    scores = _json(workspace / "metrics" / "vlm.json")
+    return {"settings": stages, **{encoder: _nested(values) for encoder, values in scores.items()}}
+
+
+def _nested(flat: dict[str, float]) -> dict[str, dict[str, float]]:
+    """{"subject.exact": 0.3} -> {"subject": {"exact": 0.3}}."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in flat.items():
+        question, _, name = key.partition(".")
+        out.setdefault(question, {})[name] = value
+    return out
 
 
 def retrieval_against_dense(activations: Path, variants: list[str], ks: tuple[int, ...] = (1, 5, 10),
@@ -108,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         "towers": params["train"]["model"]["towers"],
         "models": model_rows(workspace, variants),
         "against_dense": retrieval_against_dense(workspace / "activations", variants) if "dense" in variants else {},
+        "vlm": vlm_answers(workspace, params.get("vlm", {})),
     }
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "flickr8k_preset.json"

@@ -277,8 +277,8 @@ BENCHMARKS: list[dict[str, str]] = [
 # optionally as several views [(title, columns)]; a column ending in ".*" expands to every sub-key.
 FILES: dict[str, dict[str, Any]] = {
     "flickr8k_preset.json": {
-        "note": "The preset as committed (224 px, one VLM, tags filtered to words used mostly as nouns), 2 CPU "
-                "cores, 2026-12-07. `against_dense`: each sparse model's recall minus dense's on the same test "
+        "note": "The preset as committed (224 px, one VLM with a 300-step stage 0, tags filtered to words used "
+                "mostly as nouns), 2 CPU cores, 2026-12-07. `against_dense`: each sparse model's recall minus dense's on the same test "
                 "queries, with a 95% interval from a paired bootstrap over the 1,050 test photos.",
         "tables": {"against_dense": [
             (f"against dense, {k}", [f"image_retrieval_{k}.difference", f"image_retrieval_{k}.ci95_low",

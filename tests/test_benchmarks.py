@@ -110,3 +110,18 @@ def test_lever_captions_come_from_the_ground_truth():
     caption = canonical_caption(truth)
     assert caption.startswith(f"a {main['size']} {main['colour']} {main['shape']} {main['position']} with ")
     assert f"{other['colour']} {other['shape']}" in caption and caption.endswith(truth["word"]["text"])
+
+
+def test_the_preset_collector_reads_the_vlm_answers_per_encoder_and_question(tmp_path):
+    import json
+
+    from benchmarks.flickr8k_preset import vlm_answers
+
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "vlm.json").write_text(json.dumps(
+        {"sparse": {"subject.exact": 0.33, "subject.chance": 0.1, "subject.n": 96, "colour.exact": 0.9}}))
+    got = vlm_answers(tmp_path, {"stage0_steps": 300, "stage1_steps": 30, "lm_cache": ".cache/lm"})
+    assert got == {"settings": {"stage0_steps": 300, "stage1_steps": 30, "stage2_steps": None, "batch_size": None},
+                   "sparse": {"subject": {"exact": 0.33, "chance": 0.1, "n": 96}, "colour": {"exact": 0.9}}}
+    with pytest.raises(FileNotFoundError, match="run the preset first"):
+        vlm_answers(tmp_path / "elsewhere", {})

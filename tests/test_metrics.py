@@ -600,41 +600,47 @@ def test_metrics_give_the_same_bits_on_several_threads(monkeypatch):
 
 def test_precise_features_against_brute_force(layout):
     """A concept split over features that each fire on part of its images and nothing else: each
-    is precise, none reaches the AUROC bar alone, and together they cover the concept; a feature
-    firing on too few images is not judged; the numbers equal a loop over features and images."""
+    is precise, none reaches the AUROC bar alone, and together they cover the concept. A feature
+    firing on too few images is not judged however precise; exactly the bar counts; negative values
+    do not fire; a concept on nearly every image is nobody's. Numbers equal a loop over features."""
     rng = np.random.default_rng(11)
     n = 400
-    labels = np.zeros((n, 3), dtype=int)
+    labels = np.zeros((n, 4), dtype=int)
     labels[:, 0] = rng.random(n) < 0.4
     labels[:, 1] = rng.random(n) < 0.5
     labels[:, 2] = rng.random(n) < 0.2
-    a = np.zeros((n, 6))
+    labels[:, 3] = np.arange(n) >= 20  # on 95% of the images
+    a = np.zeros((n, 8))
     positives = np.flatnonzero(labels[:, 0])
     halves = np.array_split(rng.permutation(positives), 2)
     a[halves[0], 0] = 1.0 + rng.random(len(halves[0]))  # half of concept 0's images
     a[halves[1], 1] = 1.0  # the other half
     a[:, 2] = rng.random(n) * (rng.random(n) < 0.6)  # noise
-    a[:5, 3] = 1.0  # fires on 5 images: below min_images
+    a[positives[:5], 3] = 1.0  # precise, but fires on 5 images: below min_images
     a[:, 4] = labels[:, 1] * (rng.random(n) < 0.95) + labels[:, 2] * (rng.random(n) < 0.1)  # concept 1, a little 2
+    inside, outside = np.flatnonzero(labels[:, 2])[:9], np.flatnonzero(labels[:, 2] == 0)[:1]
+    a[np.concatenate([inside, outside]), 5] = 1.0  # 9 of its 10 images hold concept 2: exactly the bar
+    a[:, 6] = -labels[:, 1]  # negative where concept 1 is: never fires
 
-    got = metrics.precise_features(layout(a), labels, precision=0.9, min_images=10)
+    got = metrics.precise_features(layout(a), labels, min_precision=0.9, min_images=10)
     fires = a > 0
     for f in range(a.shape[1]):
-        for c in range(3):
+        for c in range(labels.shape[1]):
             expected = labels[fires[:, f], c].mean() if fires[:, f].any() else 0.0
             assert got.precision[f, c] == pytest.approx(expected)
-    assert list(got.eligible) == [fires[:, f].sum() >= 10 for f in range(6)]
-    for c in range(3):
-        members = got.precise[:, c]
-        reached = fires[:, members].any(axis=1)
-        assert got.split_recall[c] == pytest.approx(reached[labels[:, c] == 1].mean())
-    assert got.precise[0, 0] and got.precise[1, 0] and not got.precise[3].any()
-    assert got.split_recall[0] == 1.0
+    assert list(got.eligible) == [True, True, True, False, True, True, False, False]
+    assert got.precision[3, 0] == 1.0 and not got.precise[3].any()
+    assert got.precise[5, 2] and got.precision[5, 2] == pytest.approx(0.9)
+    assert got.precision[0, 3] >= 0.9 and not got.precise[:, 3].any()  # on 95% of images: nobody's concept
+    assert [list(np.flatnonzero(got.precise[:, c])) for c in range(4)] == [[0, 1], [4], [5], []]
+    assert got.split_recall[0] == 1.0 and got.split_recall[2] == pytest.approx(9 / labels[:, 2].sum())
+    assert got.split_recall[1] == pytest.approx(fires[labels[:, 1] == 1, 4].mean())
 
-    report = metrics.concept_recovery(layout(a), labels, ["shape:a", "shape:b", "colour:c"])
+    report = metrics.concept_recovery(layout(a), labels, ["shape:a", "shape:b", "colour:c", "size:d"])
     assert report.best_auroc[0] < 0.9 and not report.covered[0]  # split: no single feature suffices
-    eligible = got.eligible
-    assert report.precise_fraction == pytest.approx(got.precise[eligible].any(axis=1).mean())
+    assert report.precise_fraction == pytest.approx(4 / 5)  # eligible 0, 1, 2, 4, 5; precise 0, 1, 4, 5
     table = report.to_dict()
     assert table["split_coverage"] == pytest.approx(np.mean(got.split_recall >= 0.9))
+    assert table["split_coverage"] == pytest.approx(2 / 4)  # concepts 0 and 1 (recall 1.0 and ~0.95)
     assert table["concepts"][0]["precise_features"] == 2 and table["concepts"][0]["split_recall"] == 1.0
+    assert table["precise_min_images"] == 10 and table["mono_precision"] == 0.9

@@ -93,7 +93,11 @@ def test_concept_recovery_scores_the_main_object_and_every_object_apart():
     assert (any_red & ~main_red).any() and main_red.any() and three.any()
     images = sp.csr_matrix(np.stack([main_red, three], axis=1).astype(np.float32))
     meta = pa.table({"meta": [json.dumps(r.meta) for r in recs]})
-    result = concept_recovery_metrics(meta, images, MetricsParams())
+    params = MetricsParams(mono_auroc=0.95, mono_precision=0.95, precise_min_images=3)
+    result = concept_recovery_metrics(meta, images, params)
+    for scope in ("recovery", "recovery_main"):
+        assert (result[scope]["mono_auroc"], result[scope]["mono_precision"],
+                result[scope]["precise_min_images"]) == (0.95, 0.95, 3)
     tables = {name: {row["concept"]: row for row in rows} for name, rows in pop_concept_tables(result).items()}
     main, every = tables["concept_recovery_main"], tables["concept_recovery"]
     assert main["colour:red"]["auroc"] == 1.0 and main["colour:red"]["covered"]
@@ -101,6 +105,9 @@ def test_concept_recovery_scores_the_main_object_and_every_object_apart():
     expected = (main_red.sum() * negatives + 0.5 * (any_red & ~main_red).sum() * negatives) / (any_red.sum() * negatives)
     assert every["colour:red"]["auroc"] == pytest.approx(expected) and expected < 1.0
     assert main["count:three"]["auroc"] == every["count:three"]["auroc"] == 1.0
+    assert main["colour:red"]["precise_features"] == 1 and main["colour:red"]["split_recall"] == 1.0
     assert "concepts" not in result["recovery"] and result["recovery_main"]["coverage_colour"] > 0
+    with pytest.raises(ValueError, match="objects"):
+        concept_ids(truths[0], objects="largest")
     no_truth = pa.table({"meta": [json.dumps({"caption": "a photo"})] * 3})
     assert concept_recovery_metrics(no_truth, sp.csr_matrix((3, 2)), MetricsParams()) == {}

@@ -78,7 +78,8 @@ class MetricsParams(Section):
     topk: list[int] = Field([1, 2, 4, 8, 16, 32], description="zero-shot with each image's top-k features")
     mono_auroc: float = Field(0.9, gt=0.5, le=1.0)
     mono_precision: float = Field(0.9, gt=0.5, le=1.0, description="concept recovery: a feature is precise when "
-                                  "this share of the images it fires on hold one concept")
+                                  "this share of the images it fires on hold a concept, and a concept is covered by "
+                                  "its precise features when together they fire on this share of its images")
     precise_min_images: int = Field(10, ge=1, description="concept recovery: a feature is judged on its precision "
                                     "when it fires on at least this many images")
     tag_words: int = Field(50, ge=0, description="open-vocabulary tagging: the most frequent caption nouns scored on "

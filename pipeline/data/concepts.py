@@ -106,6 +106,8 @@ def concept_ids(truth: Mapping, objects: Literal["all", "main"] = "all") -> list
     """The concepts present in a record's ``truth`` as sorted "family:value" ids: those of every
     object, or (``objects="main"``) of the main object only, the one every caption names; the
     background and the rendered word belong to the whole image either way."""
+    if objects not in ("all", "main"):
+        raise ValueError(f"objects must be 'all' or 'main', got {objects!r}")
     ids = {f"background:{truth['background']}"}
     scope = truth["objects"] if objects == "all" else [truth["objects"][truth["main"]]]
     for obj in scope:

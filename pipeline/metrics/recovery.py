@@ -110,10 +110,12 @@ class RecoveryReport:
     concepts that some single feature detects at that same bar (:meth:`coverage`).
 
     Precision (:func:`precise_features`): ``precise_fraction`` is the share of the features that
-    fire on at least ``min_images`` images whose firing images hold one concept at precision
-    >= ``mono_precision``; per concept, ``split_recall`` is the share of its images on which one of
-    its precise features fires, and the concept is covered by precise features when that reaches
-    ``mono_precision`` too.
+    fire on at least ``precise_min_images`` images of which at least ``mono_precision`` share a
+    concept (a conjunction, "red" and "star", is precise for both); per concept, ``split_recall``
+    is the share of its images on which any of its precise features fires, and the concept is
+    covered by precise features (``split_coverage``) when that reaches ``mono_precision`` too. That
+    is not a superset of single-feature coverage: a feature of high AUROC that also fires on other
+    concepts' images is not precise.
     """
 
     concept_names: list[str]
@@ -131,6 +133,7 @@ class RecoveryReport:
     precise_per_concept: np.ndarray
     split_recall: np.ndarray
     mono_precision: float
+    precise_min_images: int
 
     @property
     def covered(self) -> np.ndarray:
@@ -166,6 +169,7 @@ class RecoveryReport:
             "precise_fraction": self.precise_fraction,
             "n_eligible_features": self.n_eligible_features,
             "mono_precision": self.mono_precision,
+            "precise_min_images": self.precise_min_images,
             "concepts": [
                 {"concept": name, "best_feature": int(feature), "auroc": float(auroc), "covered": bool(covered),
                  "f1": float(f1), "threshold": float(threshold), "precise_features": int(precise),
@@ -193,19 +197,21 @@ class PreciseFeatures:
     precision: np.ndarray  # [F, C] share of a feature's firing images that hold the concept
     eligible: np.ndarray  # [F] fires on at least ``min_images`` images
     precise: np.ndarray  # [F, C] eligible and precise for the concept
-    split_recall: np.ndarray  # [C] share of the concept's images on which a precise feature fires (NaN: none)
+    split_recall: np.ndarray  # [C] share of the concept's images on which any precise feature fires (NaN: none)
 
 
-def precise_features(activations, labels, precision: float = 0.9, min_images: int = 10) -> PreciseFeatures:
+def precise_features(activations, labels, min_precision: float = 0.9, min_images: int = 10) -> PreciseFeatures:
     """Per feature, the share of the images it fires on (activation > 0) that hold each concept;
-    per concept, the recall of the union of its precise features (those with >= ``min_images``
-    firing images and precision >= ``precision``)."""
+    per concept, the recall of the union of its precise features: those with >= ``min_images``
+    firing images of which >= ``min_precision`` hold it. A concept on at least that share of all
+    images is never one a feature is precise for (any feature would be)."""
     fires = (as_csr(activations) > 0).astype(np.float64).tocsr()
     y = _binary_labels(labels, fires.shape[0])
     firing = np.asarray(fires.sum(axis=0)).ravel()
     share = np.asarray(fires.T @ y) / np.maximum(firing, 1)[:, None]
     eligible = firing >= min_images
-    precise = eligible[:, None] & (share >= precision)
+    rare_enough = y.mean(axis=0) < min_precision
+    precise = eligible[:, None] & (share >= min_precision) & rare_enough[None, :]
     reached = np.asarray(fires @ precise.astype(np.float64)) > 0
     positives = y.sum(axis=0)
     recall = np.divide((reached * y).sum(axis=0), positives, out=np.full(y.shape[1], np.nan), where=positives > 0)
@@ -232,8 +238,8 @@ def concept_recovery(activations, labels, concept_names: Sequence[str], mono_aur
         best_feature[c], best_auroc[c] = feature, auroc[feature, c]
         best_f1s[c], thresholds[c] = best_f1(columns[:, feature].toarray(), y[:, c])
     active = np.diff(columns.indptr) > 0
-    precise = precise_features(columns, y, mono_precision, min_images)
-    eligible = int(precise.eligible.sum())
+    judged = precise_features(columns, y, mono_precision, min_images)
+    eligible = int(judged.eligible.sum())
     return RecoveryReport(
         concept_names=names,
         best_feature=best_feature,
@@ -245,9 +251,10 @@ def concept_recovery(activations, labels, concept_names: Sequence[str], mono_aur
         monosemantic_fraction=_monosemantic(auroc, active, mono_auroc),
         n_active_features=int(active.sum()),
         mono_auroc=float(mono_auroc),
-        precise_fraction=float(precise.precise[precise.eligible].any(axis=1).mean()) if eligible else float("nan"),
+        precise_fraction=float(judged.precise[judged.eligible].any(axis=1).mean()) if eligible else float("nan"),
         n_eligible_features=eligible,
-        precise_per_concept=precise.precise.sum(axis=0),
-        split_recall=precise.split_recall,
+        precise_per_concept=judged.precise.sum(axis=0),
+        split_recall=judged.split_recall,
         mono_precision=float(mono_precision),
+        precise_min_images=int(min_images),
     )

@@ -141,9 +141,10 @@ def recovery(models: list[Model]) -> Table:
                         "count belong to the image). Monosemantic: active features that detect one concept at AUROC "
                         ">= metrics.mono_auroc and no other; covered: concepts that some single feature detects at that "
                         "bar; precise: features (firing on >= metrics.precise_min_images images) whose firing images "
-                        "hold one concept at precision >= metrics.mono_precision; covered by precise: concepts on "
-                        "whose images at least that share one of their precise features fires (a concept split over "
-                        "several partial, precise features is covered here and not by one feature).", columns, models)
+                        "hold a concept at precision >= metrics.mono_precision; covered by precise: concepts on "
+                        "whose images at least that share any of their precise features fires (a concept split over "
+                        "several partial, precise features is covered here and not by one feature). A feature fires "
+                        "where it is positive (for a dense model, a positive coordinate).", columns, models)
 
 
 def sae(models: list[Model]) -> Table:
