@@ -53,6 +53,13 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {
     "sparse_cap15": ({"logit_scale_cap": 15}, {}, 700),
     "sparse_cap10": ({"logit_scale_cap": 10}, {}, 700),
     "sparse_cap50_x32": ({"logit_scale_cap": 50, "expansion": 32}, {}, 700),
+    "sparse_cap50_x8": ({"logit_scale_cap": 50, "expansion": 8}, {}, 700),
+    "sparse_cap50_350": ({"logit_scale_cap": 50}, {}, 350),
+    "sparse_cap50_head_wd1": ({"logit_scale_cap": 50}, {"head_weight_decay": 1.0}, 700),
+    "dense_350": ({"expansion": 0, "activation": "none", "logit_scale_cap": 100}, {}, 350),
+    "sparse_cap20_350": ({"logit_scale_cap": 20}, {}, 350),
+    "sparse_cap50_350_bias": ({"logit_scale_cap": 50, "head_bias_init": -0.5}, {}, 350),
+    "sparse_cap50_350_lr2": ({"logit_scale_cap": 50}, {"lr": 0.002}, 350),
     "sparse_cap50_1400": ({"logit_scale_cap": 50}, {}, 1400),
     "dense_1400": ({"expansion": 0, "activation": "none", "logit_scale_cap": 100}, {}, 1400),
     "dense_block6": ({"expansion": 0, "activation": "none", "logit_scale_cap": 100, "lock": BLOCK6}, {}, 700),
@@ -60,10 +67,10 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {
 }
 
 
-def test_pairs(cache: Path, data_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The test split's cached photos (one row each) and captions, and each caption's photo."""
-    rows = [row for _, _, row in index_rows(data_dir, ["test"])]
-    pairs = cached_split(cache, data_dir, "test")
+def eval_pairs(cache: Path, data_dir: Path, split: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A split's cached photos (one row each) and captions, and each caption's photo."""
+    rows = [row for _, _, row in index_rows(data_dir, [split])]
+    pairs = cached_split(cache, data_dir, split)
     photo_of: dict[str, int] = {}
     first = []
     for i, row in enumerate(rows):
@@ -103,10 +110,15 @@ RETRIEVAL = ("image_retrieval_r5", "text_retrieval_r5", "text_retrieval_r1")
 
 
 def seed_spread(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per setting run with several seeds: the mean and sample standard deviation of its retrieval."""
+    """Per setting run with several seeds: the mean and sample standard deviation of its retrieval
+    (keyed by the setting's name, "<name> (val)" where scored on the val split)."""
+    def key_of(row: dict[str, Any]) -> str:
+        split = row.get("split", "test")
+        return row["setting"] if split == "test" else f"{row['setting']} ({split})"
+
     out = {}
-    for name in dict.fromkeys(r["setting"] for r in rows):
-        runs = [r for r in rows if r["setting"] == name]
+    for name in dict.fromkeys(key_of(r) for r in rows):
+        runs = [r for r in rows if key_of(r) == name]
         if len(runs) > 1:
             out[name] = {"seeds": len(runs), **{key: {"mean": float(np.mean([r[key] for r in runs])),
                                                       "sd": float(np.std([r[key] for r in runs], ddof=1))}
@@ -120,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", choices=list(SETTINGS), help="settings to run (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed and setting")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--split", choices=["val", "test"], default="test", help="where retrieval is scored: choose "
+                        "settings on val, report the chosen one on test")
     parser.add_argument("--cache", help="the feature cache to read (default: the workspace's); every setting run "
                         "must match its towers and lock")
     args = parser.parse_args(argv)
@@ -134,12 +148,12 @@ def main(argv: list[str] | None = None) -> None:
         if not FeatureCache.available(cache, params.train.model.model_copy(update={"lock": LockParams(**lock)})):
             raise SystemExit(f"{name}: {cache} does not hold this setting's towers and lock ({lock}); give --cache")
     train = cached_split(cache, data_dir, "train")
-    test, owner = test_pairs(cache, data_dir)
-    print(f"{len(train['text'])} training pairs; test: {len(test['image'])} photos, {len(owner)} captions")
+    test, owner = eval_pairs(cache, data_dir, args.split)
+    print(f"{len(train['text'])} training pairs; {args.split}: {len(test['image'])} photos, {len(owner)} captions")
     rows = []
     for name in names:
         for seed in args.seeds:
-            row = measure(name, params, test, owner, train, seed)
+            row = {**measure(name, params, test, owner, train, seed), "split": args.split}
             rows.append(row)
             print(f"{name:20s} seed {seed} {row['steps']:5d} steps {row['seconds']:6.0f}s  IR@1/5/10 "
                   f"{100 * row['image_retrieval_r1']:.1f}/{100 * row['image_retrieval_r5']:.1f}/"
@@ -154,8 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "flickr8k_heads.json"
     record = json.loads(out.read_text()) if out.is_file() else {}
-    ran = {(r["setting"], r["seed"]) for r in rows}
-    kept = [r for r in record.get("rows", []) if (r["setting"], r.get("seed", 0)) not in ran]
+    ran = {(r["setting"], r["seed"], r["split"]) for r in rows}
+    kept = [r for r in record.get("rows", []) if (r["setting"], r.get("seed", 0), r.get("split", "test")) not in ran]
     out.write_text(json.dumps({"command": "python -m benchmarks.flickr8k_heads --workspace ../main-flickr8k",
                                "machine": "2 CPU cores", "rows": kept + rows,
                                "seed_spread": {**record.get("seed_spread", {}), **spread}}, indent=2) + "\n")
