@@ -252,13 +252,14 @@ def concept_recovery_metrics(meta: pa.Table, images: sp.csr_matrix, params: Metr
     rows = [i for i, t in enumerate(truths) if t]
     if not rows:
         return {}
+    labelled = images[rows]
     out = {}
     for key, scope in RECOVERY_SCOPES.items():
         concept_sets = [{*concept_ids(truths[i], objects=scope), f"count:{LABELS['count'](truths[i])}"}
                         for i in rows]
         names = sorted(set().union(*concept_sets))
         labels = np.array([[name in s for name in names] for s in concept_sets], dtype=np.int8)
-        out[key] = M.concept_recovery(images[rows], labels, names, mono_auroc=params.mono_auroc,
+        out[key] = M.concept_recovery(labelled, labels, names, mono_auroc=params.mono_auroc,
                                       mono_precision=params.mono_precision,
                                       min_images=params.precise_min_images).to_dict()
     return out
