@@ -5,7 +5,8 @@ EfficientNet-lite0 and MiniLM outputs for every photo and caption) and trains th
 heads with the pipeline's own recipe (:func:`pipeline.clip.train.train_in_process` on cached
 inputs), one setting at a time: the dense baseline and sparse heads at several logit-scale caps,
 expansions and step counts. Each is scored on the test split: retrieval R@1/5/10 both ways (every
-caption against every test photo), L0 and dead features per tower. The preset
+caption against every test photo), open-vocabulary tagging AUROC on the workspace's tags (its
+metrics stage's, :mod:`pipeline.metrics.tagging`), L0 and dead features per tower. The preset
 (``deploy/params.flickr8k.yaml``) takes its caps and steps from this table.
 
     python -m benchmarks.flickr8k_heads --workspace ../main-flickr8k
@@ -34,10 +35,13 @@ import torch
 from pipeline.clip.feature_cache import FeatureCache, cached_split
 from pipeline.clip.recipe import train_in_process
 from pipeline.config import LockParams, ModelParams, load_params
+from pipeline.data.captions import words_by_group
+from pipeline.data.loading import ClipBatchPreprocessor
 from pipeline.data.shards import index_rows
 from pipeline.runtime.job import read_override
 from pipeline.metrics import sparsity
 from pipeline.metrics.retrieval import retrieval_recall
+from pipeline.metrics.tagging import tagging_auroc
 
 RESULTS = Path(__file__).parent / "results"
 PRESET = Path(__file__).parents[1] / "deploy" / "params.flickr8k.yaml"
@@ -67,8 +71,9 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {
 }
 
 
-def eval_pairs(cache: Path, data_dir: Path, split: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """A split's cached photos (one row each) and captions, and each caption's photo."""
+def eval_pairs(cache: Path, data_dir: Path, split: str, tags: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """A split's cached photos (one row each) and captions, each caption's photo, and each photo's
+    tag labels (``tags``: whether any of its captions uses the tag)."""
     rows = [row for _, _, row in index_rows(data_dir, [split])]
     pairs = cached_split(cache, data_dir, split)
     photo_of: dict[str, int] = {}
@@ -78,11 +83,23 @@ def eval_pairs(cache: Path, data_dir: Path, split: str) -> tuple[dict[str, np.nd
             photo_of[str(row["group"])] = len(first)
             first.append(i)
     owner = np.asarray([photo_of[str(row["group"])] for row in rows])
-    return {"image": pairs["image"][first], "text": pairs["text"]}, owner
+    words = words_by_group((str(row["group"]) for row in rows), (row["caption"] for row in rows))
+    tag_labels = np.array([[t in words[g] for t in tags] for g in photo_of], dtype=bool).reshape(len(photo_of), len(tags))
+    return {"image": pairs["image"][first], "text": pairs["text"], "tag_labels": tag_labels}, owner
+
+
+def workspace_tags(workspace: Path, params) -> list[str]:
+    """The tags the workspace's metrics stage scored (the same for every model), or none."""
+    for variant in params.train.variants:
+        path = workspace / params.metrics.out_dir / f"{variant}.json"
+        if path.is_file():
+            return [k.removeprefix("tagging.per_tag.") for k in json.loads(path.read_text())
+                    if k.startswith("tagging.per_tag.")]
+    return []
 
 
 def measure(name: str, params, test: dict[str, np.ndarray], owner: np.ndarray, train: dict[str, np.ndarray],
-            seed: int) -> dict[str, Any]:
+            seed: int, tags: list[str]) -> dict[str, Any]:
     model_overrides, optim_overrides, steps = SETTINGS[name]
     model_params = ModelParams.model_validate({**params.train.model.model_dump(), **model_overrides})
     train_params = params.train.model_copy(update={"optim": params.train.optim.model_copy(update=optim_overrides),
@@ -97,6 +114,10 @@ def measure(name: str, params, test: dict[str, np.ndarray], owner: np.ndarray, t
                            "width": model.width,
                            **{k: v for k, v in model_overrides.items() if k != "activation"}}
     row.update(retrieval_recall(images, texts, owner, ks=(1, 5, 10)))
+    if tags:
+        with torch.no_grad():
+            tag_texts = model.encode_text(torch.as_tensor(ClipBatchPreprocessor.for_model(model).tokens(tags))).numpy()
+        row["tagging_auroc"] = float(np.nanmean(tagging_auroc(images, tag_texts, test["tag_labels"])))
     for tower, x in (("image", images), ("text", texts)):
         row[f"l0_{tower}_pct"] = sparsity.l0_summary(float((x != 0).sum()), len(x), model.width)["l0_pct"]
     fired = (images != 0).sum(0) + (texts != 0).sum(0)
@@ -106,11 +127,11 @@ def measure(name: str, params, test: dict[str, np.ndarray], owner: np.ndarray, t
     return row
 
 
-RETRIEVAL = ("image_retrieval_r5", "text_retrieval_r5", "text_retrieval_r1")
+SCORES = ("image_retrieval_r5", "text_retrieval_r5", "text_retrieval_r1", "tagging_auroc")
 
 
 def seed_spread(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per setting run with several seeds: the mean and sample standard deviation of its retrieval
+    """Per setting run with several seeds: the mean and sample standard deviation of its retrieval and tagging
     (keyed by the setting's name, "<name> (val)" where scored on the val split)."""
     def key_of(row: dict[str, Any]) -> str:
         split = row.get("split", "test")
@@ -122,7 +143,7 @@ def seed_spread(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if len(runs) > 1:
             out[name] = {"seeds": len(runs), **{key: {"mean": float(np.mean([r[key] for r in runs])),
                                                       "sd": float(np.std([r[key] for r in runs], ddof=1))}
-                                                for key in RETRIEVAL}}
+                                                for key in SCORES if all(key in r for r in runs)}}
     return out
 
 
@@ -148,23 +169,26 @@ def main(argv: list[str] | None = None) -> None:
         if not FeatureCache.available(cache, params.train.model.model_copy(update={"lock": LockParams(**lock)})):
             raise SystemExit(f"{name}: {cache} does not hold this setting's towers and lock ({lock}); give --cache")
     train = cached_split(cache, data_dir, "train")
-    test, owner = eval_pairs(cache, data_dir, args.split)
-    print(f"{len(train['text'])} training pairs; {args.split}: {len(test['image'])} photos, {len(owner)} captions")
+    tags = workspace_tags(workspace, params)
+    test, owner = eval_pairs(cache, data_dir, args.split, tags)
+    print(f"{len(train['text'])} training pairs; {args.split}: {len(test['image'])} photos, {len(owner)} captions, "
+          f"{len(tags)} tags")
     rows = []
     for name in names:
         for seed in args.seeds:
-            row = {**measure(name, params, test, owner, train, seed), "split": args.split}
+            row = {**measure(name, params, test, owner, train, seed, tags), "split": args.split}
             rows.append(row)
             print(f"{name:20s} seed {seed} {row['steps']:5d} steps {row['seconds']:6.0f}s  IR@1/5/10 "
                   f"{100 * row['image_retrieval_r1']:.1f}/{100 * row['image_retrieval_r5']:.1f}/"
                   f"{100 * row['image_retrieval_r10']:.1f}  TR@1/5/10 {100 * row['text_retrieval_r1']:.1f}/"
                   f"{100 * row['text_retrieval_r5']:.1f}/{100 * row['text_retrieval_r10']:.1f}  L0 "
                   f"{row['l0_image_pct']:.1f}%/{row['l0_text_pct']:.1f}%  dead {row['dead_pct']:.0f}%  "
+                  f"tagging {row.get('tagging_auroc', float('nan')):.3f}  "
                   f"scale {row['logit_scale']:.1f}", flush=True)
     spread = seed_spread(rows)
     for name, stats in spread.items():
         print(f"{name:20s} over {stats['seeds']} seeds: " + "  ".join(
-            f"{key} {100 * stats[key]['mean']:.1f} ± {100 * stats[key]['sd']:.1f}" for key in RETRIEVAL))
+            f"{key} {100 * stats[key]['mean']:.1f} ± {100 * stats[key]['sd']:.1f}" for key in SCORES if key in stats))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "flickr8k_heads.json"
     record = json.loads(out.read_text()) if out.is_file() else {}

@@ -125,3 +125,27 @@ def test_the_preset_collector_reads_the_vlm_answers_per_encoder_and_question(tmp
                    "sparse": {"subject": {"exact": 0.33, "chance": 0.1, "n": 96}, "colour": {"exact": 0.9}}}
     with pytest.raises(FileNotFoundError, match="run the preset first"):
         vlm_answers(tmp_path / "elsewhere", {})
+
+
+def test_tagging_ceilings_label_photos_and_score_the_captioners_and_the_probe():
+    import numpy as np
+
+    from benchmarks import tagging_ceiling
+
+    rows = [{"group": "a", "key": "a0", "caption": "A dog runs"}, {"group": "a", "key": "a1", "caption": "Two dogs"},
+            {"group": "a", "key": "a2", "caption": "An animal"}, {"group": "b", "key": "b0", "caption": "A man"},
+            {"group": "b", "key": "b1", "caption": "A person sits"}, {"group": "c", "key": "c0", "caption": "A dog"}]
+    groups, photos, per_caption = tagging_ceiling.caption_labels(rows, ["dog", "man"])
+    assert groups == ["a", "b", "c"]
+    assert photos.tolist() == [[True, False], [False, True], [True, False]]
+    assert per_caption[0].tolist() == [[True, False], [True, False], [False, False]]
+    # "dog": captions of a (others: 1, 1, 2 say it) and b (0, 0); c has one caption and is left out.
+    # Positives a0, a1 score 1; negatives a2 (2), b0 (0), b1 (0): pairs won 2 x 2 of 6, lost 2 -> 4/6.
+    # "man": the positive b0 scores 0 as every negative but b1 (1): won 0, tied 3 of 4 (counted half) -> 3/8.
+    assert tagging_ceiling.agreement_auroc(per_caption) == pytest.approx([4 / 6, 3 / 8])
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 5))
+    y = np.stack([x[:, 0] > 0, rng.random(400) < 0.5, np.ones(400, bool)], axis=1)
+    auroc = tagging_ceiling.probe_auroc(x[:200], y[:200], x[200:], y[200:], c=1.0)
+    assert auroc[0] > 0.95 and 0.35 < auroc[1] < 0.65 and np.isnan(auroc[2])
