@@ -3,7 +3,7 @@
 #   make test       run the test suite CI runs (all but the two multi-minute `slow` science tests)
 #   make test-all   the whole suite, `slow` included (~15 min on 2 cores)
 #   make pipeline-long  the embedded pipeline trained 9x longer (deploy/params.long.yaml) in its own
-#                   workspace beside this one ($(LONG_WORKSPACE)); about 45 minutes on 2 cores
+#                   workspace beside this one ($(LONG_WORKSPACE)); about 52 minutes on 2 cores
 #   make pipeline-flickr8k  real photos (Flickr8k, ../shared/data) with pretrained, locked towers
 #                   (deploy/params.flickr8k.yaml) in its own workspace ($(FLICKR8K_WORKSPACE))
 #   make ablation   the paper's Fig 2a-c sweep (ablation/dvc.yaml; about an hour on 2 cores)

@@ -8,8 +8,9 @@ the image side; one the probe reads but zero-shot misses is a text-side (alignme
 
     python -m benchmarks.linear_probe                     # the committed models (models/<variant>)
     python -m benchmarks.linear_probe --variants sparse --train-images 2000
+    cd ../main-long && python -m benchmarks.linear_probe --tag long   # another workspace's models
 
-Prints one row per model and writes ``benchmarks/results/linear_probe.json``.
+Prints one row per model and writes ``benchmarks/results/linear_probe[_<tag>].json``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=None, help="default: every train.variants entry")
     parser.add_argument("--train-images", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tag", help="results file suffix (linear_probe_<tag>.json), e.g. for another workspace")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
@@ -83,7 +85,7 @@ def main() -> None:
         print(f"{variant:12s} " + "  ".join(f"{t} {row['probe'][t]:.2f} (zero-shot {row['zero_shot'][t] or 0:.2f})"
                                             for t in tasks), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "linear_probe.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / f"linear_probe{'_' + args.tag if args.tag else ''}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ LINK = "../benchmarks/results"  # RESULTS as seen from docs/
 MACHINE_KEYS = ("machine", "host", "cores", "cpus", "device", "gpu", "python", "torch", "numpy", "scipy")
 LIST_CELL_MAX = 8  # a list of more scalars than this is shown by its length
 
+PROBE_TABLES = {"rows": [("probe, test accuracy", ["variant", "train_images", "test_images", "probe.*"]),
+                         ("zero-shot top-1", ["variant", "zero_shot.*"]),
+                         ("chance (the most common class)", ["variant", "chance.*"])]}
+
 # One entry per benchmark module, in the order of the page. ``about``: what it measures and what the
 # numbers say (hand-written; no number here may restate a table's). ``command``: how to rerun it.
 BENCHMARKS: list[dict[str, str]] = [
@@ -386,11 +390,10 @@ FILES: dict[str, dict[str, Any]] = {
     "tagging_ceiling.json": {"note": "The Flickr8k preset's workspace of 2026-12-07 (lite0 at 224 px, MiniLM), "
                                      "the probe at C = 1 (C from 0.3 to 10 gives a mean of 0.844 to 0.855).",
                              "names": {"per_tag": "tag"}},
-    "linear_probe.json": {
-        "tables": {"rows": [("probe, test accuracy", ["variant", "train_images", "test_images", "probe.*"]),
-                            ("zero-shot top-1", ["variant", "zero_shot.*"]),
-                            ("chance (the most common class)", ["variant", "chance.*"])]},
-    },
+    "linear_probe.json": {"note": "The committed embedded run's models (336 steps).", "tables": PROBE_TABLES},
+    "linear_probe_long.json": {"note": "The long pipeline's models (`deploy/params.long.yaml`, 3,024 steps; "
+                                       "`cd ../main-long && python -m benchmarks.linear_probe --tag long`).",
+                               "tables": PROBE_TABLES},
     "vlm_stage2_cpu.json": {"note": "Stage 2 at the default learning rate."},
     "vlm_stage2_cpu_lr2e-5.json": {"note": "The whole LM at a lower stage-2 learning rate."},
 }
