@@ -136,3 +136,17 @@ def test_the_library_never_imports_the_stages():
 
 def test_every_result_neutral_module_exists():
     assert all((REPO / path).is_file() for path in RESULT_NEUTRAL), "a listed module was moved or removed"
+
+
+@pytest.mark.parametrize("lock", ["dvc.lock", "ablation/dvc.lock"])
+def test_locked_code_folders_hash_their_sources_alone(lock):
+    """A code folder's hash in a lock counts exactly its ``.py`` sources: bytecode caches are
+    ignored (.dvcignore), so a fresh clone's ``dvc status`` agrees with a checkout where Python
+    has already run, instead of calling every stage's code modified."""
+    stages = yaml.safe_load((REPO / lock).read_text())["stages"]
+    for name, stage in stages.items():
+        for dep in stage.get("deps", []):
+            folder = REPO / dep["path"]
+            if dep["path"].startswith(PACKAGES) and folder.is_dir():
+                sources = [p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+                assert dep["nfiles"] == len(sources), f"{lock}: {name} hashes {dep['path']} with {dep['nfiles']} files"
