@@ -44,6 +44,16 @@ def canonical_caption(truth: dict) -> str:
     return text
 
 
+def position_named_caption(truth: dict) -> str:
+    """The generator's own caption for the scene, redrawn, with the main object's place always
+    named (``position_probability`` 1 where the data has 0.5): what naming position in every
+    caption teaches (``sample.source.generator.position_probability``)."""
+    from pipeline.data.generator import scene_caption
+
+    rng = np.random.default_rng([truth["seed"], truth["index"], 1])
+    return scene_caption(rng, truth["objects"], truth["background"], truth["word"], position_probability=1.0)
+
+
 def hard_negative_batches(group_keys: list[tuple], share: float) -> Callable[..., Iterator[dict]]:
     """A batch order in which a ``share`` of the batches are drawn from one group of records that
     share ``group_keys`` (e.g. the main object's colour), so the batch cannot be told apart by that
@@ -84,6 +94,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "baseline (params.yaml)": {},
     "captions: the main object only (a red circle)": {"captions": main_only_caption},
     "captions: every object, one template, canonical words": {"captions": canonical_caption},
+    "captions: the generator's, the main object's position always named": {"captions": position_named_caption},
     "batches: half from one main colour": {"hard": (_main_colour, 0.5)},
     "batches: half from one main colour and background": {"hard": (_main_colour_and_background, 0.5)},
     "optimiser: lr 1e-3, weight decay 0.05": {"train.optim.lr": 1e-3, "train.optim.weight_decay": 0.05},

@@ -110,6 +110,10 @@ def test_lever_captions_come_from_the_ground_truth():
     caption = canonical_caption(truth)
     assert caption.startswith(f"a {main['size']} {main['colour']} {main['shape']} {main['position']} with ")
     assert f"{other['colour']} {other['shape']}" in caption and caption.endswith(truth["word"]["text"])
+    from benchmarks.learning_levers import position_named_caption
+    from pipeline.data.generator import _POSITION_PHRASES
+
+    assert any(phrase in position_named_caption(truth) for phrase in _POSITION_PHRASES[main["position"]])
 
 
 def test_the_preset_collector_reads_the_vlm_answers_per_encoder_and_question(tmp_path):
@@ -149,3 +153,35 @@ def test_tagging_ceilings_label_photos_and_score_the_captioners_and_the_probe():
     y = np.stack([x[:, 0] > 0, rng.random(400) < 0.5, np.ones(400, bool)], axis=1)
     auroc = tagging_ceiling.probe_auroc(x[:200], y[:200], x[200:], y[200:], c=1.0)
     assert auroc[0] > 0.95 and 0.35 < auroc[1] < 0.65 and np.isnan(auroc[2])
+
+
+def test_the_supervised_ceiling_learns_a_family_the_pixels_show_and_scores_a_constant_at_chance():
+    """benchmarks/supervised_ceiling.py: a tower that sees which half of the image is lit learns
+    that label, and cannot learn one drawn independently of the pixels; chance is the commonest class."""
+    import numpy as np
+    import torch
+
+    from benchmarks.supervised_ceiling import chance, labelled, train_family
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int):
+        side = rng.integers(2, size=n)
+        images = rng.normal(scale=0.1, size=(n, 3, 8, 8)).astype(np.float32)
+        for i, s in enumerate(side):
+            images[i, :, :, 4 * s:4 * s + 4] += 1.0
+        metas = [{"truth": {"main": 0, "objects": [{"position": ["left", "right"][s], "shape": ["circle", "square"][t]}],
+                            "background": "plain", "word": None}}
+                 for s, t in zip(side, rng.integers(2, size=n))]
+        return {"image": images}, metas
+
+    def tower():
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64, 8)), 8
+
+    train, val = split(512), split(256)
+    seen = train_family(tower, labelled(*train, "position"), labelled(*val, "position"), 60, 32, 1e-2, 30, 0)
+    unseen = train_family(tower, labelled(*train, "shape"), labelled(*val, "shape"), 60, 32, 1e-2, 30, 0)
+    assert [p["step"] for p in seen] == [30, 60]
+    assert seen[-1]["accuracy"] > 0.95 and unseen[-1]["accuracy"] < 0.65
+    assert labelled(*val, "word")[1] == []  # no rendered word: nothing to score
+    assert chance(["a", "a", "a", "b"]) == 0.75

@@ -223,7 +223,22 @@ def test_every_concept_has_two_surface_forms():
         assert len(SYNONYMS[name]) >= 2 and SYNONYMS[name][0] == name
 
 
-@pytest.mark.parametrize("kwargs", [{"image_size": 16}, {"max_objects": 0}, {"word_probability": 1.5}])
+@pytest.mark.parametrize("kwargs", [{"image_size": 16}, {"max_objects": 0}, {"word_probability": 1.5},
+                                    {"position_probability": -0.1}])
 def test_invalid_arguments_rejected(kwargs):
     with pytest.raises(ValueError):
         render_record(0, SEED, **kwargs)
+
+
+def test_position_probability_names_the_main_objects_place_and_changes_nothing_else():
+    """1: every caption names the main object's grid cell; 0: none does; the image, the truth and
+    the default's captions are the same draws whatever the probability."""
+    from pipeline.data.generator import _POSITION_PHRASES
+
+    for index in range(40):
+        default, always, never = (render_record(index, SEED, position_probability=p) for p in (0.5, 1.0, 0.0))
+        place = default.truth["objects"][0]["position"]
+        assert always.jpeg == never.jpeg == default.jpeg and always.truth == default.truth
+        assert any(phrase in always.caption for phrase in _POSITION_PHRASES[place])
+        assert not any(phrase in never.caption for phrases in _POSITION_PHRASES.values() for phrase in phrases)
+        assert default.caption in (always.caption, never.caption)

@@ -129,13 +129,16 @@ def render_record(
     max_objects: int = 3,
     word_probability: float = 0.35,
     jpeg_quality: int = 90,
+    position_probability: float = 0.5,
 ) -> GeneratedRecord:
     """Render record ``index`` of the dataset identified by ``seed``.
 
     The result depends only on the arguments, so any worker can make any record.
     """
-    if image_size < 32 or max_objects < 1 or not 0.0 <= word_probability <= 1.0:
-        raise ValueError("need image_size >= 32, max_objects >= 1, 0 <= word_probability <= 1")
+    if image_size < 32 or max_objects < 1 or not 0.0 <= word_probability <= 1.0 \
+            or not 0.0 <= position_probability <= 1.0:
+        raise ValueError("need image_size >= 32, max_objects >= 1, 0 <= word_probability <= 1, "
+                         "0 <= position_probability <= 1")
     rng = np.random.default_rng([seed, index])
     background = _pick(rng, BACKGROUNDS)
     image = Image.fromarray(_background(rng, background, image_size))
@@ -159,7 +162,7 @@ def render_record(
     truth = {"key": key, "seed": int(seed), "index": int(index), "image_size": image_size,
              "main": 0, "objects": objects, "background": background, "word": word}
     truth["concepts"] = concept_ids(truth)
-    caption = _caption(rng, objects, background, word)
+    caption = scene_caption(rng, objects, background, word, position_probability)
     return GeneratedRecord(key=key, jpeg=_encode_jpeg(image, jpeg_quality), caption=caption, truth=truth)
 
 
@@ -348,10 +351,12 @@ def _others_phrase(rng: np.random.Generator, others: list[dict], total: int) -> 
     return ("next to " if style == 2 else "with ") + _join(items)
 
 
-def _caption(rng: np.random.Generator, objects: list[dict], background: str, word: dict | None) -> str:
-    """Varied caption that names the main object's colour and shape and nothing absent."""
+def scene_caption(rng: np.random.Generator, objects: list[dict], background: str, word: dict | None,
+                  position_probability: float = 0.5) -> str:
+    """Varied caption that names the main object's colour and shape and nothing absent; its grid
+    position with ``position_probability`` (the same random draws whatever the probability)."""
     main = _object_phrase(rng, objects[0], size_probability=0.6)
-    if rng.random() < 0.5:
+    if rng.random() < position_probability:
         main += " " + _pick(rng, _POSITION_PHRASES[objects[0]["position"]])
     extras = []
     if len(objects) > 1 and rng.random() < 0.6:

@@ -57,7 +57,8 @@ class GeneratedSource:
     def load(self, refs: Sequence[str]) -> Iterator[RawRecord]:
         p = self.params
         for ref in refs:
-            rec = render_record(int(ref), p.seed, p.image_size, p.max_objects, p.word_probability)
+            rec = render_record(int(ref), p.seed, p.image_size, p.max_objects, p.word_probability,
+                                position_probability=p.position_probability)
             yield RawRecord(rec.key, rec.key, rec.jpeg, rec.caption, {"truth": rec.truth}, origin=f"generated:{ref}")
 
 
