@@ -44,14 +44,20 @@ def canonical_caption(truth: dict) -> str:
     return text
 
 
-def position_named_caption(truth: dict) -> str:
-    """The generator's own caption for the scene, redrawn, with the main object's place always
-    named (``position_probability`` 1 where the data has 0.5): what naming position in every
-    caption teaches (``sample.source.generator.position_probability``)."""
+def redrawn_caption(truth: dict, position_probability: float = 0.5) -> str:
+    """The generator's own caption for the scene, redrawn from a fresh seed, naming the main
+    object's place with ``position_probability`` (the data's is 0.5): the control for
+    :func:`position_named_caption`, whose wording differs from the sampled captions' the same way."""
     from pipeline.data.generator import scene_caption
 
     rng = np.random.default_rng([truth["seed"], truth["index"], 1])
-    return scene_caption(rng, truth["objects"], truth["background"], truth["word"], position_probability=1.0)
+    return scene_caption(rng, truth["objects"], truth["background"], truth["word"], position_probability)
+
+
+def position_named_caption(truth: dict) -> str:
+    """The redrawn caption with the main object's place always named: what naming position in
+    every caption teaches (``sample.source.generator.position_probability: 1``)."""
+    return redrawn_caption(truth, position_probability=1.0)
 
 
 def hard_negative_batches(group_keys: list[tuple], share: float) -> Callable[..., Iterator[dict]]:
@@ -94,6 +100,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "baseline (params.yaml)": {},
     "captions: the main object only (a red circle)": {"captions": main_only_caption},
     "captions: every object, one template, canonical words": {"captions": canonical_caption},
+    "captions: the generator's, redrawn (the control for the next)": {"captions": redrawn_caption},
     "captions: the generator's, the main object's position always named": {"captions": position_named_caption},
     "batches: half from one main colour": {"hard": (_main_colour, 0.5)},
     "batches: half from one main colour and background": {"hard": (_main_colour_and_background, 0.5)},

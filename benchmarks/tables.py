@@ -381,6 +381,12 @@ FILES: dict[str, dict[str, Any]] = {
     "learning_levers.json": {"note": "336 steps of 64, dense, one change per setting, val split, 1 thread."},
     "learning_levers_long.json": {"note": "Dense, 3,024 steps (`--only baseline --steps 3024 --eval-every 504 "
                                           "--tag long`); the curve is in the plot."},
+    "learning_levers_long_position_control.json": {
+        "note": "Dense, 3,024 steps, 2 threads, the captions redrawn by the generator from each record's truth "
+                "with a fresh seed (position named half the time, as in the data): the control for the next file."},
+    "learning_levers_long_position.json": {
+        "note": "Dense, 3,024 steps, 2 threads, the same redrawn captions with the main object's position "
+                "always named: position 31% -> 70%, shape 79% -> 69% against the control."},
     "learning_levers_long_sparse.json": {
         "note": "`sparse` with the embedded knobs (head bias -0.5, head lr x10), cap 8, 3,024 steps. L0 keeps "
                 "falling and some images end with no active feature, so R@1 cannot be scored.",
