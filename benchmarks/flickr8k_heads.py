@@ -12,9 +12,11 @@ metrics stage's, :mod:`pipeline.metrics.tagging`), L0 and dead features per towe
     python -m benchmarks.flickr8k_heads --workspace ../main-flickr8k
     python -m benchmarks.flickr8k_heads --workspace ../main-flickr8k --only dense sparse_cap50 --seeds 0 1 2
 
-The ``*_block6`` settings also train lite0's last block and head (``lock.image_unlocked_groups: 1``);
-they read a cache of that lock (the input of block 6.0 per photo), written by the tower_cache stage
-with that override and ``train.feature_cache_dir`` pointing elsewhere, given as ``--cache``.
+The ``*_block6`` settings also train lite0's last block and head (``lock.image_unlocked_groups: 1``),
+the ``*_text2`` ones MiniLM's last two layers (``lock.text_unlocked_layers: 2``, at the 350 steps
+that suit both heads on val); each reads a cache of its lock (the input of the first trainable block or
+layer), written by the tower_cache stage with that override and ``train.feature_cache_dir`` pointing
+elsewhere, given as ``--cache``.
 
 Prints one row per setting and seed (and, with several seeds, each setting's mean and spread: a
 gap between two settings means little unless it exceeds how far one setting moves between
@@ -47,6 +49,7 @@ RESULTS = Path(__file__).parent / "results"
 PRESET = Path(__file__).parents[1] / "deploy" / "params.flickr8k.yaml"
 
 BLOCK6 = {"image": True, "image_unlocked_groups": 1, "text": True}  # lite0's block 6.0 and head train
+TEXT2 = {"image": True, "text": True, "text_unlocked_layers": 2}  # MiniLM's last two layers train (LiT's other half)
 
 # name -> (model overrides, optim overrides, steps)
 SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {
@@ -68,6 +71,8 @@ SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {
     "dense_1400": ({"expansion": 0, "activation": "none", "logit_scale_cap": 100}, {}, 1400),
     "dense_block6": ({"expansion": 0, "activation": "none", "logit_scale_cap": 100, "lock": BLOCK6}, {}, 700),
     "sparse_cap50_block6": ({"logit_scale_cap": 50, "lock": BLOCK6}, {}, 700),
+    "dense_text2_350": ({"expansion": 0, "activation": "none", "logit_scale_cap": 100, "lock": TEXT2}, {}, 350),
+    "sparse_cap50_text2_350": ({"logit_scale_cap": 50, "lock": TEXT2}, {}, 350),
 }
 
 
