@@ -395,6 +395,7 @@ FILES: dict[str, dict[str, Any]] = {
                                                                   "init, head lr x1), cap 8, 3,024 steps."},
     "learning_levers_long_sparse_paper_knobs_cap20.json": {"note": "`sparse` with the paper's heads, cap 20, 3,024 "
                                                                    "steps (the long preset's `sparse`)."},
+    "learning_levers_long_6048.json": {"note": "Dense, 6,048 steps, 2 threads (2026-12-08)."},
     "learning_levers_long_sparse_paper_knobs_cap20_6048.json": {"note": "`sparse` with the paper's heads, cap 20, "
                                                                         "6,048 steps, 2 threads (2026-12-08)."},
     "learning_levers_long_sparse_paper_knobs_cap50.json": {"note": "`sparse` with the paper's heads, cap 50, 3,024 "
