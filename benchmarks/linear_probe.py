@@ -38,19 +38,21 @@ def embeddings(model, data_dir: str, split: str, limit: int | None) -> tuple[np.
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12), metas
 
 
+def labelled(rows: np.ndarray, metas: list[dict], task: str) -> tuple[np.ndarray, list[str]]:
+    """The rows whose record has a label for ``task`` (the zero-shot tasks' labels), with those labels."""
+    from pipeline.data.evalsets import zero_shot_label
+
+    labels = [zero_shot_label(m, task) for m in metas]
+    keep = [i for i, label in enumerate(labels) if label is not None]
+    return rows[keep], [labels[i] for i in keep]
+
+
 def probe(train: tuple[np.ndarray, list[dict]], test: tuple[np.ndarray, list[dict]], task: str) -> float:
     """Test accuracy of a logistic regression fitted on the train rows that have a label."""
     from sklearn.linear_model import LogisticRegression
 
-    from pipeline.data.evalsets import zero_shot_label
-
-    def labelled(rows: np.ndarray, metas: list[dict]):
-        labels = [zero_shot_label(m, task) for m in metas]
-        keep = [i for i, label in enumerate(labels) if label is not None]
-        return rows[keep], [labels[i] for i in keep]
-
-    x, y = labelled(*train)
-    return float(LogisticRegression(max_iter=2000, C=10.0).fit(x, y).score(*labelled(*test)))
+    x, y = labelled(*train, task)
+    return float(LogisticRegression(max_iter=2000, C=10.0).fit(x, y).score(*labelled(*test, task)))
 
 
 def main() -> None:

@@ -25,23 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
-FAMILIES = ("shape", "colour", "size", "position", "background", "count", "word")
-
-
-def labelled(arrays: dict, metas: list[dict], family: str) -> tuple[np.ndarray, list[str]]:
-    """The images that have a label for ``family`` (the zero-shot tasks' labels), with those labels."""
-    from pipeline.data.evalsets import zero_shot_label
-
-    labels = [zero_shot_label(meta, family) for meta in metas]
-    keep = [i for i, label in enumerate(labels) if label is not None]
-    return arrays["image"][keep], [labels[i] for i in keep]
-
-
-def chance(labels: list[str]) -> float:
-    """The share of the most common class: what a constant answer scores."""
-    _, counts = np.unique(labels, return_counts=True)
-    return float(counts.max() / counts.sum())
+from benchmarks.linear_probe import labelled
+from benchmarks.tower_levers import FAMILIES, RESULTS, chance
 
 
 def train_family(tower_factory, train: tuple[np.ndarray, list[str]], val: tuple[np.ndarray, list[str]],
@@ -127,7 +112,8 @@ def main() -> None:
 
     rows = []
     for family in args.families:
-        train, val = labelled(train_arrays, train_metas, family), labelled(val_arrays, val_metas, family)
+        train = labelled(train_arrays["image"], train_metas, family)
+        val = labelled(val_arrays["image"], val_metas, family)
         curve = train_family(tower_factory, train, val, args.steps, params.train.global_batch_size, args.lr,
                              args.eval_every, args.seed)
         row = {"family": family, "classes": len(set(train[1])), "train_images": len(train[1]),

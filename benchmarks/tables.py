@@ -406,8 +406,9 @@ FILES: dict[str, dict[str, Any]] = {
                                     "standard deviation (\"(val)\": on the val split). At the preset's 700 steps "
                                     "sparse text R@5 is 2.7 points under dense; both overtrain there: at 350 steps "
                                     "dense gains 4.7 points on test and sparse 2.9, at L0 7.5 / 11% (3.0 / 5.0% at "
-                                    "700). Tagging AUROC (the workspace's 50 tags) rises with them. The `*_text2_350` rows (2026-12-08, a "
-                                    "fresh workspace, seed 0) train MiniLM's last two layers too, from their own "
+                                    "700). Tagging AUROC (the workspace's 50 tags) rises with them. The "
+                                    "`*_text2_350` rows (2026-12-08, a fresh workspace, seed 0) train MiniLM's "
+                                    "last two layers too, from their own "
                                     "cache: dense gains 4-5 points of R@5, sparse 2 on image retrieval and none on "
                                     "text."},
     "tagging_ceiling.json": {"note": "The Flickr8k preset's workspace of 2026-12-07 (lite0 at 224 px, MiniLM), "

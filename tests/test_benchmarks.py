@@ -161,7 +161,8 @@ def test_the_supervised_ceiling_learns_a_family_the_pixels_show_and_scores_a_con
     import numpy as np
     import torch
 
-    from benchmarks.supervised_ceiling import chance, labelled, train_family
+    from benchmarks.linear_probe import labelled
+    from benchmarks.supervised_ceiling import chance, train_family
 
     rng = np.random.default_rng(0)
 
@@ -173,7 +174,7 @@ def test_the_supervised_ceiling_learns_a_family_the_pixels_show_and_scores_a_con
         metas = [{"truth": {"main": 0, "objects": [{"position": ["left", "right"][s], "shape": ["circle", "square"][t]}],
                             "background": "plain", "word": None}}
                  for s, t in zip(side, rng.integers(2, size=n))]
-        return {"image": images}, metas
+        return images, metas
 
     def tower():
         return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64, 8)), 8

@@ -22,7 +22,8 @@ class GeneratorParams(Section):
     image_size: int = Field(64, ge=32, le=1024)
     max_objects: int = Field(3, ge=1, le=6)
     word_probability: float = Field(0.35, ge=0.0, le=1.0)
-    position_probability: float = Field(0.5, ge=0.0, le=1.0, description="share of captions that name the main object's place")
+    position_probability: float = Field(0.5, ge=0.0, le=1.0,
+                                        description="share of captions that name the main object's place")
     seed: int = Field(0, ge=0)
 
 
